@@ -1,0 +1,405 @@
+"""The ``edgellm`` command: ``edgellm <noun> <verb>``.
+
+Every command but ``serve`` is a client of the socket. ``models pull/add/rm/list``
+also work with no daemon running, on the state directory directly (offline mode).
+Exit codes: 0 success, 1 a user error with a one-line message, 2 a usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgellm.client import Client, DaemonUnavailable
+from edgellm.config import load_settings
+from edgellm.errors import EdgeError
+
+socket_option = click.option("--socket", envvar="EDGELLM_SOCKET", type=click.Path(),
+                             help="The daemon's socket [env EDGELLM_SOCKET].")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into one line on stderr and exit 1; never show a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgeError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                       err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def _client(socket: str | None) -> Client:
+    return Client(socket)
+
+
+def _emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        human(data)
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> None:
+    cells = [headers] + [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgellm")
+def main() -> None:
+    """edgellm: a self-contained LLM appliance, served over a Unix socket."""
+
+
+# --- serve -------------------------------------------------------------------------------
+@main.command()
+@socket_option
+@click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
+              help="Models and state [env EDGELLM_STATE_DIR].")
+@click.option("--config", "config_file", envvar="EDGELLM_CONFIG", type=click.Path(),
+              help="edgellm.toml to read [env EDGELLM_CONFIG].")
+@click.option("--model", "default_model", help="The default model (pulled if missing).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                               case_sensitive=False))
+@click.option("--no-pull", is_flag=True, help="Do not fetch the default model if missing.")
+@friendly
+def serve(socket: str | None, state_dir: str | None, config_file: str | None,
+          default_model: str | None, log_level: str | None, no_pull: bool) -> None:
+    """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
+    from edgellm.server.daemon import serve as run
+
+    settings = load_settings(Path(config_file) if config_file else None, {
+        "socket": socket, "state_dir": state_dir, "default_model": default_model,
+        "log_level": log_level.upper() if log_level else None})
+    sys.exit(run(settings, pull_default=not no_pull))
+
+
+# --- generation ----------------------------------------------------------------------------
+def _gen_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        socket_option,
+        click.option("--model", "-m", help="Model to use (default: the daemon's default)."),
+        click.option("--system", "-s", help="A system prompt."),
+        click.option("--max-tokens", type=click.IntRange(min=1)),
+        click.option("--temperature", type=click.FloatRange(0, 2)),
+        click.option("--seed", type=int),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("prompt")
+@_gen_options
+@json_option
+@friendly
+def ask(prompt: str, socket: str | None, model: str | None, system: str | None,
+        max_tokens: int | None, temperature: float | None, seed: int | None,
+        as_json: bool) -> None:
+    """Ask one question; the answer streams as it is generated."""
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": prompt}]
+    params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with _client(socket) as c:
+        if as_json:
+            click.echo(json.dumps(c.chat(messages, model=model, **params), indent=2))
+            return
+        stream = c.chat(messages, model=model, stream=True, **params)
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
+        if stream.finish_reason not in ("stop", None):
+            click.echo(f"[finished: {stream.finish_reason}]", err=True)
+
+
+@main.command()
+@_gen_options
+@friendly
+def chat(socket: str | None, model: str | None, system: str | None, max_tokens: int | None,
+         temperature: float | None, seed: int | None) -> None:
+    """Chat interactively; Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with _client(socket) as c:
+        c.health()  # fail early, with the clear message, if no daemon is there
+        click.echo("edgellm chat — Ctrl-C stops an answer, Ctrl-D or /exit leaves.", err=True)
+        while True:
+            try:
+                line = input(">>> ")
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            stream = c.chat(history, model=model, stream=True, **params)
+            answer: list[str] = []
+            try:
+                for piece in stream:
+                    answer.append(piece)
+                    click.echo(piece, nl=False)
+            except KeyboardInterrupt:
+                stream.close()  # the daemon sees the disconnect and frees the slot
+                click.echo("\n[cancelled]", err=True)
+            else:
+                click.echo()
+            history.append({"role": "assistant", "content": "".join(answer)})
+
+
+# --- state -----------------------------------------------------------------------------------
+@main.command()
+@socket_option
+@json_option
+@friendly
+def ps(socket: str | None, as_json: bool) -> None:
+    """Loaded models: memory, slots, idle timers."""
+    with _client(socket) as c:
+        models = c.ps()
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            click.echo("no models loaded")
+            return
+        _table([[m["name"], f"{m['memory_mb']:.0f} MB", f"{m['slots_busy']}/{m['slots']}",
+                 m["queued"], m["device"],
+                 "pinned" if m["pinned"] else (f"{m['expires_in_seconds']:.0f}s"
+                                               if m["expires_in_seconds"] is not None else "busy")]
+                for m in rows], ["NAME", "MEMORY", "SLOTS", "QUEUED", "DEVICE", "UNLOAD IN"])
+
+    _emit(models, as_json, human)
+
+
+@main.command()
+@socket_option
+@json_option
+@friendly
+def status(socket: str | None, as_json: bool) -> None:
+    """Is the daemon up, and how is it doing?"""
+    with _client(socket) as c:
+        health, loaded = c.health(), c.ps()
+    data = {**health, "loaded": loaded, "socket": str(c.socket)}
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"edgellm {d['version']}: {d['status']} on {d['socket']} "
+                   f"(up {d['uptime_seconds']:.0f}s)")
+        click.echo(f"requests: {d['active_requests']} active, {d['queue_depth']} queued")
+        for name, state in d["models"].items():
+            click.echo(f"  {name}: {state}")
+
+    _emit(data, as_json, human)
+
+
+# --- models ------------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """The models on this device, and the catalog."""
+
+
+def _offline_store(state_dir: str | None) -> Any:
+    from edgellm.runtime.store import DirectoryStore
+
+    settings = load_settings(overrides={"state_dir": state_dir})
+    return DirectoryStore(settings.state_dir / "models")
+
+
+def _daemon_or_none(socket: str | None) -> Client | None:
+    c = _client(socket)
+    try:
+        c.health()
+        return c
+    except DaemonUnavailable:
+        c.close()
+        return None
+
+
+state_dir_option = click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
+                                help="Used when no daemon runs [env EDGELLM_STATE_DIR].")
+
+
+@models.command("list")
+@socket_option
+@state_dir_option
+@json_option
+@friendly
+def models_list(socket: str | None, state_dir: str | None, as_json: bool) -> None:
+    """Models on the device, then catalog models not pulled yet."""
+    from edgellm.catalog import Catalog
+
+    c = _daemon_or_none(socket)
+    if c is not None:
+        with c:
+            rows = c.models()
+    else:
+        rows = [{**r.as_dict(), "state": "offline"} for r in _offline_store(state_dir).list()]
+    have = {r["name"] for r in rows}
+    catalog = [m for m in Catalog().list() if m.name not in have]
+    data = {"models": rows, "catalog": [vars(m) for m in catalog]}
+
+    def human(d: dict[str, Any]) -> None:
+        _table([[r["name"], r["format"], r["quantization"], f"{r['size'] / 2**20:.0f} MB",
+                 r["state"]] for r in d["models"]],
+               ["NAME", "FORMAT", "QUANT", "SIZE", "STATE"])
+        for m in catalog:
+            click.echo(f"{m.name} (in the catalog: `edgellm models pull {m.name}`)")
+
+    _emit(data, as_json, human)
+
+
+@models.command("show")
+@click.argument("name")
+@socket_option
+@friendly
+def models_show(name: str, socket: str | None) -> None:
+    """Everything known about one model."""
+    with _client(socket) as c:
+        click.echo(json.dumps(c.model(name), indent=2))
+
+
+@models.command("pull")
+@click.argument("name")
+@socket_option
+@state_dir_option
+@friendly
+def models_pull(name: str, socket: str | None, state_dir: str | None) -> None:
+    """Fetch a catalog model, check its sha256 and store it."""
+    from edgellm.catalog import Catalog, fetch
+
+    settings = load_settings(overrides={"state_dir": state_dir})
+    manifest = Catalog(settings.catalog_dir).get(name)
+    click.echo(f"fetching {name} from {manifest.describe_source()} "
+               f"({manifest.size / 2**20:.0f} MB)…", err=True)
+    path = fetch(manifest, settings.cache_dir)
+    c = _daemon_or_none(socket)
+    if c is not None:
+        with c:
+            c.import_model(name, path, sha256=manifest.sha256, source=manifest.describe_source())
+    else:
+        _offline_store(state_dir).add_file(path, name, expected_sha256=manifest.sha256,
+                                           info={"source": manifest.describe_source(),
+                                                 "license": manifest.license,
+                                                 "quantization": manifest.quantization})
+    click.echo(f"pulled {name} (sha256 {manifest.sha256[:12]}… verified)")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Name to store it under (default: from the file name).")
+@socket_option
+@state_dir_option
+@friendly
+def models_add(path: str, name: str | None, socket: str | None, state_dir: str | None) -> None:
+    """Add a local GGUF file (its header is checked before anything is stored)."""
+    from edgellm.runtime.gguf_meta import read_gguf_metadata
+    from edgellm.runtime.store import check_name
+
+    meta = read_gguf_metadata(path)  # refuse a non-GGUF file before sending a byte
+    name = check_name(name or Path(path).stem.lower().replace(" ", "-"))
+    c = _daemon_or_none(socket)
+    if c is not None:
+        with c:
+            c.import_model(name, path, source=f"file:{Path(path).name}")
+    else:
+        _offline_store(state_dir).add_file(Path(path), name,
+                                           info={"source": f"file:{Path(path).name}"})
+    click.echo(f"added {name} ({meta['architecture']}, {meta['quantization']}, "
+               f"context {meta['context_length']})")
+
+
+@models.command("rm")
+@click.argument("name")
+@socket_option
+@state_dir_option
+@friendly
+def models_rm(name: str, socket: str | None, state_dir: str | None) -> None:
+    """Remove a model from the device."""
+    c = _daemon_or_none(socket)
+    if c is not None:
+        with c:
+            c.remove_model(name)
+    else:
+        _offline_store(state_dir).remove(name)
+    click.echo(f"removed {name}")
+
+
+@models.command("load")
+@click.argument("name")
+@click.option("--keep-alive", help="Seconds (or 5m, 1h); negative pins it.")
+@socket_option
+@friendly
+def models_load(name: str, keep_alive: str | None, socket: str | None) -> None:
+    """Load a model now instead of on first use."""
+    with _client(socket) as c:
+        m = c.load(name, keep_alive)
+    click.echo(f"loaded {name} ({m['memory_mb']:.0f} MB, {m['slots']} slots, {m['device']})")
+
+
+@models.command("unload")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Even if it is serving requests.")
+@socket_option
+@friendly
+def models_unload(name: str, force: bool, socket: str | None) -> None:
+    """Unload a model, freeing its memory."""
+    with _client(socket) as c:
+        done = c.unload(name, force)["unloaded"]
+    click.echo(f"unloaded {name}" if done else f"{name} was not loaded")
+
+
+# --- requests ----------------------------------------------------------------------------------
+@main.group()
+def requests() -> None:
+    """Requests in flight."""
+
+
+@requests.command("list")
+@socket_option
+@json_option
+@friendly
+def requests_list(socket: str | None, as_json: bool) -> None:
+    """In-flight requests."""
+    with _client(socket) as c:
+        rows = c.requests()
+
+    def human(rs: list[dict[str, Any]]) -> None:
+        if not rs:
+            click.echo("no requests in flight")
+            return
+        _table([[r["id"], r["model"], r["state"], r["completion_tokens"], f"{r['age_seconds']}s",
+                 r.get("uid", "")] for r in rs], ["ID", "MODEL", "STATE", "TOKENS", "AGE", "UID"])
+
+    _emit(rows, as_json, human)
+
+
+@requests.command("cancel")
+@click.argument("request_id")
+@socket_option
+@friendly
+def requests_cancel(request_id: str, socket: str | None) -> None:
+    """Cancel a request; its slot is freed within one decode step."""
+    with _client(socket) as c:
+        c.cancel(request_id)
+    click.echo(f"cancelled {request_id}")
+
+
+if __name__ == "__main__":
+    main()

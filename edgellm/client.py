@@ -1,0 +1,308 @@
+"""The Python client of the edgellm socket, sync and async.
+
+    from edgellm.client import Client
+    with Client() as c:
+        for piece in c.chat([{"role": "user", "content": "Hi"}], stream=True):
+            print(piece, end="")
+
+Errors come back as the same EdgeError classes the daemon raised (status, message);
+a daemon that is not there raises DaemonUnavailable with what to do about it.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from edgellm.errors import EdgeError, from_body
+
+BASE_URL = "http://edgellm"
+
+
+class DaemonUnavailable(EdgeError):
+    status, type, code = 503, "client_error", "daemon_unavailable"
+
+
+def resolve_socket(socket: str | os.PathLike[str] | None = None) -> Path:
+    if socket:
+        return Path(socket)
+    if os.environ.get("EDGELLM_SOCKET"):
+        return Path(os.environ["EDGELLM_SOCKET"])
+    from edgellm.config import load_settings
+
+    return load_settings().socket
+
+
+def _unavailable(sock: Path, exc: Exception) -> EdgeError:
+    cause: Any = exc
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    code = getattr(cause, "errno", None)
+    if code == errno.EACCES:
+        return DaemonUnavailable(
+            f"permission denied on {sock}: your user may not use this appliance; "
+            "ask its operator to grant you access")
+    if not sock.exists() or code in (errno.ENOENT, errno.ECONNREFUSED):
+        return DaemonUnavailable(
+            f"no edgellm daemon is running on {sock}; start one with `edgellm serve` "
+            "(or point --socket / EDGELLM_SOCKET at a running one)")
+    return DaemonUnavailable(f"cannot reach the edgellm daemon on {sock}: {exc}")
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": {"message": response.text or response.reason_phrase}}
+    raise from_body(response.status_code, body)
+
+
+class ChatStream:
+    """Iterates over generated text; afterwards holds the finish reason, usage and id."""
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+
+    def _take(self, payload: dict[str, Any]) -> str | None:
+        if "error" in payload:
+            raise from_body(500, payload)
+        self.id = payload.get("id", self.id)
+        if payload.get("usage"):
+            self.usage = payload["usage"]
+        for choice in payload.get("choices", []):
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            text = choice.get("delta", {}).get("content") if "delta" in choice \
+                else choice.get("text")
+            if text:
+                return text
+        return None
+
+
+def _sse_payloads(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        data = line[6:]
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def _gen_body(kind: str, content: Any, model: str | None, stream: bool,
+              params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages" if kind == "chat" else "prompt": content, "stream": stream}
+    if model:
+        body["model"] = model
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    body.update({k: v for k, v in params.items() if v is not None})
+    return body
+
+
+class Client:
+    def __init__(self, socket: str | os.PathLike[str] | None = None,
+                 timeout: float | None = 600.0) -> None:
+        self.socket = resolve_socket(socket)
+        self._http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url=BASE_URL,
+            timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kw)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise _unavailable(self.socket, exc) from None
+        _raise_for(response)
+        return response
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self.request(method, path, **kw).json()
+
+    # --- the native API ------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/health")
+
+    def ps(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/ps")["models"]
+
+    def models(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/models")["models"]
+
+    def model(self, name: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/models/{name}")
+
+    def load(self, name: str, keep_alive: float | str | None = None) -> dict[str, Any]:
+        body = {} if keep_alive is None else {"keep_alive": keep_alive}
+        return self._json("POST", f"/api/models/{name}/load", json=body)
+
+    def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        return self._json("POST", f"/api/models/{name}/unload",
+                          params={"force": "true"} if force else None)
+
+    def import_model(self, name: str, path: str | os.PathLike[str],
+                     sha256: str | None = None, source: str | None = None) -> dict[str, Any]:
+        headers = {"Content-Type": "application/octet-stream"}
+        if sha256:
+            headers["X-Content-Sha256"] = sha256
+        if source:
+            headers["X-Model-Source"] = source
+        with open(path, "rb") as f:
+            return self._json("PUT", f"/api/models/{name}", content=_file_chunks(f),
+                              headers=headers)
+
+    def remove_model(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/api/models/{name}")
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/requests")["requests"]
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/api/requests/{request_id}")
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics").text
+
+    # --- generation ------------------------------------------------------------------
+    def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
+             stream: bool = False, **params: Any) -> Any:
+        """The OpenAI response as a dict, or with ``stream=True`` a ChatStream of text."""
+        body = _gen_body("chat", messages, model, stream, params)
+        return self._stream("/v1/chat/completions", body) if stream \
+            else self._json("POST", "/v1/chat/completions", json=body)
+
+    def complete(self, prompt: str, *, model: str | None = None, stream: bool = False,
+                 **params: Any) -> Any:
+        body = _gen_body("completion", prompt, model, stream, params)
+        return self._stream("/v1/completions", body) if stream \
+            else self._json("POST", "/v1/completions", json=body)
+
+    def _stream(self, path: str, body: dict[str, Any]) -> _SyncStream:
+        return _SyncStream(self, path, body)
+
+
+class _SyncStream(ChatStream):
+    def __init__(self, client: Client, path: str, body: dict[str, Any]) -> None:
+        super().__init__()
+        self._client, self._path, self._body = client, path, body
+        self._response: httpx.Response | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        c = self._client
+        try:
+            with c._http.stream("POST", self._path, json=self._body) as response:
+                self._response = response
+                if not response.is_success:
+                    response.read()
+                    _raise_for(response)
+                for payload in _sse_payloads(response.iter_lines()):
+                    text = self._take(payload)
+                    if text:
+                        yield text
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise _unavailable(c.socket, exc) from None
+
+    def close(self) -> None:
+        """Stop early: closing the connection makes the daemon cancel the generation."""
+        if self._response is not None:
+            self._response.close()
+
+
+class AsyncClient:
+    def __init__(self, socket: str | os.PathLike[str] | None = None,
+                 timeout: float | None = 600.0) -> None:
+        self.socket = resolve_socket(socket)
+        self._http = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)), base_url=BASE_URL,
+            timeout=httpx.Timeout(timeout, connect=5.0))
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kw)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise _unavailable(self.socket, exc) from None
+        _raise_for(response)
+        return response
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return (await self.request(method, path, **kw)).json()
+
+    async def health(self) -> dict[str, Any]:
+        return await self._json("GET", "/health")
+
+    async def ps(self) -> list[dict[str, Any]]:
+        return (await self._json("GET", "/api/ps"))["models"]
+
+    async def models(self) -> list[dict[str, Any]]:
+        return (await self._json("GET", "/api/models"))["models"]
+
+    async def load(self, name: str, keep_alive: float | str | None = None) -> dict[str, Any]:
+        body = {} if keep_alive is None else {"keep_alive": keep_alive}
+        return await self._json("POST", f"/api/models/{name}/load", json=body)
+
+    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
+        return await self._json("POST", f"/api/models/{name}/unload",
+                                params={"force": "true"} if force else None)
+
+    async def requests(self) -> list[dict[str, Any]]:
+        return (await self._json("GET", "/api/requests"))["requests"]
+
+    async def cancel(self, request_id: str) -> dict[str, Any]:
+        return await self._json("DELETE", f"/api/requests/{request_id}")
+
+    async def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
+                   **params: Any) -> dict[str, Any]:
+        body = _gen_body("chat", messages, model, False, params)
+        return await self._json("POST", "/v1/chat/completions", json=body)
+
+    async def chat_stream(self, messages: list[dict[str, Any]], *, model: str | None = None,
+                          stream_state: ChatStream | None = None,
+                          **params: Any) -> AsyncIterator[str]:
+        """Yields text; pass a ChatStream as ``stream_state`` to read the finish reason."""
+        state = stream_state or ChatStream()
+        body = _gen_body("chat", messages, model, True, params)
+        try:
+            async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                    _raise_for(response)
+                async for line in response.aiter_lines():
+                    for payload in _sse_payloads([line]):
+                        text = state._take(payload)
+                        if text:
+                            yield text
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise _unavailable(self.socket, exc) from None
+
+
+def _file_chunks(f: Any, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := f.read(size):
+        yield chunk

@@ -1,0 +1,201 @@
+"""One settings object: defaults < edgellm.toml < EDGELLM_* environment < CLI flags.
+
+Unknown keys and bad values stop start-up with a message naming them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgellm.errors import InvalidRequest
+
+APP = "edgellm"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from 300, "300", "30s", "5m", "1h" or "-1" (negative = forever)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '5m', '1h')")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+class ModelSettings(BaseModel):
+    """Per-model overrides of the engine settings (``[models.NAME]`` in edgellm.toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_ctx: int | None = Field(default=None, ge=64)
+    n_parallel: int | None = Field(default=None, ge=1, le=64)
+    n_threads: int | None = Field(default=None, ge=1)
+    n_batch: int | None = Field(default=None, ge=1)
+    prefill_chunk: int | None = Field(default=None, ge=16)
+    n_gpu_layers: int | None = None
+    main_gpu: int | None = None
+    tensor_split: list[float] | None = None
+    use_mmap: bool | None = None
+    use_mlock: bool | None = None
+    keep_alive: float | None = None
+
+    _dur = field_validator("keep_alive", mode="before")(
+        lambda v: None if v is None else parse_duration(v)
+    )
+
+
+def default_socket_path() -> Path:
+    if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "edgellm.sock"
+    runtime = Path(platformdirs.user_runtime_dir(APP))
+    if runtime.parent.is_dir() and os.access(runtime.parent, os.W_OK):
+        return runtime / "edgellm.sock"
+    return Path(f"/tmp/edgellm-{os.getuid()}") / "edgellm.sock"
+
+
+def default_state_dir() -> Path:
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    return Path(platformdirs.user_data_dir(APP))
+
+
+def default_config_file() -> Path:
+    if os.environ.get("CONFIGURATION_DIRECTORY"):
+        return Path(os.environ["CONFIGURATION_DIRECTORY"].split(":")[0]) / "edgellm.toml"
+    return Path(platformdirs.user_config_dir(APP)) / "edgellm.toml"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # where things live
+    socket: Path = Field(default_factory=default_socket_path)
+    socket_mode: int = 0o660
+    state_dir: Path = Field(default_factory=default_state_dir)
+    catalog_dir: Path | None = None
+    cache_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_cache_dir(APP)))
+    default_model: str = DEFAULT_MODEL
+
+    # the socket API
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    shutdown_grace: float = 10.0
+    log_level: str = "INFO"
+
+    # the runtime
+    max_queue: int = Field(default=16, ge=0)
+    max_loaded_models: int = Field(default=2, ge=1)
+    keep_alive: float = 300.0
+    request_timeout: float = 600.0
+    memory_reserve_mb: int = Field(default=256, ge=0)
+    memory_budget_mb: int = Field(default=0, ge=0)  # 0: no budget beyond available memory
+    n_ctx: int = Field(default=4096, ge=64)
+    n_parallel: int = Field(default=1, ge=1, le=64)
+    n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    n_batch: int = Field(default=512, ge=1)
+    prefill_chunk: int = Field(default=256, ge=16)  # also the granularity of prefix reuse
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return int(v, 8)
+            except ValueError:
+                raise ValueError(f"not an octal file mode: {v!r}") from None
+        return v
+
+    @field_validator("keep_alive", "shutdown_grace", "request_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return v.upper()
+
+    def for_model(self, name: str) -> ModelSettings:
+        """The effective engine settings of one model: its overrides over the defaults."""
+        own = self.models.get(name, ModelSettings())
+        merged = {
+            key: getattr(own, key) if getattr(own, key) is not None else getattr(self, key, None)
+            for key in ModelSettings.model_fields
+        }
+        return ModelSettings(**merged)
+
+
+class ConfigError(InvalidRequest):
+    """A bad setting; the message names the key and the source it came from."""
+
+
+ENV_PREFIX = "EDGELLM_"
+
+
+def _from_env(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    fields = set(Settings.model_fields) - {"models"}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in ("config", "vault_key_file", "governor_trace"):
+            continue  # read by their own components
+        if name not in fields:
+            raise ConfigError(f"unknown setting in environment: {key}")
+        out[name] = value
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    environ = dict(os.environ if environ is None else environ)
+    if config_file is None and environ.get("EDGELLM_CONFIG"):
+        config_file = Path(environ["EDGELLM_CONFIG"])
+    explicit = config_file
+    path = explicit or default_config_file()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"config file not found: {path}")
+    source = {k: str(path) for k in data}
+    env = _from_env(environ)
+    source.update({k: f"{ENV_PREFIX}{k.upper()}" for k in env})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    source.update({k: "command line" for k in flags})
+    merged = {**data, **env, **flags}
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        where = source.get(str(first["loc"][0]), "settings")
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown setting {loc!r} (from {where})") from None
+        raise ConfigError(f"bad value for {loc!r} (from {where}): {first['msg']}") from None

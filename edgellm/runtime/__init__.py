@@ -1,0 +1,1 @@
+"""The runtime: engines, model manager, request queue, slots. Knows nothing of HTTP."""

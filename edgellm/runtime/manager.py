@@ -1,0 +1,324 @@
+"""The runtime's front door: admission, models loaded on demand, idle unload, eviction.
+
+Everything here is plain Python and threads. ``submit`` never blocks: a request
+for a model that is not loaded waits in that model's line while one loader thread
+loads it (one load at a time); failures reach the request's sink as events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgellm.config import Settings
+from edgellm.errors import (
+    EdgeError,
+    InsufficientMemory,
+    ModelLoadFailed,
+    QueueFull,
+    ShuttingDown,
+)
+from edgellm.runtime.engine import EngineStats, LlamaEngine
+from edgellm.runtime.memory import MB, estimate_bytes, headroom
+from edgellm.runtime.source import ModelSource
+from edgellm.runtime.types import Failed, Finished, GenerationRequest
+
+log = logging.getLogger("edgellm.runtime")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    engine: LlamaEngine
+    memory_bytes: int
+    keep_alive: float
+    loaded_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    opened: Any = None  # the source's context manager, kept open while loaded
+
+    @property
+    def pinned(self) -> bool:
+        return self.keep_alive < 0
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy_slots > 0 or self.engine.pending > 0
+
+    def expires_in(self, now: float) -> float | None:
+        if self.pinned or self.busy:
+            return None
+        return max(0.0, self.last_used + self.keep_alive - now)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, source: ModelSource) -> None:
+        self.settings = settings
+        self.source = source
+        self._lock = threading.RLock()
+        self._load_lock = threading.Lock()  # one load at a time
+        self._loaded: dict[str, LoadedModel] = {}
+        self._waiting: dict[str, list[GenerationRequest]] = {}  # lines for models loading
+        self._loading: set[str] = set()
+        self._requests: dict[str, GenerationRequest] = {}
+        self._closing = False
+        self._wake = threading.Event()
+        self._retired = EngineStats()  # counters of engines already unloaded
+        self.stats = {"loads": 0, "unloads": 0, "evictions": 0, "load_failures": 0}
+        self._reaper = threading.Thread(target=self._reap_loop, name="keep-alive", daemon=True)
+        self._reaper.start()
+
+    # --- requests ----------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; raises ModelNotFound, QueueFull or ShuttingDown at once."""
+        self.source.get(request.model)  # ModelNotFound before anything else
+        if request.timeout is None:
+            request.timeout = self.settings.request_timeout
+        with self._lock:
+            if self._closing:
+                raise ShuttingDown("the daemon is shutting down", retry_after=5)
+            waiting = self.queue_depth()
+            if waiting >= self.settings.max_queue and not self._has_free_slot(request.model):
+                raise QueueFull(
+                    f"the request queue is full ({waiting} waiting, max_queue="
+                    f"{self.settings.max_queue}); retry shortly",
+                    retry_after=max(1.0, float(waiting)),
+                )
+            self._requests[request.id] = request
+            inner_sink = request.sink
+
+            def sink(event: Any, _inner: Any = inner_sink, _id: str = request.id) -> None:
+                if not isinstance(event, Failed | Finished):
+                    _inner(event)
+                    return
+                with self._lock:
+                    self._requests.pop(_id, None)
+                _inner(event)
+
+            request.sink = sink
+            loaded = self._loaded.get(request.model)
+            if loaded is not None:
+                self._touch(loaded, request.keep_alive)
+                loaded.engine.submit(request)
+                return
+            request.state = "loading"
+            self._waiting.setdefault(request.model, []).append(request)
+            if request.model not in self._loading:
+                self._loading.add(request.model)
+                threading.Thread(target=self._load_for_waiting, args=(request.model,),
+                                 name=f"load-{request.model}", daemon=True).start()
+
+    def _has_free_slot(self, name: str) -> bool:
+        loaded = self._loaded.get(name)
+        return bool(loaded and loaded.engine.pending == 0
+                    and loaded.engine.busy_slots < len(loaded.engine.slots))
+
+    def queue_depth(self) -> int:
+        with self._lock:
+            return sum(m.engine.pending for m in self._loaded.values()) + sum(
+                len(v) for v in self._waiting.values())
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            request = self._requests.get(request_id)
+        if request is None:
+            return False
+        request.cancel()
+        return True
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r.describe() for r in self._requests.values()]
+
+    # --- loading -------------------------------------------------------------------------
+    def _load_for_waiting(self, name: str) -> None:
+        error: EdgeError | None = None
+        try:
+            self.load(name)
+        except EdgeError as exc:
+            error = exc
+        except Exception as exc:
+            error = ModelLoadFailed(f"could not load {name}: {exc}")
+        with self._lock:
+            self._loading.discard(name)
+            waiting = self._waiting.pop(name, [])
+            loaded = self._loaded.get(name)
+            for request in waiting:
+                if error is not None or loaded is None:
+                    request.emit(Failed(error or ModelLoadFailed(f"{name} was unloaded")))
+                else:
+                    request.state = "queued"
+                    self._touch(loaded, request.keep_alive)
+                    loaded.engine.submit(request)
+
+    def load(self, name: str, keep_alive: float | None = None) -> LoadedModel:
+        """Load a model now (blocking) unless it is loaded already."""
+        record = self.source.get(name)
+        with self._load_lock:
+            with self._lock:
+                if self._closing:
+                    raise ShuttingDown("the daemon is shutting down", retry_after=5)
+                if name in self._loaded:
+                    loaded = self._loaded[name]
+                    self._touch(loaded, keep_alive)
+                    return loaded
+            ms = self.settings.for_model(name)
+            need = estimate_bytes(record, min(ms.n_ctx or 4096, record.context_length or 1 << 30),
+                                  ms.n_parallel or 1)
+            self._make_room(name, need)
+            t0 = time.monotonic()
+            opened = self.source.open(name)
+            path = opened.__enter__()
+            engine = LlamaEngine(record, path, ms, on_request_done=self._request_done)
+            try:
+                engine.start()
+            except BaseException:
+                self.stats["load_failures"] += 1
+                opened.__exit__(None, None, None)
+                raise
+            with self._lock:
+                loaded = LoadedModel(
+                    name=name, engine=engine, memory_bytes=need, opened=opened,
+                    keep_alive=self.settings.keep_alive if ms.keep_alive is None else ms.keep_alive,
+                )
+                self._touch(loaded, keep_alive)
+                self._loaded[name] = loaded
+                self.stats["loads"] += 1
+            log.info("event=model_loaded model=%s seconds=%.2f memory_mb=%d gpu=%s",
+                     name, time.monotonic() - t0, need // MB, engine.gpu_offload)
+            return loaded
+
+    def _make_room(self, name: str, need: int) -> None:
+        """Evict idle, unpinned models (least recently used first) until ``need`` fits."""
+        s = self.settings
+        while True:
+            with self._lock:
+                used = sum(m.memory_bytes for m in self._loaded.values())
+                room = headroom(s.memory_reserve_mb, s.memory_budget_mb, used)
+                too_many = len(self._loaded) >= s.max_loaded_models
+                if room.available >= need and not too_many:
+                    return
+                idle = sorted((m for m in self._loaded.values() if not m.pinned and not m.busy),
+                              key=lambda m: m.last_used)
+            if not idle:
+                if too_many:
+                    raise InsufficientMemory(
+                        f"cannot load {name}: {len(self._loaded)} models are loaded "
+                        f"(max_loaded_models={s.max_loaded_models}) and none is idle and unpinned",
+                        retry_after=5)
+                short = (need - room.available + MB - 1) // MB
+                raise InsufficientMemory(
+                    f"not enough memory to load {name}: it needs {need // MB} MB, "
+                    f"{max(0, room.available) // MB} MB is free under the {room.reason} "
+                    f"(short by {short} MB)", retry_after=30)
+            victim = idle[0]
+            log.info("event=evict model=%s for=%s", victim.name, name)
+            self.stats["evictions"] += 1
+            self.unload(victim.name)
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            loaded = self._loaded.pop(name, None)
+        if loaded is None:
+            return False
+        loaded.engine.stop()
+        with self._lock:
+            for key, value in vars(loaded.engine.stats).items():
+                if key != "last_tokens_per_second":
+                    setattr(self._retired, key, getattr(self._retired, key) + value)
+        if loaded.opened is not None:
+            loaded.opened.__exit__(None, None, None)
+        self.stats["unloads"] += 1
+        log.info("event=model_unloaded model=%s", name)
+        return True
+
+    def _touch(self, loaded: LoadedModel, keep_alive: float | None) -> None:
+        loaded.last_used = time.monotonic()
+        if keep_alive is not None:
+            loaded.keep_alive = keep_alive
+
+    def _request_done(self, name: str) -> None:
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                loaded.last_used = time.monotonic()
+        self._wake.set()
+
+    def _reap_loop(self) -> None:
+        while not self._closing:
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                expired = [m.name for m in self._loaded.values()
+                           if (left := m.expires_in(now)) is not None and left <= 0]
+            for name in expired:
+                log.info("event=idle_unload model=%s", name)
+                self.unload(name)
+
+    # --- views ---------------------------------------------------------------------------
+    def loaded(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._lock:
+            models = list(self._loaded.values())
+        out = []
+        for m in models:
+            e = m.engine
+            expires = m.expires_in(now)
+            out.append({
+                "name": m.name,
+                "memory_mb": round(m.memory_bytes / MB, 1),
+                "size_mb": round(e.record.size / MB, 1),
+                "slots": len(e.slots),
+                "slots_busy": e.busy_slots,
+                "queued": e.pending,
+                "n_ctx": e.n_ctx,
+                "pinned": m.pinned,
+                "keep_alive_seconds": m.keep_alive,
+                "expires_in_seconds": None if expires is None else round(expires, 1),
+                "idle_seconds": round(now - m.last_used, 1),
+                "device": "gpu" if e.gpu_offload else "cpu",
+                "n_gpu_layers": e.settings.n_gpu_layers or 0,
+                "tokens_per_second": round(e.stats.last_tokens_per_second, 1),
+            })
+        return out
+
+    def model_state(self, name: str) -> str:
+        with self._lock:
+            if name in self._loaded:
+                return "loaded"
+            if name in self._loading:
+                return "loading"
+        return "available"
+
+    def totals(self) -> EngineStats:
+        """Counters over the daemon's life, models since unloaded included."""
+        with self._lock:
+            total = EngineStats(**vars(self._retired))
+            for m in self._loaded.values():
+                for key, value in vars(m.engine.stats).items():
+                    if key != "last_tokens_per_second":
+                        setattr(total, key, getattr(total, key) + value)
+        return total
+
+    # --- shutdown ------------------------------------------------------------------------
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    def close(self, grace: float = 0.0) -> None:
+        """Refuse new work, let what runs finish within ``grace`` seconds, then cancel it."""
+        with self._lock:
+            self._closing = True
+        end = time.monotonic() + grace
+        while self.active_count() and time.monotonic() < end:
+            time.sleep(0.05)
+        with self._lock:
+            leftover = list(self._requests.values())
+        for request in leftover:
+            request.cancel()
+        for name in list(self._loaded):
+            self.unload(name)
+        self._wake.set()

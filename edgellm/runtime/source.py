@@ -1,0 +1,50 @@
+"""The model-source interface: how the runtime gets at a model's bytes.
+
+The runtime never reads the store directly; it asks a ModelSource for a record
+(what the model is) and to open it (a path llama.cpp can load, valid while the
+context manager is open). The plain directory store implements it; the vault
+implements it with encrypted storage.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    format: str  # "gguf" | "onnx"
+    sha256: str
+    size: int
+    architecture: str = ""
+    quantization: str = ""
+    context_length: int = 0
+    n_layer: int = 0
+    n_embd: int = 0
+    n_head: int = 0
+    n_head_kv: int = 0
+    head_dim: int = 0
+    n_vocab: int = 0
+    has_chat_template: bool = False
+    license: str = ""
+    source: str = ""
+    added: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelSource(Protocol):
+    def get(self, name: str) -> ModelRecord:
+        """The record of a model; raises ModelNotFound."""
+        ...
+
+    def list(self) -> list[ModelRecord]: ...
+
+    def open(self, name: str) -> AbstractContextManager[str]:
+        """A loadable path to the model's verified bytes; raises IntegrityError."""
+        ...

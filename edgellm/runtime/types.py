@@ -1,0 +1,129 @@
+"""Plain objects the runtime takes and gives: requests in, events out. No HTTP here."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+
+_ids = itertools.count(1)
+_prefix = os.urandom(3).hex()
+
+
+def new_request_id() -> str:
+    return f"req-{_prefix}{next(_ids):06d}"
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass
+class Delta:
+    """A piece of generated text."""
+
+    text: str
+
+
+@dataclass
+class Finished:
+    finish_reason: FinishReason
+    usage: Usage
+    prompt_seconds: float
+    decode_seconds: float
+
+
+@dataclass
+class Failed:
+    error: Exception
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: either ``prompt`` (plain completion) or ``messages`` (chat).
+
+    ``sink`` is called from the engine thread with each event, in order, ending with
+    exactly one Finished or Failed. It must not block.
+    """
+
+    model: str
+    sink: Callable[[Event], None]
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    keep_alive: float | None = None
+    timeout: float | None = None
+    principal: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=new_request_id)
+
+    # progress, written by the runtime and read for /api/requests
+    state: str = "queued"
+    created: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    _done: bool = False
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.started + self.timeout
+
+    def emit(self, event: Event) -> None:
+        if self._done:
+            return
+        if isinstance(event, Finished | Failed):
+            self._done = True
+            self.state = "done"
+        self.sink(event)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "state": self.state,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "age_seconds": round(time.monotonic() - self.started, 3),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
+            "cancelled": self.cancel_event.is_set(),
+            **{k: v for k, v in self.principal.items() if k in ("uid", "gid", "pid")},
+        }

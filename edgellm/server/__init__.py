@@ -1,0 +1,1 @@
+"""HTTP over the Unix socket: composes the runtime (and later the vault and governor)."""

@@ -1,0 +1,227 @@
+"""The aiohttp application: error handling, peer credentials, and the native API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from edgellm import __version__
+from edgellm.errors import Conflict, EdgeError, InternalError, NotFound, PayloadTooLarge
+from edgellm.server import openai_routes
+from edgellm.server.context import State, read_json
+from edgellm.server.metrics import Metrics
+from edgellm.server.peer import peer_credentials
+from edgellm.server.schemas import LoadRequest, parse
+
+log = logging.getLogger("edgellm.server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(exc: EdgeError, request_id: str | None = None) -> web.Response:
+    headers = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+@web.middleware
+async def errors_and_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request["principal"] = peer_credentials(request.transport.get_extra_info("socket")
+                                            if request.transport else None)
+    metrics: Metrics = request.app["metrics"]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource \
+        else "unmatched"
+    t0 = time.monotonic()
+    try:
+        response = await handler(request)
+    except EdgeError as exc:
+        response = error_response(exc, request.get("request_id"))
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app["state"].settings.max_body_bytes
+        response = error_response(PayloadTooLarge(f"request body is larger than {limit} bytes"))
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            err: EdgeError = NotFound(f"no such endpoint: {request.method} {request.path}")
+        elif exc.status == 405:
+            err = EdgeError(f"method {request.method} is not allowed on {request.path}")
+            err.status, err.type, err.code = 405, "invalid_request_error", "method_not_allowed"
+        else:
+            err = EdgeError(exc.reason or str(exc))
+            err.status, err.type = exc.status, "invalid_request_error"
+        response = error_response(err)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("event=internal_error path=%s", request.path)
+        response = error_response(InternalError(
+            f"internal error in edgellm while serving {request.path}; see the daemon's log"))
+    metrics.requests.labels(route, str(response.status)).inc()
+    log.debug("event=request method=%s path=%s status=%d seconds=%.3f uid=%s",
+              request.method, request.path, response.status, time.monotonic() - t0,
+              request["principal"].get("uid"))
+    return response
+
+
+def _state(request: web.Request) -> State:
+    return request.app["state"]
+
+
+async def health(request: web.Request) -> web.Response:
+    st = _state(request)
+    models = {r.name: st.runtime.model_state(r.name) for r in st.store.list()}
+    for name in st.load_failures:
+        if models.get(name) == "available":
+            models[name] = "failed"
+    if st.draining:
+        status = "degraded"
+    elif "loading" in models.values():
+        status = "loading"
+    elif "failed" in models.values():
+        status = "degraded"
+    else:
+        status = "ready"
+    return web.json_response({
+        "status": status, "version": __version__, "draining": st.draining,
+        "uptime_seconds": round(time.monotonic() - st.started, 1), "models": models,
+        "queue_depth": st.runtime.queue_depth(), "active_requests": st.runtime.active_count(),
+    })
+
+
+async def ps(request: web.Request) -> web.Response:
+    return web.json_response({"models": _state(request).runtime.loaded()})
+
+
+def _model_view(st: State, record: Any) -> dict[str, Any]:
+    return {**record.as_dict(), "state": st.runtime.model_state(record.name),
+            "default": record.name == st.settings.default_model}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    st = _state(request)
+    return web.json_response({"models": [_model_view(st, r) for r in st.store.list()]})
+
+
+async def show_model(request: web.Request) -> web.Response:
+    st = _state(request)
+    return web.json_response(_model_view(st, st.store.get(request.match_info["name"])))
+
+
+async def load_model(request: web.Request) -> web.Response:
+    st = _state(request)
+    st.check_accepting()
+    name = request.match_info["name"]
+    body = parse(LoadRequest, await read_json(request)) if request.can_read_body \
+        else LoadRequest()
+    st.store.get(name)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, st.runtime.load, name,
+                                                         body.keep_alive)
+    except EdgeError as exc:
+        st.load_failures[name] = exc.message
+        raise
+    st.load_failures.pop(name, None)
+    loaded = next(m for m in st.runtime.loaded() if m["name"] == name)
+    return web.json_response({"name": name, "state": "loaded", **loaded})
+
+
+async def unload_model(request: web.Request) -> web.Response:
+    st = _state(request)
+    name = request.match_info["name"]
+    st.store.get(name)
+    busy = [m for m in st.runtime.loaded() if m["name"] == name and
+            (m["slots_busy"] or m["queued"])]
+    if busy and request.query.get("force") not in ("1", "true"):
+        raise Conflict(f"model {name} is serving requests; cancel them first or add ?force=true")
+    done = await asyncio.get_running_loop().run_in_executor(None, st.runtime.unload, name)
+    return web.json_response({"name": name, "unloaded": done})
+
+
+async def import_model(request: web.Request) -> web.Response:
+    """PUT /api/models/{name}: the GGUF file itself is the body, streamed to the store."""
+    st = _state(request)
+    name = request.match_info["name"]
+    loop = asyncio.get_running_loop()
+
+    def chunks() -> Any:
+        while data := asyncio.run_coroutine_threadsafe(
+                request.content.read(1 << 20), loop).result():
+            yield data
+
+    expected = request.headers.get("X-Content-Sha256")
+    record = await loop.run_in_executor(None, lambda: st.store.add_stream(
+        chunks(), name, expected_sha256=expected, replace=request.query.get("replace") == "1",
+        info={"source": request.headers.get("X-Model-Source", "upload")}))
+    return web.json_response(_model_view(st, record), status=201)
+
+
+async def remove_model(request: web.Request) -> web.Response:
+    st = _state(request)
+    name = request.match_info["name"]
+    st.store.get(name)
+    if st.runtime.model_state(name) != "available":
+        busy = [m for m in st.runtime.loaded() if m["name"] == name and m["slots_busy"]]
+        if busy:
+            raise Conflict(f"model {name} is serving requests; cancel them first")
+        await asyncio.get_running_loop().run_in_executor(None, st.runtime.unload, name)
+    st.store.remove(name)
+    return web.json_response({"name": name, "removed": True})
+
+
+async def list_requests(request: web.Request) -> web.Response:
+    return web.json_response({"requests": _state(request).runtime.requests()})
+
+
+async def cancel_request(request: web.Request) -> web.Response:
+    request_id = request.match_info["id"]
+    if not _state(request).runtime.cancel(request_id):
+        raise NotFound(f"no request {request_id!r} is in flight", param="id")
+    return web.json_response({"id": request_id, "cancelled": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app["metrics"].render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def openai_models(request: web.Request) -> web.Response:
+    st = _state(request)
+    data = [{"id": r.name, "object": "model", "owned_by": "edgellm",
+             "created": _epoch(r.added)} for r in st.store.list()]
+    return web.json_response({"object": "list", "data": data})
+
+
+def _epoch(stamp: str) -> int:
+    try:
+        return int(time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone)
+    except ValueError:
+        return 0
+
+
+def build_app(state: State) -> web.Application:
+    app = web.Application(middlewares=[errors_and_identity],
+                          client_max_size=state.settings.max_body_bytes)
+    app["state"] = state
+    app["metrics"] = Metrics(state.runtime)
+    r = app.router
+    r.add_post("/v1/chat/completions", openai_routes.chat_completions)
+    r.add_post("/v1/completions", openai_routes.completions)
+    r.add_get("/v1/models", openai_models)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/api/ps", ps)
+    r.add_get("/api/models", list_models)
+    r.add_get("/api/models/{name}", show_model)
+    r.add_put("/api/models/{name}", import_model)
+    r.add_delete("/api/models/{name}", remove_model)
+    r.add_post("/api/models/{name}/load", load_model)
+    r.add_post("/api/models/{name}/unload", unload_model)
+    r.add_get("/api/requests", list_requests)
+    r.add_delete("/api/requests/{id}", cancel_request)
+    return app

@@ -1,0 +1,66 @@
+"""/metrics: Prometheus text format, read from the runtime at scrape time.
+
+Names follow llama.cpp's server (``llamacpp:*``) where the meaning is the same, so
+existing dashboards work; the rest are ``edgellm_*``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edgellm.runtime.manager import Runtime
+
+
+disable_created_metrics()  # *_created series only add noise on a device
+
+
+class RuntimeCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Any]:
+        rt = self.runtime
+        totals = rt.totals()
+        yield CounterMetricFamily("llamacpp:prompt_tokens", "Prompt tokens processed.",
+                                  value=totals.prompt_tokens)
+        yield CounterMetricFamily("llamacpp:prompt_seconds", "Prompt processing time.",
+                                  value=totals.prompt_seconds)
+        yield CounterMetricFamily("llamacpp:tokens_predicted", "Generated tokens.",
+                                  value=totals.generated_tokens)
+        yield CounterMetricFamily("llamacpp:tokens_predicted_seconds", "Generation time.",
+                                  value=totals.decode_seconds)
+        loaded = rt.loaded()
+        busy = sum(m["slots_busy"] for m in loaded)
+        yield GaugeMetricFamily("llamacpp:requests_processing", "Requests in a slot.", value=busy)
+        yield GaugeMetricFamily("llamacpp:requests_deferred", "Requests waiting.",
+                                value=rt.queue_depth())
+        yield GaugeMetricFamily("edgellm_queue_depth", "Requests waiting for a slot or a load.",
+                                value=rt.queue_depth())
+        slots = GaugeMetricFamily("edgellm_busy_slots", "Busy slots per model.", labels=["model"])
+        for m in loaded:
+            slots.add_metric([m["name"]], m["slots_busy"])
+        yield slots
+        yield GaugeMetricFamily("edgellm_loaded_models", "Models loaded.", value=len(loaded))
+        mem = GaugeMetricFamily("edgellm_model_memory_bytes", "Estimated memory per loaded model.",
+                                labels=["model"])
+        for m in loaded:
+            mem.add_metric([m["name"]], m["memory_mb"] * 1024 * 1024)
+        yield mem
+        for key, value in rt.stats.items():
+            yield CounterMetricFamily(f"edgellm_model_{key}", f"Model {key}.", value=value)
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(RuntimeCollector(runtime))
+        self.requests = Counter("edgellm_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

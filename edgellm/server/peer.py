@@ -1,0 +1,20 @@
+"""Who is on the other end of a Unix-socket connection, as the kernel says (SO_PEERCRED)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket | None) -> dict[str, Any]:
+    if sock is None or sock.family != socket.AF_UNIX:
+        return {}
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size)
+    except OSError:
+        return {}
+    pid, uid, gid = _CRED.unpack(raw)
+    return {"pid": pid, "uid": uid, "gid": gid}

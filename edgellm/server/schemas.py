@@ -1,0 +1,140 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated with pydantic.
+
+Unknown fields are refused with a message naming them, except OpenAI parameters we
+accept at their neutral value (``n=1``, ``logprobs=false``…), so stock clients work.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgellm.config import parse_duration
+from edgellm.errors import InvalidRequest
+from edgellm.runtime.types import Sampling
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def flat(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": content or ""}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Generation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0)
+    seed: int | None = None
+    stop: str | list[str] | None = Field(default=None, validate_default=True)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    keep_alive: float | str | None = None
+    user: str | None = None
+    # OpenAI parameters accepted only at their neutral values
+    n: Literal[1] = 1
+    logprobs: Literal[False] | None = None
+    frequency_penalty: Literal[0, 0.0] | None = None
+    presence_penalty: Literal[0, 0.0] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > 8:
+            raise ValueError("at most 8 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> float | None:
+        return None if v is None else parse_duration(v)
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+    echo: Literal[False] = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("exactly one prompt per request is supported")
+            return v[0]
+        return v
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keep_alive: float | str | None = None
+
+    _ka = field_validator("keep_alive")(lambda v: None if v is None else parse_duration(v))
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    """Validate ``data`` or raise InvalidRequest naming the first bad field."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        loc = loc or "body"
+        if err["type"] == "extra_forbidden":
+            raise InvalidRequest(f"unknown field {loc!r}", param=loc) from None
+        if err["type"] == "missing":
+            raise InvalidRequest(f"missing required field {loc!r}", param=loc) from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidRequest(f"invalid value for {loc!r}: {msg}", param=loc) from None
