@@ -60,10 +60,10 @@ class ModelSettings(BaseModel):
 def default_socket_path() -> Path:
     if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "edgellm.sock"
-    runtime = Path(platformdirs.user_runtime_dir(APP))
-    if runtime.parent.is_dir() and os.access(runtime.parent, os.W_OK):
-        return runtime / "edgellm.sock"
-    return Path(f"/tmp/edgellm-{os.getuid()}") / "edgellm.sock"
+    xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    if os.path.isdir(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg) / APP / "edgellm.sock"
+    return Path(f"/tmp/edgellm-{os.getuid()}") / "edgellm.sock"  # no per-user runtime dir
 
 
 def default_state_dir() -> Path:

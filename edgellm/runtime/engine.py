@@ -103,7 +103,7 @@ class LlamaEngine:
                 break
             if req is not None:
                 req.cancel()
-                self._finish(req, "cancelled", Usage(), 0.0, 0.0)
+                req.emit(Finished("cancelled", Usage(), 0.0, 0.0))
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
@@ -174,18 +174,21 @@ class LlamaEngine:
                 continue
             slot = self.slots[0]
             slot.request = request
+            final: Finished | Failed
             try:
-                self._generate(slot, request)
+                final = self._generate(slot, request)
             except EdgeError as exc:
-                request.emit(Failed(exc))
+                final = Failed(exc)
             except Exception as exc:
                 log.exception("event=engine_error model=%s request=%s", self.name, request.id)
-                request.emit(Failed(InternalError(f"engine error in {self.name}: {exc}")))
-            finally:
-                slot.request = None
-                self.last_progress = time.monotonic()
-                if self._on_request_done:
-                    self._on_request_done(self.name)
+                final = Failed(InternalError(f"engine error in {self.name}: {exc}"))
+            # free the slot before the client hears the outcome, so that whatever it
+            # asks next (/api/ps, another request) sees the slot free
+            slot.request = None
+            self.last_progress = time.monotonic()
+            if self._on_request_done:
+                self._on_request_done(self.name)
+            request.emit(final)
 
     def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         llm = self._llm
@@ -230,11 +233,10 @@ class LlamaEngine:
             sampler.add_dist(seed & 0xFFFFFFFF)
         return sampler
 
-    def _generate(self, slot: Slot, request: GenerationRequest) -> None:
+    def _generate(self, slot: Slot, request: GenerationRequest) -> Finished:
         llm = self._llm
         if request.cancel_event.is_set():
-            self._finish(request, "cancelled", Usage(), 0.0, 0.0)
-            return
+            return self._account("cancelled", Usage(), 0.0, 0.0)
         request.state = "running"
         tokens, template_stops = self._prompt_tokens(request)
         n_prompt = len(tokens)
@@ -268,8 +270,7 @@ class LlamaEngine:
         llm.n_tokens = keep
         for i in range(keep, n_prompt, chunk):
             if request.cancel_event.is_set():
-                self._finish(request, "cancelled", Usage(n_prompt, 0), time.monotonic() - t0, 0.0)
-                return
+                return self._account("cancelled", Usage(n_prompt, 0), time.monotonic() - t0, 0.0)
             llm.eval(tokens[i : i + chunk])
             self.last_progress = time.monotonic()
         slot.tokens = tokens
@@ -306,11 +307,11 @@ class LlamaEngine:
                 request.emit(Delta(tail))
         sampler.close()
         t2 = time.monotonic()
-        self._finish(request, reason, Usage(n_prompt, generated), t1 - t0, t2 - t1,
-                     prefilled=n_prompt - keep)
+        return self._account(reason, Usage(n_prompt, generated), t1 - t0, t2 - t1,
+                             prefilled=n_prompt - keep)
 
-    def _finish(self, request: GenerationRequest, reason: str, usage: Usage,
-                prompt_s: float, decode_s: float, prefilled: int = 0) -> None:
+    def _account(self, reason: str, usage: Usage, prompt_s: float, decode_s: float,
+                 prefilled: int = 0) -> Finished:
         st = self.stats
         st.requests += 1
         st.prompt_tokens += prefilled
@@ -319,4 +320,4 @@ class LlamaEngine:
         st.decode_seconds += decode_s
         if decode_s > 0 and usage.completion_tokens:
             st.last_tokens_per_second = usage.completion_tokens / decode_s
-        request.emit(Finished(reason, usage, prompt_s, decode_s))  # type: ignore[arg-type]
+        return Finished(reason, usage, prompt_s, decode_s)  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ from prometheus_client.registry import Collector
 
 from edgellm.runtime.manager import Runtime
 
-
 disable_created_metrics()  # *_created series only add noise on a device
 
 

