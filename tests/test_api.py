@@ -302,3 +302,22 @@ def test_request_ids_are_returned(daemon: Daemon) -> None:
     time.sleep(0)  # ids are unique per daemon
     assert chat(daemon, messages=QUESTION, max_tokens=1).headers["X-Request-Id"] != \
         r.headers["X-Request-Id"]
+
+
+def test_requests_for_a_loading_model_wait_for_one_load(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        c.unload(MODEL)
+        loads_before = _metric(c.metrics(), "edgellm_model_loads_total")
+    results: list[int] = []
+
+    def ask() -> None:
+        results.append(chat(daemon, messages=QUESTION, max_tokens=2).status_code)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [200, 200, 200]
+    with daemon.client() as c:
+        assert _metric(c.metrics(), "edgellm_model_loads_total") == loads_before + 1

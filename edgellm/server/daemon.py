@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from edgellm.catalog import Catalog, fetch
-from edgellm.config import Settings
+from edgellm.config import Settings, default_socket_path
 from edgellm.errors import ModelNotFound
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.store import DirectoryStore
@@ -93,8 +94,11 @@ def _banner(settings: Settings) -> None:
     if not sys.stdout.isatty():
         return
     sock = settings.socket
+    exe = shutil.which("edgellm") or str(Path(sys.executable).parent / "edgellm")
+    flag = "" if os.environ.get("EDGELLM_SOCKET") == str(sock) or sock == default_socket_path() \
+        else f" --socket {sock}"
     print(f"\nedgellm is serving {settings.default_model} on {sock}\n"
-          f"Try:\n  edgellm ask \"Why is the sky blue?\"\n"
+          f"Try:\n  {exe} ask{flag} \"Why is the sky blue?\"\n"
           f"  curl --unix-socket {sock} http://localhost/v1/chat/completions \\\n"
           f"    -H 'Content-Type: application/json' \\\n"
           f"    -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n"
