@@ -45,6 +45,7 @@ class ModelSettings(BaseModel):
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int | None = Field(default=None, ge=1)
     prefill_chunk: int | None = Field(default=None, ge=16)
+    prefix_cache: bool | None = None
     n_gpu_layers: int | None = None
     main_gpu: int | None = None
     tensor_split: list[float] | None = None
@@ -101,11 +102,12 @@ class Settings(BaseModel):
     request_timeout: float = 600.0
     memory_reserve_mb: int = Field(default=256, ge=0)
     memory_budget_mb: int = Field(default=0, ge=0)  # 0: no budget beyond available memory
-    n_ctx: int = Field(default=4096, ge=64)
-    n_parallel: int = Field(default=1, ge=1, le=64)
+    n_ctx: int = Field(default=2048, ge=64)  # per slot
+    n_parallel: int = Field(default=4, ge=1, le=64)
     n_threads: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
     n_batch: int = Field(default=512, ge=1)
     prefill_chunk: int = Field(default=256, ge=16)  # also the granularity of prefix reuse
+    prefix_cache: bool = True
     n_gpu_layers: int = 0
     use_mmap: bool = True
     use_mlock: bool = False

@@ -106,7 +106,7 @@ def test_native_endpoints(daemon: Daemon) -> None:
         health = h.get("/health").json()
         assert health["status"] == "ready" and health["models"][MODEL] == "loaded"
         ps = h.get("/api/ps").json()["models"]
-        assert ps[0]["name"] == MODEL and ps[0]["slots"] == 1 and ps[0]["device"] == "cpu"
+        assert ps[0]["name"] == MODEL and ps[0]["slots"] == 4 and ps[0]["device"] == "cpu"
         assert ps[0]["memory_mb"] > 90 and ps[0]["expires_in_seconds"] <= 300
         models = h.get("/api/models").json()["models"]
         assert models[0]["quantization"] == "Q4_1" and models[0]["context_length"] == 8192

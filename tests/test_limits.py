@@ -36,7 +36,7 @@ def _stream_in_thread(d: Daemon, out: dict[str, Any], max_tokens: int = 4000,
 
 
 def test_full_queue_answers_503_with_retry_after(make_daemon: Any) -> None:
-    d: Daemon = make_daemon(max_queue=1)
+    d: Daemon = make_daemon(max_queue=1, n_parallel=1)
     first: dict[str, Any] = {}
     second: dict[str, Any] = {}
     t1 = _stream_in_thread(d, first)

@@ -1,10 +1,21 @@
-"""The llama.cpp engine: one thread owns one model's context and decodes in it.
+"""The llama.cpp engine: one thread owns one model's context and its slots.
 
 Requests arrive on a thread-safe queue; events leave through each request's sink.
-The loop is built around slots: it admits queued requests into free slots, then
-advances every active slot by one step (a prefill chunk or one sampled token),
-checking cancellation and deadlines between steps, so a cancelled or disconnected
-request frees its slot within one decode step.
+Every turn of the loop:
+
+1. admits queued requests into free slots (reusing a cached prompt prefix when
+   one matches, copied between sequences with ``llama_memory_seq_cp``);
+2. decodes one token for every generating slot in a single ``llama_decode``, and
+   samples each with its own sampler chain;
+3. evaluates one prompt chunk of one prefilling slot, so a long prompt never
+   freezes the streams already running for more than one chunk.
+
+Prompt chunks run as batches of their own sequence, aligned to absolute positions,
+and decode steps contain only one token per sequence: every row is computed the way
+it would be if the request ran alone, so greedy output does not depend on what else
+runs (llama.cpp's CPU kernels round a one-token batch differently from a many-token
+one). Cancellation and deadlines are checked every turn: a cancelled or
+disconnected request frees its slot within one decode step.
 """
 
 from __future__ import annotations
@@ -14,11 +25,14 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from edgellm.config import ModelSettings
 from edgellm.errors import ContextOverflow, EdgeError, InternalError, ModelLoadFailed
+from edgellm.runtime.llama_backend import LlamaBackend
+from edgellm.runtime.slots import Slot, reusable
 from edgellm.runtime.source import ModelRecord
 from edgellm.runtime.text import StopMatcher
 from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest, Usage
@@ -29,45 +43,41 @@ log = logging.getLogger("edgellm.engine")
 @dataclass
 class EngineStats:
     requests: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # evaluated, not reused
+    reused_prompt_tokens: int = 0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
-    last_tokens_per_second: float = 0.0
-
-
-@dataclass
-class Slot:
-    index: int
-    request: GenerationRequest | None = None
-    tokens: list[int] = field(default_factory=list)
+    decode_steps: int = 0
+    decode_step_sequences: int = 0  # sum over steps of sequences decoded together
 
 
 class LlamaEngine:
-    def __init__(
-        self,
-        record: ModelRecord,
-        model_path: str,
-        settings: ModelSettings,
-        on_request_done: Any = None,
-    ) -> None:
+    def __init__(self, record: ModelRecord, model_path: str, settings: ModelSettings,
+                 on_request_done: Any = None) -> None:
         self.record = record
         self.name = record.name
         self.model_path = model_path
         self.settings = settings
-        self.n_ctx = settings.n_ctx or 4096
+        self.n_ctx = settings.n_ctx or 2048
         if record.context_length:
             self.n_ctx = min(self.n_ctx, record.context_length)
         self.slots = [Slot(i) for i in range(settings.n_parallel or 1)]
         self.prefill_chunk = min(settings.prefill_chunk or 256, settings.n_batch or 512)
+        self.prefix_cache = True if settings.prefix_cache is None else settings.prefix_cache
         self.stats = EngineStats()
         self.gpu_offload = False
+        # limits the governor may lower at run time, applied between steps
+        self.n_threads = settings.n_threads or 1
+        self.max_active = len(self.slots)
+        self._applied_threads = self.n_threads
+        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
         self._on_request_done = on_request_done
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._load_error: EdgeError | None = None
-        self._llm: Any = None
+        self._llm: LlamaBackend | None = None
         self._thread = threading.Thread(target=self._main, name=f"engine-{self.name}", daemon=True)
         self.last_progress = time.monotonic()
 
@@ -84,13 +94,29 @@ class LlamaEngine:
     def submit(self, request: GenerationRequest) -> None:
         self._queue.put(request)
 
+    def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None) -> None:
+        """Fewer threads or slots, from the next step on, without reloading the model.
+        Sequences already running in slots above the new limit finish normally."""
+        if n_threads is not None:
+            self.n_threads = max(1, n_threads)
+        if n_parallel is not None:
+            self.max_active = max(1, min(n_parallel, len(self.slots)))
+
     @property
     def pending(self) -> int:
         return self._queue.qsize()
 
     @property
     def busy_slots(self) -> int:
-        return sum(1 for s in self.slots if s.request is not None)
+        return sum(1 for s in self.slots if s.busy)
+
+    def tokens_per_second(self, window: float = 5.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
     def cancel_all(self) -> None:
         for slot in self.slots:
@@ -115,10 +141,11 @@ class LlamaEngine:
     # --- the engine thread -----------------------------------------------------------
     def _main(self) -> None:
         try:
-            self._load()
+            self._llm = LlamaBackend(self.model_path, self.settings, self.n_ctx, len(self.slots))
+            self.gpu_offload = self._llm.gpu_offload
         except EdgeError as exc:
             self._load_error = exc
-        except Exception as exc:  # llama.cpp raises ValueError with little detail
+        except Exception as exc:
             self._load_error = ModelLoadFailed(f"could not load {self.name}: {exc}")
         finally:
             self._ready.set()
@@ -126,198 +153,194 @@ class LlamaEngine:
             return
         try:
             self._loop()
+        except Exception:
+            log.exception("event=engine_died model=%s", self.name)
+            for slot in self.slots:
+                if slot.request is not None:
+                    self._finish(slot, Failed(InternalError(f"the engine of {self.name} failed")))
         finally:
             self.cancel_all()
-            self._llm = None  # frees the context and the weights on this thread
-
-    def _load(self) -> None:
-        import llama_cpp
-        from llama_cpp import llama_chat_format
-
-        s = self.settings
-        kwargs: dict[str, Any] = dict(
-            model_path=self.model_path,
-            n_ctx=self.n_ctx * len(self.slots),
-            n_batch=s.n_batch or 512,
-            n_threads=s.n_threads,
-            n_threads_batch=s.n_threads,
-            n_gpu_layers=s.n_gpu_layers or 0,
-            use_mmap=True if s.use_mmap is None else s.use_mmap,
-            use_mlock=bool(s.use_mlock),
-            verbose=False,
-        )
-        if s.main_gpu is not None:
-            kwargs["main_gpu"] = s.main_gpu
-        if s.tensor_split:
-            kwargs["tensor_split"] = s.tensor_split
-        llm = llama_cpp.Llama(**kwargs)
-        offload = bool(llama_cpp.llama_supports_gpu_offload())
-        self.gpu_offload = offload and (s.n_gpu_layers or 0) != 0
-        self._vocab = llm._model.vocab
-        self._is_eog = llama_cpp.llama_vocab_is_eog
-        self._eos = llm.token_eos()
-        template = llm.metadata.get("tokenizer.chat_template")
-        self._chat = None
-        if template:
-            def text(tok: int) -> str:
-                return llm._model.token_get_text(tok) if tok != -1 else ""
-
-            self._chat = llama_chat_format.Jinja2ChatFormatter(
-                template=template, eos_token=text(self._eos), bos_token=text(llm.token_bos())
-            )
-        self._llm = llm
+            for slot in self.slots:
+                if slot.request is not None:
+                    self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
+            self._llm.close()
+            self._llm = None
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
-            request = self._queue.get()
+            if self.n_threads != self._applied_threads:
+                self._llm.set_threads(self.n_threads)  # type: ignore[union-attr]
+                self._applied_threads = self.n_threads
+            self._admit()
+            self._check_cancelled()
+            if any(s.state == "generate" for s in self.slots):
+                self._decode_step()
+            prefilling = [s for s in self.slots if s.state == "prefill"]
+            if prefilling:
+                self._prefill_step(min(prefilling, key=lambda s: s.admitted))
+
+    # --- admission ----------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.busy_slots < self.max_active:
+            idle = self.busy_slots == 0
+            try:
+                request = self._queue.get(timeout=0.25) if idle else self._queue.get_nowait()
+            except queue.Empty:
+                return
             if request is None:
+                return
+            if request.cancel_event.is_set():
+                request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
                 continue
-            slot = self.slots[0]
-            slot.request = request
-            final: Finished | Failed
             try:
-                final = self._generate(slot, request)
+                self._place(request)
             except EdgeError as exc:
-                final = Failed(exc)
-            except Exception as exc:
-                log.exception("event=engine_error model=%s request=%s", self.name, request.id)
-                final = Failed(InternalError(f"engine error in {self.name}: {exc}"))
-            # free the slot before the client hears the outcome, so that whatever it
-            # asks next (/api/ps, another request) sees the slot free
-            slot.request = None
-            self.last_progress = time.monotonic()
-            if self._on_request_done:
-                self._on_request_done(self.name)
-            request.emit(final)
+                request.emit(Failed(exc))
 
-    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+    def _place(self, request: GenerationRequest) -> None:
         llm = self._llm
-        if request.messages is not None:
-            if self._chat is None:
-                from edgellm.errors import InvalidRequest
-
-                raise InvalidRequest(
-                    f"model {self.name} has no chat template; use /v1/completions", param="model"
-                )
-            try:
-                formatted = self._chat(messages=request.messages)
-            except Exception as exc:  # a template may raise_exception() on bad roles
-                from edgellm.errors import InvalidRequest
-
-                raise InvalidRequest(f"the chat template rejected the messages: {exc}",
-                                     param="messages") from None
-            tokens = llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special,
-                                  special=True)
-            return tokens, [s for s in (formatted.stop or []) if isinstance(s, str)]
-        return llm.tokenize((request.prompt or "").encode(), add_bos=True, special=True), []
-
-    def _sampler(self, request: GenerationRequest) -> Any:
-        from llama_cpp._internals import LlamaSampler
-
-        p = request.sampling
-        sampler = LlamaSampler()
-        n_vocab = self._llm.n_vocab()
-        if p.repeat_penalty != 1.0:
-            sampler.add_penalties(n_vocab, 64, p.repeat_penalty, 0.0, 0.0)
-        if p.ignore_eos:
-            eogs = {t: float("-inf") for t in range(n_vocab) if self._is_eog(self._vocab, t)}
-            sampler.add_logit_bias(n_vocab, eogs)
-        if p.temperature <= 0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_k(p.top_k)
-            sampler.add_top_p(p.top_p, 1)
-            sampler.add_min_p(p.min_p, 1)
-            sampler.add_temp(p.temperature)
-            seed = p.seed if p.seed is not None else random.getrandbits(32)
-            sampler.add_dist(seed & 0xFFFFFFFF)
-        return sampler
-
-    def _generate(self, slot: Slot, request: GenerationRequest) -> Finished:
-        llm = self._llm
-        if request.cancel_event.is_set():
-            return self._account("cancelled", Usage(), 0.0, 0.0)
-        request.state = "running"
-        tokens, template_stops = self._prompt_tokens(request)
-        n_prompt = len(tokens)
-        request.prompt_tokens = n_prompt
-        if n_prompt >= self.n_ctx:
+        assert llm is not None
+        tokens, template_stops = llm.prompt_tokens(request.prompt, request.messages)
+        n = len(tokens)
+        if n >= self.n_ctx:
             raise ContextOverflow(
-                f"the prompt is {n_prompt} tokens but {self.name}'s context is {self.n_ctx} "
-                f"tokens; shorten it (or raise n_ctx)",
-                param="messages" if request.messages is not None else "prompt",
-            )
-        room = self.n_ctx - n_prompt
-        max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        stops = StopMatcher(list(request.stop) + template_stops)
-        sampler = self._sampler(request)
+                f"the prompt is {n} tokens but {self.name}'s context is {self.n_ctx} tokens "
+                f"per request; shorten it (or raise n_ctx)",
+                param="messages" if request.messages is not None else "prompt")
+        free = [s for s in self.slots if not s.busy]
+        source, keep = None, 0
+        if self.prefix_cache:
+            for s in self.slots:
+                k = reusable(s.cached, tokens, self.prefill_chunk)
+                if k > keep:
+                    source, keep = s, k
+        if source is not None and not source.busy:
+            slot = source
+            llm.seq_keep_prefix(slot.index, keep)
+        else:
+            # the free slot whose cache is least worth keeping: shortest, then oldest
+            slot = min(free, key=lambda s: (len(s.cached), s.last_used))
+            llm.seq_copy_prefix(source.index if source else slot.index, slot.index, keep)
+        slot.cached = tokens[:keep]
+        p = request.sampling
+        seed = p.seed if p.seed is not None else random.getrandbits(32)
+        room = self.n_ctx - n
+        slot.request, slot.state, slot.prompt = request, "prefill", tokens
+        slot.prefilled = slot.reused = keep
+        slot.pos, slot.generated, slot.prompt_seconds = keep, 0, 0.0
+        slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
+        slot.sampler = llm.sampler(p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty,
+                                   seed, p.ignore_eos)
+        slot.stops = StopMatcher(list(request.stop) + template_stops)
+        slot.admitted = time.monotonic()
+        request.state, request.prompt_tokens = "running", n
+        self.stats.reused_prompt_tokens += keep
 
-        # Prefill in chunks aligned to absolute positions, reusing only whole chunks that
-        # an earlier prefill computed: the CPU kernels round differently for a batch of
-        # one token than for many, so reusing anything else would make greedy output
-        # depend on what ran before.
+    # --- stepping -----------------------------------------------------------------------
+    def _check_cancelled(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            r = slot.request
+            if r is None:
+                continue
+            if r.cancel_event.is_set():
+                self._end(slot, "cancelled")
+            elif r.deadline is not None and now > r.deadline:
+                self._end(slot, "deadline")
+
+    def _prefill_step(self, slot: Slot) -> None:
+        llm = self._llm
+        assert llm is not None
+        start = slot.prefilled
+        end = min(start + self.prefill_chunk, len(slot.prompt))
+        last = end == len(slot.prompt)
         t0 = time.monotonic()
-        chunk = self.prefill_chunk
-        previous = slot.tokens
-        common = 0
-        for a, b in zip(previous, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        keep = min(common, (len(previous) // chunk) * chunk, ((n_prompt - 1) // chunk) * chunk)
-        keep = (keep // chunk) * chunk
-        slot.tokens = []
-        llm.n_tokens = keep
-        for i in range(keep, n_prompt, chunk):
-            if request.cancel_event.is_set():
-                return self._account("cancelled", Usage(n_prompt, 0), time.monotonic() - t0, 0.0)
-            llm.eval(tokens[i : i + chunk])
-            self.last_progress = time.monotonic()
-        slot.tokens = tokens
-        t1 = time.monotonic()
+        entries = [(slot.prompt[i], i, slot.index, last and i == end - 1)
+                   for i in range(start, end)]
+        if llm.decode(entries) != 0:
+            self._finish(slot, Failed(InternalError(
+                f"llama.cpp could not fit the prompt in {self.name}'s KV cache")))
+            return
+        elapsed = time.monotonic() - t0
+        slot.prompt_seconds += elapsed
+        self.stats.prompt_seconds += elapsed
+        self.stats.prompt_tokens += end - start
+        self.last_progress = time.monotonic()
+        slot.prefilled = slot.pos = end
+        if end - start == self.prefill_chunk and end % self.prefill_chunk == 0:
+            slot.cached = slot.prompt[:end]  # a whole aligned chunk: reusable bit for bit
+        if last:
+            slot.state = "generate"
+            slot.first_token_at = time.monotonic()
+            self._take(slot, llm.sample(slot.sampler, len(entries) - 1))
 
-        generated = 0
-        reason = "length"
-        deadline = request.deadline
-        while generated < max_tokens:
-            if request.cancel_event.is_set():
-                reason = "cancelled"
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                reason = "deadline"
-                break
-            token = sampler.sample(llm._ctx, -1)
-            if self._is_eog(self._vocab, token) and not request.sampling.ignore_eos:
-                reason = "stop"
-                break
-            generated += 1
-            request.completion_tokens = generated
-            text, hit = stops.feed(llm.detokenize([token]))
-            if text:
-                request.emit(Delta(text))
-            if hit:
-                reason = "stop"
-                break
-            if generated < max_tokens:
-                llm.eval([token])
-                self.last_progress = time.monotonic()
-        if reason != "stop":
-            tail = stops.flush()
-            if tail:
-                request.emit(Delta(tail))
-        sampler.close()
-        t2 = time.monotonic()
-        return self._account(reason, Usage(n_prompt, generated), t1 - t0, t2 - t1,
-                             prefilled=n_prompt - keep)
-
-    def _account(self, reason: str, usage: Usage, prompt_s: float, decode_s: float,
-                 prefilled: int = 0) -> Finished:
+    def _decode_step(self) -> None:
+        llm = self._llm
+        assert llm is not None
+        active = [s for s in self.slots if s.state == "generate"]
+        t0 = time.monotonic()
+        code = llm.decode([(s.last_token, s.pos, s.index, True) for s in active])
+        if code != 0:
+            for s in active:
+                self._finish(s, Failed(InternalError(
+                    f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full")))
+            return
+        for i, slot in enumerate(active):
+            slot.pos += 1
+            self._take(slot, llm.sample(slot.sampler, i))
+        now = time.monotonic()
         st = self.stats
-        st.requests += 1
-        st.prompt_tokens += prefilled
-        st.generated_tokens += usage.completion_tokens
-        st.prompt_seconds += prompt_s
-        st.decode_seconds += decode_s
-        if decode_s > 0 and usage.completion_tokens:
-            st.last_tokens_per_second = usage.completion_tokens / decode_s
-        return Finished(reason, usage, prompt_s, decode_s)  # type: ignore[arg-type]
+        st.decode_seconds += now - t0
+        st.decode_steps += 1
+        st.decode_step_sequences += len(active)
+        self._recent.append((now, len(active)))
+        self.last_progress = now
+
+    def _take(self, slot: Slot, token: int) -> None:
+        """A sampled token: emit its text, and end the sequence if it is done."""
+        llm, request = self._llm, slot.request
+        assert llm is not None and request is not None and slot.stops is not None
+        if llm.is_eog(token) and not request.sampling.ignore_eos:
+            self._end(slot, "stop")
+            return
+        slot.generated += 1
+        request.completion_tokens = slot.generated
+        self.stats.generated_tokens += 1
+        text, hit = slot.stops.feed(llm.piece(token))
+        if text:
+            request.emit(Delta(text))
+        if hit:
+            self._end(slot, "stop")
+        elif slot.generated >= slot.max_tokens or slot.pos >= self.n_ctx:
+            self._end(slot, "length")
+        else:
+            slot.last_token = token
+
+    def _usage(self, slot: Slot) -> Usage:
+        return Usage(len(slot.prompt), slot.generated)
+
+    def _end(self, slot: Slot, reason: str) -> None:
+        if reason != "stop" and slot.stops is not None:
+            tail = slot.stops.flush()
+            if tail and slot.request is not None:
+                slot.request.emit(Delta(tail))
+        decode_s = time.monotonic() - slot.first_token_at if slot.first_token_at else 0.0
+        self._finish(slot, Finished(reason, self._usage(slot), slot.prompt_seconds,  # type: ignore[arg-type]
+                                    decode_s if slot.state == "generate" else 0.0))
+
+    def _finish(self, slot: Slot, final: Finished | Failed) -> None:
+        """Free the slot (keeping its reusable prefix), then tell the client: whatever
+        it asks next sees the slot free."""
+        request = slot.request
+        if self._llm is not None:
+            if isinstance(final, Failed) or not self.prefix_cache:
+                slot.cached = []
+            self._llm.seq_keep_prefix(slot.index, len(slot.cached))
+        slot.first_token_at = 0.0
+        slot.release()
+        self.stats.requests += 1
+        self.last_progress = time.monotonic()
+        if self._on_request_done:
+            self._on_request_done(self.name)
+        if request is not None:
+            request.emit(final)

@@ -226,8 +226,7 @@ class Runtime:
         loaded.engine.stop()
         with self._lock:
             for key, value in vars(loaded.engine.stats).items():
-                if key != "last_tokens_per_second":
-                    setattr(self._retired, key, getattr(self._retired, key) + value)
+                setattr(self._retired, key, getattr(self._retired, key) + value)
         if loaded.opened is not None:
             loaded.opened.__exit__(None, None, None)
         self.stats["unloads"] += 1
@@ -281,7 +280,12 @@ class Runtime:
                 "idle_seconds": round(now - m.last_used, 1),
                 "device": "gpu" if e.gpu_offload else "cpu",
                 "n_gpu_layers": e.settings.n_gpu_layers or 0,
-                "tokens_per_second": round(e.stats.last_tokens_per_second, 1),
+                "slot_limit": e.max_active,
+                "n_threads": e.n_threads,
+                "tokens_per_second": round(e.tokens_per_second(), 1),
+                "mean_sequences_per_step": round(
+                    e.stats.decode_step_sequences / e.stats.decode_steps, 2)
+                if e.stats.decode_steps else 0.0,
             })
         return out
 
@@ -299,8 +303,7 @@ class Runtime:
             total = EngineStats(**vars(self._retired))
             for m in self._loaded.values():
                 for key, value in vars(m.engine.stats).items():
-                    if key != "last_tokens_per_second":
-                        setattr(total, key, getattr(total, key) + value)
+                    setattr(total, key, getattr(total, key) + value)
         return total
 
     # --- shutdown ------------------------------------------------------------------------

@@ -33,6 +33,15 @@ class RuntimeCollector(Collector):
                                   value=totals.generated_tokens)
         yield CounterMetricFamily("llamacpp:tokens_predicted_seconds", "Generation time.",
                                   value=totals.decode_seconds)
+        yield CounterMetricFamily("edgellm_prompt_tokens_reused",
+                                  "Prompt tokens taken from the prefix cache.",
+                                  value=totals.reused_prompt_tokens)
+        yield CounterMetricFamily("llamacpp:n_decode", "Decode steps (one token per sequence).",
+                                  value=totals.decode_steps)
+        yield CounterMetricFamily("edgellm_decode_step_sequences",
+                                  "Sequences decoded, summed over steps (divide by "
+                                  "llamacpp:n_decode_total for the mean batch).",
+                                  value=totals.decode_step_sequences)
         loaded = rt.loaded()
         busy = sum(m["slots_busy"] for m in loaded)
         yield GaugeMetricFamily("llamacpp:requests_processing", "Requests in a slot.", value=busy)
@@ -45,6 +54,11 @@ class RuntimeCollector(Collector):
             slots.add_metric([m["name"]], m["slots_busy"])
         yield slots
         yield GaugeMetricFamily("edgellm_loaded_models", "Models loaded.", value=len(loaded))
+        rate = GaugeMetricFamily("edgellm_tokens_per_second",
+                                 "Generated tokens per second over the last 5 s.", labels=["model"])
+        for m in loaded:
+            rate.add_metric([m["name"]], m["tokens_per_second"])
+        yield rate
         mem = GaugeMetricFamily("edgellm_model_memory_bytes", "Estimated memory per loaded model.",
                                 labels=["model"])
         for m in loaded:

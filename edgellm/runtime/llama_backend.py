@@ -1,0 +1,160 @@
+"""A thin layer over llama.cpp's C API (through llama-cpp-python's bindings).
+
+Everything ctypes lives here: the model and a multi-sequence context with a
+unified KV cache, one reusable batch, per-sequence KV operations, tokenization and
+the chat template. Only the engine thread calls into it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from edgellm.config import ModelSettings
+from edgellm.errors import InvalidRequest, ModelLoadFailed
+
+log = logging.getLogger("edgellm.engine")
+
+
+class LlamaBackend:
+    def __init__(self, path: str, settings: ModelSettings, n_ctx: int, n_seq: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals, _logger, llama_chat_format
+
+        _logger.set_verbose(False)  # llama.cpp's own chatter: errors only
+        self._c = llama_cpp
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = settings.n_gpu_layers or 0
+        mp.use_mmap = True if settings.use_mmap is None else settings.use_mmap
+        mp.use_mlock = bool(settings.use_mlock)
+        if settings.main_gpu is not None:
+            mp.main_gpu = settings.main_gpu
+        if settings.tensor_split:
+            values = settings.tensor_split[: llama_cpp.LLAMA_MAX_DEVICES]
+            self._tensor_split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*values)
+            mp.tensor_split = self._tensor_split
+        try:
+            self.model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
+        except ValueError as exc:
+            raise ModelLoadFailed(f"llama.cpp could not load the model: {exc}") from None
+        self.n_batch = max(settings.n_batch or 512, n_seq)
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx * n_seq
+        cp.n_batch = cp.n_ubatch = self.n_batch
+        cp.n_seq_max = n_seq
+        cp.kv_unified = True  # one cache shared by all slots, so prefixes can be shared
+        cp.n_threads = cp.n_threads_batch = settings.n_threads or 1
+        try:
+            self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
+        except ValueError as exc:
+            raise ModelLoadFailed(f"llama.cpp could not create a context: {exc}") from None
+        self._mem = self.ctx.memory
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload()) and mp.n_gpu_layers != 0
+        self.eos = self.model.token_eos()
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.eog_tokens = [t for t in range(self.n_vocab)
+                           if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        meta = self.model.metadata()
+        template = meta.get("tokenizer.chat_template")
+        self.chat = None
+        if template:
+            def text(tok: int) -> str:
+                return self.model.token_get_text(tok) if tok != -1 else ""
+
+            self.chat = llama_chat_format.Jinja2ChatFormatter(
+                template=template, eos_token=text(self.eos),
+                bos_token=text(self.model.token_bos()))
+
+    def close(self) -> None:
+        if self.batch is not None:
+            self._c.llama_batch_free(self.batch)
+            self.batch = None
+        self.ctx.close()
+        self.model.close()
+
+    # --- text ----------------------------------------------------------------------
+    def prompt_tokens(self, prompt: str | None,
+                      messages: list[dict[str, Any]] | None) -> tuple[list[int], list[str]]:
+        if messages is None:
+            return self.model.tokenize((prompt or "").encode(), True, True), []
+        if self.chat is None:
+            raise InvalidRequest("this model has no chat template; use /v1/completions",
+                                 param="model")
+        try:
+            formatted = self.chat(messages=messages)
+        except Exception as exc:  # templates raise_exception() on roles they do not take
+            raise InvalidRequest(f"the chat template rejected the messages: {exc}",
+                                 param="messages") from None
+        tokens = self.model.tokenize(formatted.prompt.encode(), not formatted.added_special, True)
+        return tokens, [s for s in formatted.stop or [] if isinstance(s, str)]
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (memoised: the vocabulary does not change)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            n = self._c.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
+            if n < 0:  # longer than the buffer: llama.cpp says how long
+                buf = ctypes.create_string_buffer(-n)
+                n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+                cached = buf.raw[:n]
+            else:
+                cached = self._piece_buf.raw[:n]
+            self._pieces[token] = cached
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._c.llama_vocab_is_eog(self.vocab, token))
+
+    # --- decoding --------------------------------------------------------------------
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> int:
+        """One llama_decode over (token, position, sequence, want_logits) entries."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(entries)
+        return self._c.llama_decode(self.ctx.ctx, b)
+
+    def seq_keep_prefix(self, seq: int, length: int) -> None:
+        """Drop a sequence's cells from ``length`` on."""
+        self._c.llama_memory_seq_rm(self._mem, seq, length, -1)
+
+    def seq_copy_prefix(self, src: int, dst: int, length: int) -> None:
+        self._c.llama_memory_seq_rm(self._mem, dst, 0, -1)
+        if length:
+            self._c.llama_memory_seq_cp(self._mem, src, dst, 0, length)
+
+    def set_threads(self, n: int) -> None:
+        self._c.llama_set_n_threads(self.ctx.ctx, n, n)
+
+    def sampler(self, temperature: float, top_k: int, top_p: float, min_p: float,
+                repeat_penalty: float, seed: int, ignore_eos: bool) -> Any:
+        from llama_cpp._internals import LlamaSampler
+
+        s = LlamaSampler()
+        if repeat_penalty != 1.0:
+            s.add_penalties(self.n_vocab, 64, repeat_penalty, 0.0, 0.0)
+        if ignore_eos:
+            s.add_logit_bias(self.n_vocab, {t: float("-inf") for t in self.eog_tokens})
+        if temperature <= 0:
+            s.add_greedy()
+        else:
+            s.add_top_k(top_k)
+            s.add_top_p(top_p, 1)
+            s.add_min_p(min_p, 1)
+            s.add_temp(temperature)
+            s.add_dist(seed & 0xFFFFFFFF)
+        return s
+
+    def sample(self, sampler: Any, index: int) -> int:
+        return sampler.sample(self.ctx, index)
