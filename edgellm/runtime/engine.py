@@ -11,11 +11,11 @@ Every turn of the loop:
    freezes the streams already running for more than one chunk.
 
 Prompt chunks run as batches of their own sequence, aligned to absolute positions,
-and decode steps contain only one token per sequence: every row is computed the way
-it would be if the request ran alone, so greedy output does not depend on what else
-runs (llama.cpp's CPU kernels round a one-token batch differently from a many-token
-one). Cancellation and deadlines are checked every turn: a cancelled or
-disconnected request frees its slot within one decode step.
+decode steps carry one token per sequence, and each slot has its own KV stream
+(see llama_backend.py): every row is computed exactly as if the request ran alone,
+so output does not depend on what else runs. Cancellation and deadlines are
+checked every turn: a cancelled or disconnected request frees its slot within one
+decode step.
 """
 
 from __future__ import annotations
@@ -220,7 +220,10 @@ class LlamaEngine:
         else:
             # the free slot whose cache is least worth keeping: shortest, then oldest
             slot = min(free, key=lambda s: (len(s.cached), s.last_used))
-            llm.seq_copy_prefix(source.index if source else slot.index, slot.index, keep)
+            if source is None:
+                llm.seq_keep_prefix(slot.index, 0)
+            else:
+                llm.seq_copy_prefix(source.index, slot.index, keep)
         slot.cached = tokens[:keep]
         p = request.sampling
         seed = p.seed if p.seed is not None else random.getrandbits(32)

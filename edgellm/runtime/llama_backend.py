@@ -45,7 +45,11 @@ class LlamaBackend:
         cp.n_ctx = n_ctx * n_seq
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_seq_max = n_seq
-        cp.kv_unified = True  # one cache shared by all slots, so prefixes can be shared
+        # One KV stream per slot, not a unified cache: in a shared cache a sequence's
+        # cells interleave with its neighbours' and refill their holes, attention then
+        # sums in another order, and output depends on what else ran. In its own
+        # stream a sequence is laid out the same whether it runs alone or not.
+        cp.kv_unified = False
         cp.n_threads = cp.n_threads_batch = settings.n_threads or 1
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
@@ -130,9 +134,12 @@ class LlamaBackend:
         self._c.llama_memory_seq_rm(self._mem, seq, length, -1)
 
     def seq_copy_prefix(self, src: int, dst: int, length: int) -> None:
-        self._c.llama_memory_seq_rm(self._mem, dst, 0, -1)
-        if length:
-            self._c.llama_memory_seq_cp(self._mem, src, dst, 0, length)
+        """Make ``dst`` hold ``src``'s first ``length`` cells. Between streams llama.cpp
+        copies only whole sequences, so copy all of it and trim."""
+        self._c.llama_memory_seq_rm(self._mem, dst, -1, -1)
+        if length and src != dst:
+            self._c.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+            self._c.llama_memory_seq_rm(self._mem, dst, length, -1)
 
     def set_threads(self, n: int) -> None:
         self._c.llama_set_n_threads(self.ctx.ctx, n, n)

@@ -113,7 +113,7 @@ class Runtime:
     def _has_free_slot(self, name: str) -> bool:
         loaded = self._loaded.get(name)
         return bool(loaded and loaded.engine.pending == 0
-                    and loaded.engine.busy_slots < len(loaded.engine.slots))
+                    and loaded.engine.busy_slots < loaded.engine.max_active)
 
     def queue_depth(self) -> int:
         with self._lock:
@@ -256,6 +256,16 @@ class Runtime:
             for name in expired:
                 log.info("event=idle_unload model=%s", name)
                 self.unload(name)
+
+    # --- limits (the governor's handle) ----------------------------------------------
+    def set_limits(self, model: str | None = None, *, n_threads: int | None = None,
+                   n_parallel: int | None = None) -> None:
+        """Lower (or restore) threads and parallel slots of one or every loaded model,
+        applied between decode steps, without reloading anything."""
+        with self._lock:
+            engines = [m.engine for name, m in self._loaded.items() if model in (None, name)]
+        for engine in engines:
+            engine.set_limits(n_threads=n_threads, n_parallel=n_parallel)
 
     # --- views ---------------------------------------------------------------------------
     def loaded(self) -> list[dict[str, Any]]:
