@@ -139,7 +139,7 @@ def make_daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> I
 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Daemon]:
-    """One daemon shared by the API tests: n_ctx 1024, one slot, queue of 4."""
+    """One daemon shared by the API tests: n_ctx 1024, the default 4 slots, queue of 4."""
     d = Daemon(tmp_path_factory.mktemp("shared"), model_file).start()
     yield d
     if d.alive():

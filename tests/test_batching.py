@@ -59,6 +59,11 @@ def test_greedy_output_is_the_same_alone_and_beside_others(make_daemon: Any) -> 
     with d.client() as c:
         ps = c.ps()[0]
     assert ps["mean_sequences_per_step"] > 1.0  # they really were decoded together
+    steps = _metric(d, "llamacpp:n_decode_total")
+    assert _metric(d, "edgellm_decode_step_sequences_total") / steps == \
+        ps["mean_sequences_per_step"] or abs(
+            _metric(d, "edgellm_decode_step_sequences_total") / steps
+            - ps["mean_sequences_per_step"]) < 0.01
 
 
 def test_seeded_sampling_is_reproducible_alone_and_together(make_daemon: Any) -> None:

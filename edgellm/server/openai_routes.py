@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any
 
@@ -13,6 +14,17 @@ from edgellm.errors import EdgeError
 from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest
 from edgellm.server.context import State, read_json
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
+
+log = logging.getLogger("edgellm.requests")
+
+
+def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> None:
+    log.info("event=request_done id=%s model=%s uid=%s finish=%s prompt_tokens=%d "
+             "completion_tokens=%d prompt_s=%.3f decode_s=%.3f ttft_s=%s total_s=%.3f",
+             gen.id, gen.model, gen.principal.get("uid"), event.finish_reason,
+             event.usage.prompt_tokens, event.usage.completion_tokens, event.prompt_seconds,
+             event.decode_seconds, "-" if ttft is None else f"{ttft:.3f}",
+             time.monotonic() - gen.started)
 
 
 def _sse(payload: Any) -> bytes:
@@ -78,6 +90,7 @@ async def _collect(gen: GenerationRequest, base: dict[str, Any], first: Any,
         if isinstance(event, Delta):
             parts.append(event.text)
         event = await events.get()
+    _log_done(gen, event, None)
     text = "".join(parts)
     choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason}
     if chat:
@@ -112,6 +125,7 @@ async def _stream(request: web.Request, gen: GenerationRequest, body: Any, base:
 
     if chat:
         await response.write(chunk("", role=True))
+    ttft = time.monotonic() - gen.started
     event = first
     while True:
         if isinstance(event, Delta):
@@ -123,6 +137,7 @@ async def _stream(request: web.Request, gen: GenerationRequest, body: Any, base:
             await response.write(_sse(body_err))
             break
         elif isinstance(event, Finished):
+            _log_done(gen, event, ttft)
             await response.write(chunk(None, event.finish_reason))
             if body.include_usage:
                 await response.write(_sse({**base, "object": obj, "choices": [],
