@@ -87,7 +87,9 @@ class Settings(BaseModel):
     socket_mode: int = 0o660
     state_dir: Path = Field(default_factory=default_state_dir)
     catalog_dir: Path | None = None
-    cache_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_cache_dir(APP)))
+    cache_dir: Path = Field(default_factory=lambda: Path(
+        os.environ["CACHE_DIRECTORY"].split(":")[0] if os.environ.get("CACHE_DIRECTORY")
+        else platformdirs.user_cache_dir(APP)))
     default_model: str = DEFAULT_MODEL
 
     # the socket API
@@ -112,6 +114,7 @@ class Settings(BaseModel):
     use_mmap: bool = True
     use_mlock: bool = False
 
+    preload: list[str] = Field(default_factory=list)  # loaded and pinned at start-up
     models: dict[str, ModelSettings] = Field(default_factory=dict)
 
     @field_validator("socket_mode", mode="before")

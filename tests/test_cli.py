@@ -26,7 +26,8 @@ def test_ask_streams_an_answer(daemon: Daemon) -> None:
 
 
 def test_ask_json_and_system_prompt(daemon: Daemon) -> None:
-    r = daemon.cli("ask", "Hi", "--json", "--max-tokens", "3", "--system", "Answer briefly.")
+    r = daemon.cli("ask", "Hi", "--json", "--max-tokens", "3", "--temperature", "0",
+                   "--system", "Answer briefly.")
     body = json.loads(r.stdout)
     assert body["usage"]["completion_tokens"] == 3 and body["object"] == "chat.completion"
 

@@ -103,6 +103,10 @@ class LlamaEngine:
             self.max_active = max(1, min(n_parallel, len(self.slots)))
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def pending(self) -> int:
         return self._queue.qsize()
 

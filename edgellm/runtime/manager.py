@@ -110,14 +110,20 @@ class Runtime:
                 threading.Thread(target=self._load_for_waiting, args=(request.model,),
                                  name=f"load-{request.model}", daemon=True).start()
 
+    @staticmethod
+    def _beyond_slots(engine: LlamaEngine) -> int:
+        """Requests in an engine's queue that no free slot will take at its next turn."""
+        return max(0, engine.pending - (engine.max_active - engine.busy_slots))
+
     def _has_free_slot(self, name: str) -> bool:
         loaded = self._loaded.get(name)
-        return bool(loaded and loaded.engine.pending == 0
-                    and loaded.engine.busy_slots < loaded.engine.max_active)
+        e = loaded.engine if loaded else None
+        return e is not None and e.pending < e.max_active - e.busy_slots
 
     def queue_depth(self) -> int:
+        """Requests waiting: for a slot beyond the free ones, or for their model to load."""
         with self._lock:
-            return sum(m.engine.pending for m in self._loaded.values()) + sum(
+            return sum(self._beyond_slots(m.engine) for m in self._loaded.values()) + sum(
                 len(v) for v in self._waiting.values())
 
     def cancel(self, request_id: str) -> bool:
@@ -256,6 +262,15 @@ class Runtime:
             for name in expired:
                 log.info("event=idle_unload model=%s", name)
                 self.unload(name)
+
+    def stalled_models(self, after: float) -> list[str]:
+        """Models whose engine is busy but has made no progress for ``after`` seconds
+        (or whose engine thread has died)."""
+        now = time.monotonic()
+        with self._lock:
+            models = list(self._loaded.values())
+        return [m.name for m in models
+                if not m.engine.alive or (m.busy and now - m.engine.last_progress > after)]
 
     # --- limits (the governor's handle) ----------------------------------------------
     def set_limits(self, model: str | None = None, *, n_threads: int | None = None,

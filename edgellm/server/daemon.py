@@ -1,4 +1,5 @@
-"""Running the daemon: bind the socket, serve, and drain cleanly on SIGTERM/SIGINT."""
+"""Running the daemon: take or bind the socket, serve, tell systemd, reload on SIGHUP,
+and drain cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ import os
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from edgellm.catalog import Catalog, fetch
 from edgellm.config import Settings, default_socket_path
-from edgellm.errors import ModelNotFound
+from edgellm.errors import EdgeError, ModelNotFound
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.store import DirectoryStore
 from edgellm.server.app import build_app
 from edgellm.server.context import State
+from edgellm.server.systemd import Notifier, Watchdog, listen_socket, watchdog_interval
 from edgellm.server.unix import bind_unix_socket, remove_socket
 
 log = logging.getLogger("edgellm.daemon")
@@ -52,42 +55,124 @@ def ensure_default_model(settings: Settings, store: DirectoryStore) -> None:
                          "quantization": manifest.quantization})
 
 
-def serve(settings: Settings, *, pull_default: bool = True) -> int:
+# settings a SIGHUP cannot change: they name things the running daemon holds
+RESTART_ONLY = ("socket", "socket_mode", "state_dir", "cache_dir", "catalog_dir",
+                "max_body_bytes")
+
+
+def serve(settings: Settings, *, pull_default: bool = True,
+          reload: Callable[[], Settings] | None = None) -> int:
     setup_logging(settings.log_level)
     store = open_store(settings)
     if pull_default:
         ensure_default_model(settings, store)
-    return asyncio.run(_serve(settings, store))
+    return asyncio.run(_serve(settings, store, reload))
 
 
-async def _serve(settings: Settings, store: DirectoryStore) -> int:
+async def _serve(settings: Settings, store: DirectoryStore,
+                 reload: Callable[[], Settings] | None) -> int:
     loop = asyncio.get_running_loop()
-    sock = bind_unix_socket(settings.socket, settings.socket_mode)
-    inode = os.lstat(settings.socket).st_ino
+    notifier = Notifier()
+    activated = listen_socket()
+    if activated is not None:
+        sock, inode = activated, None  # systemd owns the socket file
+        log.info("event=socket_activation socket=%s", sock.getsockname())
+    else:
+        sock = bind_unix_socket(settings.socket, settings.socket_mode)
+        inode = os.lstat(settings.socket).st_ino
     runtime = Runtime(settings, store)
     state = State(settings=settings, runtime=runtime, store=store)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace + 5)
     await runner.setup()
+    # pinned models load before we accept: connections wait in the listen backlog
+    for name in settings.preload:
+        await loop.run_in_executor(None, runtime.load, name, -1.0)
     site = web.SockSite(runner, sock)
     await site.start()
+
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(state, reload, notifier))
     log.info("event=ready socket=%s state_dir=%s pid=%d", settings.socket, settings.state_dir,
              os.getpid())
+    notifier.ready(_status_line(state))
     _banner(settings)
+    tasks = [asyncio.create_task(_report_status(state, notifier))]
+    interval = watchdog_interval()
+    if interval and notifier.enabled:
+        tasks.append(asyncio.create_task(_feed_watchdog(Watchdog(runtime, 2 * interval),
+                                                        notifier, interval)))
     await stop.wait()
 
-    log.info("event=draining grace_seconds=%.1f active=%d", settings.shutdown_grace,
+    notifier.stopping()
+    log.info("event=draining grace_seconds=%.1f active=%d", state.settings.shutdown_grace,
              runtime.active_count())
     state.draining = True
+    for task in tasks:
+        task.cancel()
     await site.stop()  # no new connections; open ones finish their requests
-    await loop.run_in_executor(None, runtime.close, settings.shutdown_grace)
+    await loop.run_in_executor(None, runtime.close, state.settings.shutdown_grace)
     await runner.cleanup()
-    remove_socket(Path(settings.socket), inode)
+    if inode is not None:
+        remove_socket(Path(settings.socket), inode)
+    notifier.close()
     log.info("event=stopped")
     return 0
+
+
+def _status_line(state: State) -> str:
+    loaded = state.runtime.loaded()
+    busy = sum(m["slots_busy"] for m in loaded)
+    health = "draining" if state.draining else "ready"
+    return (f"{health}; {len(loaded)} model(s) loaded, {busy} busy slot(s), "
+            f"{state.runtime.queue_depth()} queued")
+
+
+async def _report_status(state: State, notifier: Notifier, every: float = 5.0) -> None:
+    last = ""
+    while True:
+        await asyncio.sleep(every)
+        line = _status_line(state)
+        if line != last:
+            notifier.status(line)
+            last = line
+
+
+async def _feed_watchdog(watchdog: Watchdog, notifier: Notifier, interval: float) -> None:
+    while True:
+        if watchdog.healthy():
+            notifier.watchdog()
+        else:
+            log.error("event=watchdog_withheld stalled=%s", ",".join(watchdog.stalled))
+            notifier.status(f"stalled: {', '.join(watchdog.stalled)} made no progress")
+        await asyncio.sleep(interval)
+
+
+def _reload(state: State, reload: Callable[[], Settings], notifier: Notifier) -> None:
+    """SIGHUP: read the settings again and apply what can change while running."""
+    notifier.reloading()
+    try:
+        new = reload()
+    except EdgeError as exc:
+        log.error("event=reload_failed error=%s", exc.message)
+        notifier.send("READY=1", f"STATUS=reload failed, old settings kept: {exc.message}")
+        return
+    old = state.settings
+    changed = [k for k in Settings.model_fields if getattr(old, k) != getattr(new, k)]
+    needs_restart = [k for k in changed if k in RESTART_ONLY]
+    for key in needs_restart:
+        setattr(new, key, getattr(old, key))
+    state.settings = state.runtime.settings = new
+    logging.getLogger().setLevel(new.log_level)
+    applied = [k for k in changed if k not in RESTART_ONLY]
+    log.info("event=reload applied=%s needs_restart=%s", ",".join(applied) or "-",
+             ",".join(needs_restart) or "-")
+    notifier.send("READY=1", "STATUS=" + (
+        f"reloaded; {', '.join(needs_restart)} change(s) need a restart" if needs_restart
+        else f"reloaded; {_status_line(state)}"))
 
 
 def _banner(settings: Settings) -> None:

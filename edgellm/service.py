@@ -1,0 +1,221 @@
+"""`edgellm service install | uninstall | status`: deploy the appliance under systemd.
+
+An install is a list of steps, each described in words, so `--dry-run` prints exactly
+what a real run does. `--root DIR` installs into another root (an image being built,
+or a test), as systemd's own tools do; then nothing is started.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from edgellm.errors import EdgeError
+
+UNIT_DIR = "etc/systemd/system"
+FILES = {  # template in systemd/ → where it goes
+    "edgellm.service": f"{UNIT_DIR}/edgellm.service",
+    "edgellm.socket": f"{UNIT_DIR}/edgellm.socket",
+    "edgellm.sysusers": "etc/sysusers.d/edgellm.conf",
+    "edgellm.tmpfiles": "etc/tmpfiles.d/edgellm.conf",
+}
+KEY_FILE = "etc/edgellm/vault.key"
+KEY_CRED = "etc/edgellm/vault-key.cred"
+CONFIG = "etc/edgellm/edgellm.toml"
+STATE = "var/lib/edgellm"
+DEFAULT_CONFIG = """\
+# edgellm's settings under systemd; the unit sets the socket and the state directory.
+# Every key is documented in the README (Configuration). Apply with
+# `systemctl reload edgellm` (what cannot change live is named in the journal).
+keep_alive = "10m"
+max_queue = 16
+n_parallel = 4
+# preload = ["smollm2-135m-instruct"]   # loaded and pinned before the service is ready
+"""
+
+
+class ServiceError(EdgeError):
+    status, type, code = 400, "service_error", "service_error"
+
+
+@dataclass
+class Step:
+    what: str
+    do: Callable[[], None]
+
+
+def _templates() -> Path:
+    packaged = Path(str(resources.files("edgellm"))) / "_systemd"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "systemd"
+
+
+def _run(*cmd: str, stdin: bytes | None = None) -> None:
+    proc = subprocess.run(cmd, input=stdin, capture_output=True)
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise ServiceError(f"{' '.join(cmd[:2])} failed: {err[-1] if err else proc.returncode}")
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def default_exec() -> Path | None:
+    """The edgellm command of this environment, if the sandbox lets the service run it
+    (ProtectHome= and PrivateTmp= hide /home, /root and /tmp)."""
+    exe = Path(sys.executable).parent / "edgellm"
+    hidden = ("/home/", "/root/", "/tmp/", "/var/tmp/")
+    return exe if exe.exists() and not str(exe).startswith(hidden) else None
+
+
+def install_steps(root: Path, exec_path: Path | None, prefix: Path, key_file: Path | None,
+                  gpu: bool, model: str) -> list[Step]:
+    live = root == Path("/")
+    steps: list[Step] = []
+    edgellm = exec_path or default_exec()
+    if edgellm is None:
+        venv = prefix / "venv"
+        source = Path(__file__).resolve().parent.parent
+        spec = str(source) if (source / "pyproject.toml").exists() else "edgellm"
+        edgellm = venv / "bin" / "edgellm"
+        steps.append(Step(f"create {venv} and install edgellm from {spec} into it", lambda: (
+            _run(sys.executable, "-m", "venv", str(root / venv.relative_to("/"))),
+            _run(str(root / venv.relative_to("/") / "bin" / "pip"), "install", "-q", spec))))
+    templates = _templates()
+    for name, target in FILES.items():
+        text = (templates / name).read_text().replace("@EDGELLM@", str(edgellm))
+        steps.append(Step(f"write /{target}", _writer(root / target, text, 0o644)))
+    if gpu:
+        steps.append(Step(f"write /{UNIT_DIR}/edgellm.service.d/gpu.conf (GPU devices)",
+                          _writer(root / UNIT_DIR / "edgellm.service.d/gpu.conf",
+                                  (templates / "gpu.conf").read_text(), 0o644)))
+    steps.append(Step("create the user edgellm and the group edgellm-clients (systemd-sysusers)",
+                      lambda: _run("systemd-sysusers", f"--root={root}",
+                                   str(root / FILES["edgellm.sysusers"]))))
+    steps.append(Step("create /etc/edgellm and /var/lib/edgellm (systemd-tmpfiles)",
+                      lambda: _run("systemd-tmpfiles", f"--root={root}", "--create",
+                                   str(root / FILES["edgellm.tmpfiles"]))))
+    if not (root / CONFIG).exists():
+        steps.append(Step(f"write a default /{CONFIG} (root:edgellm 0640)", lambda: (
+            _writer(root / CONFIG, DEFAULT_CONFIG, 0o640)(),
+            os.chown(root / CONFIG, 0, _ids(root, "edgellm")[1]))))
+    steps += _key_steps(root, key_file, live)
+    steps.append(Step(f"fetch {model} into /{STATE} and hand it to the edgellm user",
+                      lambda: _pull(root, model)))
+    if live and systemd_running():
+        steps.append(Step("systemctl daemon-reload; enable and start edgellm.socket; "
+                          "enable edgellm.service", lambda: (
+                              _run("systemctl", "daemon-reload"),
+                              _run("systemctl", "enable", "--now", "edgellm.socket"),
+                              _run("systemctl", "enable", "edgellm.service"))))
+    return steps
+
+
+def _key_steps(root: Path, key_file: Path | None, live: bool) -> list[Step]:
+    if (root / KEY_CRED).exists() or (root / KEY_FILE).exists():
+        return [Step("keep the existing vault key", lambda: None)]
+    if key_file is not None:
+        mode = stat.S_IMODE(key_file.stat().st_mode)
+        if mode & 0o077:
+            raise ServiceError(f"{key_file} is readable by others (mode {mode:o}); "
+                               "chmod 600 it first")
+        source = "the key from " + str(key_file)
+    else:
+        source = "a new random 256-bit vault key"
+
+    def key() -> bytes:
+        return key_file.read_bytes() if key_file is not None else os.urandom(32)
+
+    if live and shutil.which("systemd-creds"):
+        return [Step(f"seal {source} with systemd-creds (TPM2 where present) into /{KEY_CRED}",
+                     lambda: _run("systemd-creds", "encrypt", "--name=vault-key", "-",
+                                  str(root / KEY_CRED), stdin=key()))]
+    dropin = root / UNIT_DIR / "edgellm.service.d/credential.conf"
+    return [
+        Step(f"write {source} to /{KEY_FILE} (mode 0600, root only)",
+             lambda: _writer(root / KEY_FILE, key(), 0o600)()),
+        Step(f"write /{dropin.relative_to(root)}: LoadCredential= from that file",
+             _writer(dropin, "[Service]\nLoadCredentialEncrypted=\n"
+                             "LoadCredential=vault-key:/etc/edgellm/vault.key\n", 0o644)),
+    ]
+
+
+def _writer(path: Path, content: str | bytes, mode: int) -> Callable[[], None]:
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+        os.chmod(path, mode)
+    return write
+
+
+def _pull(root: Path, model: str) -> None:
+    from edgellm.catalog import Catalog, fetch
+    from edgellm.config import load_settings
+    from edgellm.errors import ModelNotFound
+    from edgellm.runtime.store import DirectoryStore
+
+    store = DirectoryStore(root / STATE / "models")
+    manifest = Catalog().get(model)
+    try:
+        store.get(model)
+    except ModelNotFound:
+        path = fetch(manifest, load_settings(environ={}).cache_dir)
+        store.add_file(path, model, expected_sha256=manifest.sha256,
+                       info={"source": manifest.describe_source(), "license": manifest.license,
+                             "quantization": manifest.quantization})
+    uid, gid = _ids(root, "edgellm")
+    for dirpath, _, files in os.walk(root / STATE):
+        os.chown(dirpath, uid, gid)
+        for f in files:
+            os.chown(os.path.join(dirpath, f), uid, gid)
+
+
+def _ids(root: Path, user: str) -> tuple[int, int]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise ServiceError(f"user {user} was not created in {root}/etc/passwd")
+
+
+def uninstall_steps(root: Path, purge: bool) -> list[Step]:
+    live = root == Path("/")
+    steps: list[Step] = []
+    if live and systemd_running():
+        steps.append(Step("stop and disable edgellm.service and edgellm.socket", lambda: _run(
+            "systemctl", "disable", "--now", "edgellm.service", "edgellm.socket")))
+    targets = [*FILES.values(), f"{UNIT_DIR}/edgellm.service.d"]
+    for target in targets:
+        if (root / target).exists():
+            steps.append(Step(f"remove /{target}", _remover(root / target)))
+    if live and systemd_running():
+        steps.append(Step("systemctl daemon-reload", lambda: _run("systemctl", "daemon-reload")))
+    if purge:
+        for target in (STATE, "var/cache/edgellm", "etc/edgellm"):
+            if (root / target).exists():
+                steps.append(Step(f"remove /{target} (models, vault key, settings)",
+                                  _remover(root / target)))
+    else:
+        steps.append(Step(f"keep /{STATE} and /etc/edgellm (--purge removes them)",
+                          lambda: None))
+    return steps
+
+
+def _remover(path: Path) -> Callable[[], None]:
+    return lambda: shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_steps(steps: list[Step], dry_run: bool, echo: Callable[[str], None]) -> None:
+    for step in steps:
+        echo(("would " if dry_run else "") + step.what)
+        if not dry_run:
+            step.do()
