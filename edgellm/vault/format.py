@@ -1,0 +1,164 @@
+"""The vault's object format: AES-256-GCM over fixed-size segments (FORMAT.md).
+
+Each object has its own random 256-bit data key (DEK), wrapped under the vault's
+wrapping key in the header. Segment i is sealed with the nonce
+``prefix(7) || i as u32 big-endian || last(1)``, so a reordered, dropped, truncated,
+appended or foreign segment fails authentication. Encryption and decryption stream:
+memory use is one segment, whatever the object's size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"EDGVLT"
+VERSION = 1
+ALG_AES256GCM = 1
+TAG = 16
+PREFIX = 7
+KEY_ID = 8
+WRAPPED = 12 + 32 + TAG  # nonce, DEK, tag
+_FIXED = struct.Struct(">6sBBBB7s8s")  # magic, version, alg, segment shift, flags, prefix, key id
+HEADER_LEN = _FIXED.size + WRAPPED  # 25 + 60 = 85 bytes
+DEFAULT_SHIFT = 20  # 1 MiB segments
+MAX_SEGMENTS = 1 << 32
+
+
+class IntegrityError(Exception):
+    """The object is not what was written: ``segment`` says where (None: the header)."""
+
+    def __init__(self, message: str, segment: int | None = None) -> None:
+        super().__init__(message)
+        self.segment = segment
+
+
+@dataclass(frozen=True)
+class Header:
+    segment_shift: int
+    prefix: bytes
+    key_id: bytes
+    wrapped_dek: bytes
+
+    @property
+    def segment_size(self) -> int:
+        return 1 << self.segment_shift
+
+    def fixed(self) -> bytes:
+        return _FIXED.pack(MAGIC, VERSION, ALG_AES256GCM, self.segment_shift, 0, self.prefix,
+                           self.key_id)
+
+    def encode(self) -> bytes:
+        return self.fixed() + self.wrapped_dek
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Header:
+        if len(raw) < HEADER_LEN:
+            raise IntegrityError("truncated header")
+        magic, version, alg, shift, flags, prefix, key_id = _FIXED.unpack(raw[: _FIXED.size])
+        if magic != MAGIC:
+            raise IntegrityError("not a vault object (bad magic)")
+        if version != VERSION or alg != ALG_AES256GCM or flags != 0 or not 10 <= shift <= 30:
+            raise IntegrityError(f"unsupported object (version {version}, algorithm {alg}, "
+                                 f"segment shift {shift}, flags {flags})")
+        return cls(shift, prefix, key_id, raw[_FIXED.size : HEADER_LEN])
+
+
+def wrap_dek(wrapping_key: bytes, header_fixed: bytes, dek: bytes) -> bytes:
+    """Seal the DEK under the wrapping key; the header's fixed part is the AAD, so
+    it cannot be changed without the wrapping key either."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(wrapping_key).encrypt(nonce, dek, header_fixed)
+
+
+def unwrap_dek(wrapping_key: bytes, header: Header) -> bytes:
+    nonce, sealed = header.wrapped_dek[:12], header.wrapped_dek[12:]
+    try:
+        return AESGCM(wrapping_key).decrypt(nonce, sealed, header.fixed())
+    except InvalidTag:
+        raise IntegrityError("header authentication failed (wrong key, or the header "
+                             "was changed)") from None
+
+
+def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    if index >= MAX_SEGMENTS:
+        raise ValueError("object too large for one vault object")
+    return prefix + struct.pack(">I", index) + (b"\x01" if last else b"\x00")
+
+
+def new_header(wrapping_key: bytes, key_id: bytes,
+               segment_shift: int = DEFAULT_SHIFT) -> tuple[Header, bytes]:
+    """A fresh header and its (plaintext) DEK."""
+    dek = os.urandom(32)
+    draft = Header(segment_shift, os.urandom(PREFIX), key_id, b"")
+    return Header(segment_shift, draft.prefix, key_id,
+                  wrap_dek(wrapping_key, draft.fixed(), dek)), dek
+
+
+def rewrap(raw_header: bytes, old_key: bytes, new_key: bytes, new_key_id: bytes) -> bytes:
+    """The same object's header with its DEK wrapped under another key (payload
+    untouched: key rotation rewrites 85 bytes per object)."""
+    old = Header.decode(raw_header)
+    dek = unwrap_dek(old_key, old)
+    draft = Header(old.segment_shift, old.prefix, new_key_id, b"")
+    return Header(old.segment_shift, old.prefix, new_key_id,
+                  wrap_dek(new_key, draft.fixed(), dek)).encode()
+
+
+def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
+                   segment_shift: int = DEFAULT_SHIFT) -> Iterator[bytes]:
+    """Yield the header, then each sealed segment, for plaintext arriving in chunks
+    of any size."""
+    header, dek = new_header(wrapping_key, key_id, segment_shift)
+    aead, size = AESGCM(dek), header.segment_size
+    yield header.encode()
+    buf, index = bytearray(), 0
+    for chunk in chunks:
+        buf += chunk
+        start = 0
+        # keep at least one byte back: only the end of the input says which is last
+        while len(buf) - start > size:
+            view = memoryview(buf)[start : start + size]
+            yield aead.encrypt(_nonce(header.prefix, index, False), view, None)
+            view.release()
+            start += size
+            index += 1
+        del buf[:start]
+    yield aead.encrypt(_nonce(header.prefix, index, True), bytes(buf), None)
+
+
+def decrypt_stream(f: BinaryIO, wrapping_key: bytes) -> Iterator[bytes]:
+    """Yield plaintext segment by segment, authenticating each before it is given
+    out; raise IntegrityError naming the first bad segment."""
+    header = Header.decode(f.read(HEADER_LEN))
+    aead = AESGCM(unwrap_dek(wrapping_key, header))
+    sealed_size = header.segment_size + TAG
+    index = 0
+    current = f.read(sealed_size)
+    while True:
+        following = f.read(sealed_size)
+        last = not following
+        if len(current) < TAG or (not last and len(current) != sealed_size):
+            raise IntegrityError(f"segment {index} is truncated", index)
+        try:
+            plain = aead.decrypt(_nonce(header.prefix, index, last), current, None)
+        except InvalidTag:
+            why = "the object is truncated or was appended to" if last else "it was altered"
+            raise IntegrityError(f"segment {index} failed authentication ({why})",
+                                 index) from None
+        if last and index > 0 and not plain:
+            raise IntegrityError(f"segment {index}: empty final segment after data", index)
+        yield plain
+        if last:
+            return
+        current, index = following, index + 1
+
+
+def read_header(f: BinaryIO) -> Header:
+    return Header.decode(f.read(HEADER_LEN))
