@@ -17,7 +17,8 @@ import psutil
 
 from edgellm.catalog import Catalog, fetch
 from edgellm.config import load_settings
-from edgellm.runtime.store import DirectoryStore
+from edgellm.vault.keys import create_key_file
+from edgellm.vault.store import VaultStore
 
 MODEL = "smollm2-135m-instruct"
 
@@ -65,11 +66,14 @@ class EdgeDaemon:
     def __init__(self, **settings: Any) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="edgellm-bench-"))
         self.socket = self.root / "edgellm.sock"
-        DirectoryStore(self.root / "state" / "models").add_file(model_file(), MODEL)
+        key_file = self.root / "vault.key"
+        VaultStore.create(self.root / "state" / "vault", create_key_file(key_file)).add_file(
+            model_file(), MODEL)
         config = self.root / "edgellm.toml"
         config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
         env = {**os.environ, "EDGELLM_SOCKET": str(self.socket),
-               "EDGELLM_STATE_DIR": str(self.root / "state"), "EDGELLM_CONFIG": str(config)}
+               "EDGELLM_STATE_DIR": str(self.root / "state"), "EDGELLM_CONFIG": str(config),
+               "EDGELLM_VAULT_KEY_FILE": str(key_file)}
         self.log = self.root / "daemon.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(

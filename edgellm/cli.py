@@ -218,11 +218,12 @@ def models() -> None:
     """The models on this device, and the catalog."""
 
 
-def _offline_store(state_dir: str | None) -> Any:
-    from edgellm.runtime.store import DirectoryStore
+def _offline_store(state_dir: str | None, key_file: str | None = None) -> Any:
+    from edgellm.vault.open import open_vault
 
-    settings = load_settings(overrides={"state_dir": state_dir})
-    return DirectoryStore(settings.state_dir / "models")
+    settings = load_settings(overrides={"state_dir": state_dir, "vault_key_file": key_file})
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return open_vault(settings)
 
 
 def _daemon_or_none(socket: str | None) -> Client | None:
@@ -235,6 +236,9 @@ def _daemon_or_none(socket: str | None) -> Client | None:
         return None
 
 
+key_file_option = click.option("--key-file", envvar="EDGELLM_VAULT_KEY_FILE",
+                               type=click.Path(dir_okay=False),
+                               help="The vault key [env EDGELLM_VAULT_KEY_FILE].")
 state_dir_option = click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
                                 help="Used when no daemon runs [env EDGELLM_STATE_DIR].")
 
@@ -242,9 +246,11 @@ state_dir_option = click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=
 @models.command("list")
 @socket_option
 @state_dir_option
+@key_file_option
 @json_option
 @friendly
-def models_list(socket: str | None, state_dir: str | None, as_json: bool) -> None:
+def models_list(socket: str | None, state_dir: str | None, as_json: bool,
+                key_file: str | None = None) -> None:
     """Models on the device, then catalog models not pulled yet."""
     from edgellm.catalog import Catalog
 
@@ -253,7 +259,8 @@ def models_list(socket: str | None, state_dir: str | None, as_json: bool) -> Non
         with c:
             rows = c.models()
     else:
-        rows = [{**r.as_dict(), "state": "offline"} for r in _offline_store(state_dir).list()]
+        offline = _offline_store(state_dir, key_file)
+        rows = [{**r.as_dict(), "state": "offline"} for r in offline.list()]
     have = {r["name"] for r in rows}
     catalog = [m for m in Catalog().list() if m.name not in have]
     data = {"models": rows, "catalog": [vars(m) for m in catalog]}
@@ -282,8 +289,10 @@ def models_show(name: str, socket: str | None) -> None:
 @click.argument("name")
 @socket_option
 @state_dir_option
+@key_file_option
 @friendly
-def models_pull(name: str, socket: str | None, state_dir: str | None) -> None:
+def models_pull(name: str, socket: str | None, state_dir: str | None,
+                key_file: str | None = None) -> None:
     """Fetch a catalog model, check its sha256 and store it."""
     from edgellm.catalog import Catalog, fetch
 
@@ -297,7 +306,7 @@ def models_pull(name: str, socket: str | None, state_dir: str | None) -> None:
         with c:
             c.import_model(name, path, sha256=manifest.sha256, source=manifest.describe_source())
     else:
-        _offline_store(state_dir).add_file(path, name, expected_sha256=manifest.sha256,
+        _offline_store(state_dir, key_file).add_file(path, name, expected_sha256=manifest.sha256,
                                            info={"source": manifest.describe_source(),
                                                  "license": manifest.license,
                                                  "quantization": manifest.quantization})
@@ -309,11 +318,13 @@ def models_pull(name: str, socket: str | None, state_dir: str | None) -> None:
 @click.option("--name", help="Name to store it under (default: from the file name).")
 @socket_option
 @state_dir_option
+@key_file_option
 @friendly
-def models_add(path: str, name: str | None, socket: str | None, state_dir: str | None) -> None:
+def models_add(path: str, name: str | None, socket: str | None, state_dir: str | None,
+               key_file: str | None = None) -> None:
     """Add a local GGUF file (its header is checked before anything is stored)."""
     from edgellm.runtime.gguf_meta import read_gguf_metadata
-    from edgellm.runtime.store import check_name
+    from edgellm.runtime.source import check_name
 
     meta = read_gguf_metadata(path)  # refuse a non-GGUF file before sending a byte
     name = check_name(name or Path(path).stem.lower().replace(" ", "-"))
@@ -322,7 +333,7 @@ def models_add(path: str, name: str | None, socket: str | None, state_dir: str |
         with c:
             c.import_model(name, path, source=f"file:{Path(path).name}")
     else:
-        _offline_store(state_dir).add_file(Path(path), name,
+        _offline_store(state_dir, key_file).add_file(Path(path), name,
                                            info={"source": f"file:{Path(path).name}"})
     click.echo(f"added {name} ({meta['architecture']}, {meta['quantization']}, "
                f"context {meta['context_length']})")
@@ -332,15 +343,17 @@ def models_add(path: str, name: str | None, socket: str | None, state_dir: str |
 @click.argument("name")
 @socket_option
 @state_dir_option
+@key_file_option
 @friendly
-def models_rm(name: str, socket: str | None, state_dir: str | None) -> None:
+def models_rm(name: str, socket: str | None, state_dir: str | None,
+              key_file: str | None = None) -> None:
     """Remove a model from the device."""
     c = _daemon_or_none(socket)
     if c is not None:
         with c:
             c.remove_model(name)
     else:
-        _offline_store(state_dir).remove(name)
+        _offline_store(state_dir, key_file).remove(name)
     click.echo(f"removed {name}")
 
 
@@ -402,6 +415,90 @@ def requests_cancel(request_id: str, socket: str | None) -> None:
     with _client(socket) as c:
         c.cancel(request_id)
     click.echo(f"cancelled {request_id}")
+
+
+# --- vault ---------------------------------------------------------------------------------------
+@main.group()
+def vault() -> None:
+    """The encrypted store: models at rest, and the key that opens them."""
+
+
+
+
+def _vault_settings(state_dir: str | None, key_file: str | None) -> Any:
+    return load_settings(overrides={"state_dir": state_dir, "vault_key_file": key_file})
+
+
+@vault.command("init")
+@state_dir_option
+@key_file_option
+@friendly
+def vault_init(state_dir: str | None, key_file: str | None) -> None:
+    """Create the vault (and a new random key file, 0600, if the one named is missing)."""
+    from edgellm.vault.open import open_vault, vault_dir
+    from edgellm.vault.store import VaultStore
+
+    settings = _vault_settings(state_dir, key_file)
+    if VaultStore.exists(vault_dir(settings)):
+        raise EdgeError(f"a vault already exists in {vault_dir(settings)}")
+    existed = settings.vault_key_file.exists()
+    open_vault(settings)
+    click.echo(f"created a vault in {vault_dir(settings)}")
+    click.echo(("opened with the key in " if existed else "created a new key in ")
+               + f"{settings.vault_key_file}: keep it safe, without it the vault cannot be read")
+
+
+@vault.command("status")
+@state_dir_option
+@key_file_option
+@json_option
+@friendly
+def vault_status(state_dir: str | None, key_file: str | None, as_json: bool) -> None:
+    """Where the vault is, whether the key opens it, and what it holds."""
+    from edgellm.vault.keys import VaultMeta
+    from edgellm.vault.open import open_vault, vault_dir
+    from edgellm.vault.store import VaultStore
+
+    settings = _vault_settings(state_dir, key_file)
+    root = vault_dir(settings)
+    if not VaultStore.exists(root):
+        raise EdgeError(f"no vault in {root}: create one with `edgellm vault init`")
+    meta = VaultMeta.load(root / "vault.json")
+    data: dict[str, Any] = {"path": str(root), "key_id": meta.key_id,
+                            "passphrase": meta.kdf is not None}
+    try:
+        store = open_vault(settings, create=False)
+        models = store.list()
+        data.update(state="unlocked", key=str(settings.vault_key_file), models=len(models),
+                    bytes=sum(m.size for m in models))
+    except EdgeError as exc:
+        data.update(state="locked", reason=exc.message)
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"vault {d['path']} (key id {d['key_id']}): {d['state']}")
+        if d["state"] == "unlocked":
+            click.echo(f"  {d['models']} model(s), {d['bytes'] / 2**20:.0f} MB, key {d['key']}")
+        else:
+            click.echo(f"  {d['reason']}")
+
+    _emit(data, as_json, human)
+
+
+@vault.command("verify")
+@state_dir_option
+@key_file_option
+@friendly
+def vault_verify(state_dir: str | None, key_file: str | None) -> None:
+    """Authenticate every segment of every object; name each bad one."""
+    from edgellm.vault.open import open_vault
+
+    store = open_vault(_vault_settings(state_dir, key_file), create=False)
+    bad = store.verify()
+    for name, problem in bad:
+        click.echo(f"{name}: {problem}")
+    if bad:
+        raise EdgeError(f"{len(bad)} object(s) failed verification")
+    click.echo(f"all {len(store.list())} object(s) verified")
 
 
 # --- service ---------------------------------------------------------------------------------

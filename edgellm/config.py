@@ -87,6 +87,8 @@ class Settings(BaseModel):
     socket_mode: int = 0o660
     state_dir: Path = Field(default_factory=default_state_dir)
     catalog_dir: Path | None = None
+    vault_key_file: Path = Field(default_factory=lambda: default_config_file().parent
+                                 / "vault.key")
     cache_dir: Path = Field(default_factory=lambda: Path(
         os.environ["CACHE_DIRECTORY"].split(":")[0] if os.environ.get("CACHE_DIRECTORY")
         else platformdirs.user_cache_dir(APP)))
@@ -163,7 +165,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name in ("config", "vault_key_file", "governor_trace"):
+        if name in ("config", "governor_trace"):
             continue  # read by their own components
         if name not in fields:
             raise ConfigError(f"unknown setting in environment: {key}")

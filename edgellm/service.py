@@ -106,9 +106,10 @@ def install_steps(root: Path, exec_path: Path | None, prefix: Path, key_file: Pa
         steps.append(Step(f"write a default /{CONFIG} (root:edgellm 0640)", lambda: (
             _writer(root / CONFIG, DEFAULT_CONFIG, 0o640)(),
             os.chown(root / CONFIG, 0, _ids(root, "edgellm")[1]))))
-    steps += _key_steps(root, key_file, live)
-    steps.append(Step(f"fetch {model} into /{STATE} and hand it to the edgellm user",
-                      lambda: _pull(root, model)))
+    key_steps, vault_key = _key_steps(root, key_file, live)
+    steps += key_steps
+    steps.append(Step(f"fetch {model} into the vault in /{STATE} (encrypted) and hand it "
+                      "to the edgellm user", lambda: _pull(root, model, vault_key())))
     if live and systemd_running():
         steps.append(Step("systemctl daemon-reload; enable and start edgellm.socket; "
                           "enable edgellm.service", lambda: (
@@ -118,33 +119,41 @@ def install_steps(root: Path, exec_path: Path | None, prefix: Path, key_file: Pa
     return steps
 
 
-def _key_steps(root: Path, key_file: Path | None, live: bool) -> list[Step]:
-    if (root / KEY_CRED).exists() or (root / KEY_FILE).exists():
-        return [Step("keep the existing vault key", lambda: None)]
+def _key_steps(root: Path, key_file: Path | None,
+               live: bool) -> tuple[list[Step], Callable[[], bytes]]:
+    """The steps that put the vault key in place, and how to get the key itself
+    (the installer creates the vault with it)."""
+    if (root / KEY_FILE).exists():
+        return [Step("keep the existing vault key", lambda: None)], \
+            lambda: (root / KEY_FILE).read_bytes()
+    if (root / KEY_CRED).exists():
+        def unseal() -> bytes:
+            proc = subprocess.run(["systemd-creds", "decrypt", "--name=vault-key",
+                                   str(root / KEY_CRED), "-"], capture_output=True)
+            if proc.returncode != 0:
+                raise ServiceError("cannot unseal the existing vault key with systemd-creds")
+            return proc.stdout
+        return [Step("keep the existing vault key", lambda: None)], unseal
     if key_file is not None:
         mode = stat.S_IMODE(key_file.stat().st_mode)
         if mode & 0o077:
             raise ServiceError(f"{key_file} is readable by others (mode {mode:o}); "
                                "chmod 600 it first")
-        source = "the key from " + str(key_file)
+        key, source = key_file.read_bytes(), "the key from " + str(key_file)
     else:
-        source = "a new random 256-bit vault key"
-
-    def key() -> bytes:
-        return key_file.read_bytes() if key_file is not None else os.urandom(32)
-
+        key, source = os.urandom(32), "a new random 256-bit vault key"
     if live and shutil.which("systemd-creds"):
         return [Step(f"seal {source} with systemd-creds (TPM2 where present) into /{KEY_CRED}",
                      lambda: _run("systemd-creds", "encrypt", "--name=vault-key", "-",
-                                  str(root / KEY_CRED), stdin=key()))]
+                                  str(root / KEY_CRED), stdin=key))], lambda: key
     dropin = root / UNIT_DIR / "edgellm.service.d/credential.conf"
     return [
         Step(f"write {source} to /{KEY_FILE} (mode 0600, root only)",
-             lambda: _writer(root / KEY_FILE, key(), 0o600)()),
+             _writer(root / KEY_FILE, key, 0o600)),
         Step(f"write /{dropin.relative_to(root)}: LoadCredential= from that file",
              _writer(dropin, "[Service]\nLoadCredentialEncrypted=\n"
                              "LoadCredential=vault-key:/etc/edgellm/vault.key\n", 0o644)),
-    ]
+    ], lambda: key
 
 
 def _writer(path: Path, content: str | bytes, mode: int) -> Callable[[], None]:
@@ -157,13 +166,17 @@ def _writer(path: Path, content: str | bytes, mode: int) -> Callable[[], None]:
     return write
 
 
-def _pull(root: Path, model: str) -> None:
+def _pull(root: Path, model: str, key: bytes) -> None:
     from edgellm.catalog import Catalog, fetch
     from edgellm.config import load_settings
     from edgellm.errors import ModelNotFound
-    from edgellm.runtime.store import DirectoryStore
+    from edgellm.vault.keys import MasterKey
+    from edgellm.vault.store import VaultStore
 
-    store = DirectoryStore(root / STATE / "models")
+    master = MasterKey(key, "installer")
+    vault = root / STATE / "vault"
+    store = VaultStore(vault, master) if VaultStore.exists(vault) \
+        else VaultStore.create(vault, master)
     manifest = Catalog().get(model)
     try:
         store.get(model)

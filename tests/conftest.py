@@ -21,7 +21,8 @@ import pytest
 from edgellm.catalog import Catalog, fetch
 from edgellm.client import Client
 from edgellm.config import load_settings
-from edgellm.runtime.store import DirectoryStore
+from edgellm.vault.keys import create_key_file
+from edgellm.vault.store import VaultStore
 
 MODEL = "smollm2-135m-instruct"
 
@@ -49,7 +50,8 @@ class Daemon:
         self.state_dir = root / "state"
         self.config = root / "edgellm.toml"
         self.log = root / "daemon.log"
-        store = DirectoryStore(self.state_dir / "models")
+        self.key_file = root / "vault.key"
+        store = VaultStore.create(self.state_dir / "vault", create_key_file(self.key_file))
         for name in names:
             store.add_file(model_file, name)
         per_model = settings.pop("model_settings", {})
@@ -66,7 +68,7 @@ class Daemon:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
         env.update(EDGELLM_SOCKET=str(self.socket), EDGELLM_STATE_DIR=str(self.state_dir),
-                   EDGELLM_CONFIG=str(self.config))
+                   EDGELLM_CONFIG=str(self.config), EDGELLM_VAULT_KEY_FILE=str(self.key_file))
         return env
 
     def start(self) -> Daemon:

@@ -287,7 +287,7 @@ def test_import_and_remove_through_the_socket(daemon: Daemon, model_file, tmp_pa
             bad = h.put("/api/models/Bad Name", content=b"x")
             assert bad.status_code == 400 and "invalid model name" in bad.json()["error"]["message"]
         assert [m["name"] for m in c.models()] == [MODEL]
-    leftovers = list((daemon.state_dir / "models" / "blobs").glob(".tmp-*"))
+    leftovers = list((daemon.state_dir / "vault" / "objects").glob(".tmp-*"))
     assert leftovers == []
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from edgellm.config import load_settings
 from edgellm.runtime.manager import Runtime
-from edgellm.runtime.store import DirectoryStore
 from edgellm.runtime.types import Finished, GenerationRequest, Sampling
+from edgellm.vault.open import open_vault
 
 from conftest import MODEL, Daemon, wait_for
 
@@ -166,9 +166,10 @@ def test_prefix_reuse_is_exact_and_counted(make_daemon: Any) -> None:
 
 def test_limits_lower_slots_and_threads_without_reloading(model_file: Path,
                                                           tmp_path: Path) -> None:
-    settings = load_settings(overrides={"state_dir": tmp_path, "n_parallel": 4, "n_ctx": 512},
+    settings = load_settings(overrides={"state_dir": tmp_path, "n_parallel": 4, "n_ctx": 512,
+                                        "vault_key_file": tmp_path / "vault.key"},
                              environ={})
-    store = DirectoryStore(tmp_path / "models")
+    store = open_vault(settings)
     store.add_file(model_file, MODEL)
     rt = Runtime(settings, store)
     try:

@@ -89,7 +89,8 @@ def test_bad_config_stops_serve_with_its_name(tmp_path: Path) -> None:
 
 def test_models_offline_when_no_daemon(tmp_path: Path, model_file: Path) -> None:
     env = {**os.environ, "EDGELLM_SOCKET": str(tmp_path / "none.sock"),
-           "EDGELLM_STATE_DIR": str(tmp_path / "state")}
+           "EDGELLM_STATE_DIR": str(tmp_path / "state"),
+           "EDGELLM_VAULT_KEY_FILE": str(tmp_path / "vault.key")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "edgellm", *args], env=env,
@@ -100,6 +101,10 @@ def test_models_offline_when_no_daemon(tmp_path: Path, model_file: Path) -> None
     listed = json.loads(cli("models", "list", "--json").stdout)
     assert sorted(m["name"] for m in listed["models"]) == ["copy", MODEL]
     assert cli("models", "rm", "copy").returncode == 0
+    # the first offline use created the vault and its key, and the model is encrypted
+    assert (tmp_path / "vault.key").stat().st_mode & 0o777 == 0o600
+    objects = list((tmp_path / "state" / "vault" / "objects").iterdir())
+    assert len(objects) == 1 and model_file.read_bytes()[:65536] not in objects[0].read_bytes()
     missing = cli("models", "pull", "no-such-model")
     assert missing.returncode == 1
     assert "no model named 'no-such-model' in the catalog" in missing.stderr

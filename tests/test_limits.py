@@ -158,20 +158,23 @@ def test_stale_socket_is_replaced_and_a_live_one_respected(make_daemon: Any,
 
 def test_corrupted_model_is_refused_by_name_and_others_keep_serving(make_daemon: Any) -> None:
     d: Daemon = make_daemon(names=(MODEL, "smol-b"))
-    blobs = list((d.state_dir / "models" / "blobs").glob("sha256-*"))
-    assert len(blobs) == 1  # the two names share one blob
-    # give smol-b a corrupted blob of its own
-    record_path = d.state_dir / "models" / "records" / "smol-b.json"
-    data = bytearray(blobs[0].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    fake = "0" * 64
-    (d.state_dir / "models" / "blobs" / f"sha256-{fake}").write_bytes(bytes(data))
-    record_path.write_text(record_path.read_text().replace(
-        blobs[0].name.removeprefix("sha256-"), fake))
+    from edgellm.vault.keys import read_key_file
+    from edgellm.vault.store import VaultStore
+
+    store = VaultStore(d.state_dir / "vault", read_key_file(d.key_file))
+    row = store._row("smol-b")
+    victim = d.state_dir / "vault" / "objects" / row["file"]
+    with open(victim, "r+b") as f:  # one flipped bit in the middle of the object
+        f.seek(victim.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
     with d.http() as h:
         r = h.post("/v1/chat/completions", json={"model": "smol-b", "messages": QUESTION})
         assert r.status_code == 409
-        assert "integrity check failed for smol-b" in r.json()["error"]["message"]
+        msg = r.json()["error"]["message"]
+        assert msg.startswith("integrity check failed for smol-b (segment ")
+        assert 40 <= int(msg.split("segment ")[1].rstrip(")")) <= 55
         ok = h.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2})
         assert ok.status_code == 200
 

@@ -21,9 +21,9 @@ import pytest
 
 from edgellm.config import load_settings
 from edgellm.runtime.manager import Runtime
-from edgellm.runtime.store import DirectoryStore
 from edgellm.runtime.types import Finished, GenerationRequest
 from edgellm.server.systemd import Watchdog
+from edgellm.vault.open import open_vault
 
 from conftest import MODEL, Daemon, wait_for
 
@@ -193,8 +193,9 @@ def test_preloaded_models_are_loaded_and_pinned_before_ready(make_daemon: Any) -
 
 
 def test_a_hung_engine_stops_the_watchdog(model_file: Path, tmp_path: Path) -> None:
-    settings = load_settings(overrides={"state_dir": tmp_path, "n_ctx": 256}, environ={})
-    store = DirectoryStore(tmp_path / "models")
+    settings = load_settings(overrides={"state_dir": tmp_path, "n_ctx": 256,
+                                        "vault_key_file": tmp_path / "vault.key"}, environ={})
+    store = open_vault(settings)
     store.add_file(model_file, MODEL)
     rt = Runtime(settings, store)
     try:
@@ -276,8 +277,13 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
                    if line.startswith("edgellm:")).split(":")[2])
     assert config.stat().st_gid == uid and config.stat().st_mode & 0o777 == 0o640
     load_settings(config, environ={})  # the default settings are valid
-    blobs = root / "var/lib/edgellm/models/blobs"
-    assert [b.stat().st_uid for b in blobs.iterdir()] == [uid]
+    blobs = root / "var/lib/edgellm/vault/objects"
+    assert [b.stat().st_uid for b in blobs.iterdir()] == [uid]  # one encrypted model
+    from edgellm.vault.keys import read_key_file
+    from edgellm.vault.store import VaultStore
+
+    assert [m.name for m in VaultStore(blobs.parent, read_key_file(key)).list()] == [
+        "smollm2-135m-instruct"]
     again = cli("install", "--root", str(root), "--exec", str(EDGELLM))
     assert "keep the existing vault key" in again.stdout and key.read_bytes()
     kept = cli("uninstall", "--root", str(root))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import struct
 from pathlib import Path
@@ -12,9 +10,8 @@ import pytest
 
 from edgellm.catalog import Catalog, Manifest, fetch
 from edgellm.config import ConfigError, load_settings, parse_duration
-from edgellm.errors import Conflict, IntegrityError, InvalidRequest, ModelNotFound
+from edgellm.errors import IntegrityError, InvalidRequest, ModelNotFound
 from edgellm.runtime.gguf_meta import read_gguf_metadata
-from edgellm.runtime.store import DirectoryStore
 from edgellm.runtime.text import StopMatcher
 
 # --- GGUF header -------------------------------------------------------------------------
@@ -69,65 +66,6 @@ def test_refuses_what_is_not_gguf(tmp_path: Path, content: bytes, words: str) ->
     path.write_bytes(content)
     with pytest.raises(InvalidRequest, match=words):
         read_gguf_metadata(path)
-
-
-# --- the store ----------------------------------------------------------------------------
-
-
-def test_store_round_trip_dedupe_and_remove(tmp_path: Path, model_file: Path) -> None:
-    store = DirectoryStore(tmp_path / "models")
-    a = store.add_file(model_file, "a", info={"source": "test"})
-    store.add_file(model_file, "b")
-    assert a.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-    assert a.size == 98362432 and a.source == "test"
-    assert [r.name for r in store.list()] == ["a", "b"]
-    assert len(list(store.blobs.glob("sha256-*"))) == 1
-    with store.open("a") as path:
-        assert Path(path).stat().st_size == a.size
-    with pytest.raises(Conflict, match="already exists"):
-        store.add_file(model_file, "a")
-    store.remove("a")
-    assert store.blob_path(a.sha256).exists()  # b still uses it
-    store.remove("b")
-    assert not store.blob_path(a.sha256).exists()
-    with pytest.raises(ModelNotFound, match="'b' not found"):
-        store.get("b")
-
-
-def test_store_refuses_bad_input_and_leaves_nothing(tmp_path: Path, model_file: Path) -> None:
-    store = DirectoryStore(tmp_path / "models")
-    junk = tmp_path / "junk.gguf"
-    junk.write_bytes(os.urandom(4096))
-    with pytest.raises(InvalidRequest, match="not a valid GGUF"):
-        store.add_file(junk, "junk")
-    with pytest.raises(IntegrityError, match="checksum mismatch for smol"):
-        store.add_file(model_file, "smol", expected_sha256="0" * 64)
-    with pytest.raises(InvalidRequest, match="invalid model name"):
-        store.add_file(model_file, "../escape")
-    assert list(store.blobs.iterdir()) == [] and list(store.records.iterdir()) == []
-
-
-def test_store_detects_corruption_and_cleans_leftovers(tmp_path: Path, model_file: Path) -> None:
-    root = tmp_path / "models"
-    store = DirectoryStore(root)
-    record = store.add_file(model_file, "smol")
-    (store.blobs / ".tmp-crashed-import").write_bytes(b"partial")
-    blob = store.blob_path(record.sha256)
-    with open(blob, "r+b") as f:
-        f.seek(1000)
-        f.write(b"\x00" * 16)
-    store = DirectoryStore(root)  # a restart
-    assert not (store.blobs / ".tmp-crashed-import").exists()
-    with pytest.raises(IntegrityError, match="integrity check failed for smol"), \
-            store.open("smol"):
-        pass
-
-
-def test_record_files_are_json(tmp_path: Path, model_file: Path) -> None:
-    store = DirectoryStore(tmp_path)
-    store.add_file(model_file, "smol")
-    data = json.loads((store.records / "smol.json").read_text())
-    assert data["architecture"] == "llama" and data["format"] == "gguf"
 
 
 # --- configuration ------------------------------------------------------------------------

@@ -72,41 +72,54 @@ class _Reader:
         raise _Bad(f"unknown value type {vtype}")
 
 
-def read_gguf_kv(path: str | Path) -> dict[str, Any]:
-    name = Path(path).name
+def _parse_kv(buf: Any) -> dict[str, Any]:
+    r = _Reader(buf)
+    if bytes(r.take(4)) != b"GGUF":
+        raise _Bad("no GGUF magic number")
+    version = r.scalar("<I", 4)
+    if version not in (2, 3):
+        raise _Bad(f"unsupported GGUF version {version}")
+    r.scalar("<Q", 8)  # tensor count
+    n_kv = r.scalar("<Q", 8)
+    if n_kv > _MAX_KV:
+        raise _Bad(f"implausible key count {n_kv}")
+    kv = {}
+    for _ in range(n_kv):
+        key = r.string()
+        kv[key] = r.value(r.scalar("<I", 4))
+    return kv
+
+
+def read_gguf_kv(source: str | Path | bytes | bytearray, name: str | None = None
+                 ) -> dict[str, Any]:
+    """The key/value section of a GGUF file, from its path or from its first bytes
+    in memory (the vault checks uploads without writing plaintext anywhere)."""
+    label = name or (Path(source).name if isinstance(source, str | Path) else "the upload")
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            r = _Reader(memoryview(mm))
+        if isinstance(source, bytes | bytearray):
+            with memoryview(source) as view:
+                return _parse_kv(view)
+        with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
             try:
-                if bytes(r.take(4)) != b"GGUF":
-                    raise _Bad("no GGUF magic number")
-                version = r.scalar("<I", 4)
-                if version not in (2, 3):
-                    raise _Bad(f"unsupported GGUF version {version}")
-                r.scalar("<Q", 8)  # tensor count
-                n_kv = r.scalar("<Q", 8)
-                if n_kv > _MAX_KV:
-                    raise _Bad(f"implausible key count {n_kv}")
-                kv = {}
-                for _ in range(n_kv):
-                    key = r.string()
-                    kv[key] = r.value(r.scalar("<I", 4))
-                return kv
+                return _parse_kv(view)
             finally:
-                r.buf.release()
+                view.release()
     except (_Bad, struct.error, ValueError) as exc:  # ValueError: mmap of an empty file
-        raise InvalidRequest(f"{name} is not a valid GGUF file ({exc})") from None
+        raise InvalidRequest(f"{label} is not a valid GGUF file ({exc})") from None
 
 
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+def read_gguf_metadata(source: str | Path | bytes | bytearray,
+                       name: str | None = None) -> dict[str, Any]:
     """Architecture, sizes, quantization and chat template of a GGUF file.
 
     Raises InvalidRequest naming the file when it is not valid GGUF.
     """
-    kv = read_gguf_kv(path)
+    kv = read_gguf_kv(source, name)
     arch = kv.get("general.architecture")
     if not isinstance(arch, str):
-        raise InvalidRequest(f"{Path(path).name} is not a valid GGUF model: no architecture")
+        label = name or (Path(source).name if isinstance(source, str | Path) else "the upload")
+        raise InvalidRequest(f"{label} is not a valid GGUF model: no architecture")
 
     def get(key: str, default: Any = 0) -> Any:
         return kv.get(f"{arch}.{key}", default)

@@ -8,9 +8,24 @@ implements it with encrypted storage.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+from edgellm.errors import InvalidRequest
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise InvalidRequest(
+            f"invalid model name {name!r}: use 1-64 lower-case letters, digits, '.', '_' or '-'",
+            param="name",
+        )
+    return name
 
 
 @dataclass
@@ -48,3 +63,15 @@ class ModelSource(Protocol):
     def open(self, name: str) -> AbstractContextManager[str]:
         """A loadable path to the model's verified bytes; raises IntegrityError."""
         ...
+
+
+class ModelStore(ModelSource, Protocol):
+    """A ModelSource that can also take models in and let them go (the vault)."""
+
+    def add_stream(self, chunks: Iterable[bytes], name: str, *,
+                   expected_sha256: str | None = None, replace: bool = False,
+                   info: dict[str, Any] | None = None) -> ModelRecord: ...
+
+    def add_file(self, path: Any, name: str, **kw: Any) -> ModelRecord: ...
+
+    def remove(self, name: str) -> ModelRecord: ...

@@ -12,14 +12,14 @@ from aiohttp import web
 from edgellm.config import Settings
 from edgellm.errors import InvalidRequest, PayloadTooLarge, ShuttingDown
 from edgellm.runtime.manager import Runtime
-from edgellm.runtime.store import DirectoryStore
+from edgellm.runtime.source import ModelStore
 
 
 @dataclass
 class State:
     settings: Settings
     runtime: Runtime
-    store: DirectoryStore
+    store: ModelStore
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     load_failures: dict[str, str] = field(default_factory=dict)

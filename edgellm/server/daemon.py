@@ -18,7 +18,7 @@ from edgellm.catalog import Catalog, fetch
 from edgellm.config import Settings, default_socket_path
 from edgellm.errors import EdgeError, ModelNotFound
 from edgellm.runtime.manager import Runtime
-from edgellm.runtime.store import DirectoryStore
+from edgellm.runtime.source import ModelStore
 from edgellm.server.app import build_app
 from edgellm.server.context import State
 from edgellm.server.systemd import Notifier, Watchdog, listen_socket, watchdog_interval
@@ -33,12 +33,14 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def open_store(settings: Settings) -> DirectoryStore:
+def open_store(settings: Settings) -> ModelStore:
+    from edgellm.vault.open import open_vault
+
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return DirectoryStore(settings.state_dir / "models")
+    return open_vault(settings)
 
 
-def ensure_default_model(settings: Settings, store: DirectoryStore) -> None:
+def ensure_default_model(settings: Settings, store: ModelStore) -> None:
     """Fetch the default model from the catalog if the store does not have it yet."""
     name = settings.default_model
     try:
@@ -69,7 +71,7 @@ def serve(settings: Settings, *, pull_default: bool = True,
     return asyncio.run(_serve(settings, store, reload))
 
 
-async def _serve(settings: Settings, store: DirectoryStore,
+async def _serve(settings: Settings, store: ModelStore,
                  reload: Callable[[], Settings] | None) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
