@@ -81,16 +81,18 @@ def test_cancel_mid_batch_leaves_the_others_untouched(make_daemon: Any) -> None:
     greedy = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
     alone = _parallel(d, [(PROMPTS[1], greedy)])[0]
     out: dict[int, Any] = {}
-    threads = [threading.Thread(target=_ask, args=(d, PROMPTS[0], out, 0),
-                                kwargs={"max_tokens": 3000, "ignore_eos": True})]
-    threads += [threading.Thread(target=_ask, args=(d, PROMPTS[1], out, k), kwargs=greedy)
-                for k in (1, 2)]
-    for t in threads:
-        t.start()
+    long_one = threading.Thread(target=_ask, args=(d, PROMPTS[0], out, 0),
+                                kwargs={"max_tokens": 3000, "ignore_eos": True})
+    long_one.start()
     with d.client() as c:
+        wait_for(lambda: any(r["completion_tokens"] > 0 for r in c.requests()))
+        threads = [long_one] + [threading.Thread(target=_ask, args=(d, PROMPTS[1], out, k),
+                                                 kwargs=greedy) for k in (1, 2)]
+        for t in threads[1:]:
+            t.start()
         wait_for(lambda: sum(m["slots_busy"] for m in c.ps()) == 3)
-        long_one = max(c.requests(), key=lambda r: r["completion_tokens"])
-        c.cancel(long_one["id"])
+        oldest = max(c.requests(), key=lambda r: r["age_seconds"])  # the long one
+        c.cancel(oldest["id"])
     for t in threads:
         t.join(60)
     assert out[0][1] == "cancelled"
