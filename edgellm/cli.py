@@ -417,6 +417,90 @@ def requests_cancel(request_id: str, socket: str | None) -> None:
     click.echo(f"cancelled {request_id}")
 
 
+# --- access ----------------------------------------------------------------------------------
+@main.group()
+def access() -> None:
+    """Who may use the appliance: roles granted to users, groups and tokens."""
+
+
+subject_arg = click.argument("subject")
+role_arg = click.argument("role", type=click.Choice(["admin", "operator", "auditor", "client"]))
+model_option = click.option("--model", default="*", show_default=True,
+                            help="For client grants: the model (or * for all).")
+
+
+@access.command("grant")
+@subject_arg
+@role_arg
+@model_option
+@socket_option
+@friendly
+def access_grant(subject: str, role: str, model: str, socket: str | None) -> None:
+    """Grant ROLE to SUBJECT (user:NAME, group:NAME, uid:N or token:NAME)."""
+    with _client(socket) as c:
+        g = c.grant(subject, role, model)
+    click.echo(f"granted {g['role']} to {g['subject']}"
+               + (f" on {g['model']}" if g["role"] == "client" else ""))
+
+
+@access.command("revoke")
+@subject_arg
+@role_arg
+@model_option
+@socket_option
+@friendly
+def access_revoke(subject: str, role: str, model: str, socket: str | None) -> None:
+    """Take a grant back."""
+    with _client(socket) as c:
+        c.revoke(subject, role, model)
+    click.echo(f"revoked {role} from {subject}")
+
+
+@access.command("list")
+@socket_option
+@json_option
+@friendly
+def access_list(socket: str | None, as_json: bool) -> None:
+    """Every grant (root and the daemon's own user are admins without one)."""
+    with _client(socket) as c:
+        rows = c.grants()
+    _emit(rows, as_json, lambda rs: _table([[r["subject"], r["role"], r["model"]] for r in rs],
+                                            ["SUBJECT", "ROLE", "MODEL"]) if rs
+          else click.echo("no grants (only root and the daemon's user can do anything)"))
+
+
+@access.command("whoami")
+@socket_option
+@json_option
+@friendly
+def access_whoami(socket: str | None, as_json: bool) -> None:
+    """Who the daemon sees you as, and what you hold."""
+    with _client(socket) as c:
+        me = c.whoami()
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"{d['user'] or 'uid ' + str(d['uid'])} (uid {d['uid']}, pid {d['pid']}), "
+                   f"groups: {', '.join(d['groups']) or '-'}")
+        roles = d["roles"]
+        click.echo("roles: " + (", ".join(f"{r} ({', '.join(m)})" for r, m in roles.items())
+                                if roles else "none"))
+
+    _emit(me, as_json, human)
+
+
+@access.command("token")
+@click.argument("name")
+@socket_option
+@friendly
+def access_token(name: str, socket: str | None) -> None:
+    """Create a bearer token NAME (shown once); grant roles to token:NAME."""
+    with _client(socket) as c:
+        t = c.create_token(name)
+    click.echo(t["token"])
+    click.echo(f"grant it roles as {t['subject']}; send it as 'Authorization: Bearer …'",
+               err=True)
+
+
 # --- vault ---------------------------------------------------------------------------------------
 @main.group()
 def vault() -> None:

@@ -182,6 +182,23 @@ class Client:
     def metrics(self) -> str:
         return self.request("GET", "/metrics").text
 
+    def whoami(self) -> dict[str, Any]:
+        return self._json("GET", "/api/access/whoami")
+
+    def grants(self) -> list[dict[str, str]]:
+        return self._json("GET", "/api/access/grants")["grants"]
+
+    def grant(self, subject: str, role: str, model: str = "*") -> dict[str, str]:
+        return self._json("POST", "/api/access/grants",
+                          json={"subject": subject, "role": role, "model": model})
+
+    def revoke(self, subject: str, role: str, model: str = "*") -> dict[str, Any]:
+        return self._json("DELETE", "/api/access/grants",
+                          json={"subject": subject, "role": role, "model": model})
+
+    def create_token(self, name: str) -> dict[str, str]:
+        return self._json("POST", "/api/access/tokens", json={"name": name})
+
     # --- generation ------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
              stream: bool = False, **params: Any) -> Any:

@@ -11,12 +11,20 @@ from typing import Any
 from aiohttp import web
 
 from edgellm import __version__
-from edgellm.errors import Conflict, EdgeError, InternalError, NotFound, PayloadTooLarge
+from edgellm.errors import (
+    Conflict,
+    EdgeError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
 from edgellm.server import openai_routes
 from edgellm.server.context import State, read_json
 from edgellm.server.metrics import Metrics
 from edgellm.server.peer import peer_credentials
 from edgellm.server.schemas import LoadRequest, parse
+from edgellm.vault.access import Principal, resolve
 
 log = logging.getLogger("edgellm.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,15 +39,57 @@ def error_response(exc: EdgeError, request_id: str | None = None) -> web.Respons
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
+# The permission each route needs before any work is done. None: the handler checks
+# per resource (which model, whose request) or the route is open to every peer.
+ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
+    ("POST", "/v1/chat/completions"): "models.use",
+    ("POST", "/v1/completions"): "models.use",
+    ("GET", "/v1/models"): "models.list",
+    ("GET", "/health"): "health.read",
+    ("GET", "/metrics"): "metrics.read",
+    ("GET", "/api/ps"): "models.list",
+    ("GET", "/api/models"): "models.list",
+    ("GET", "/api/models/{name}"): "models.list",
+    ("PUT", "/api/models/{name}"): "models.manage",
+    ("DELETE", "/api/models/{name}"): "models.manage",
+    ("POST", "/api/models/{name}/load"): "models.load",
+    ("POST", "/api/models/{name}/unload"): "models.load",
+    ("GET", "/api/requests"): None,
+    ("DELETE", "/api/requests/{id}"): None,
+    ("GET", "/api/access/whoami"): None,
+    ("GET", "/api/access/grants"): "access.manage",
+    ("POST", "/api/access/grants"): "access.manage",
+    ("DELETE", "/api/access/grants"): "access.manage",
+    ("POST", "/api/access/tokens"): "access.manage",
+}
+
+
+def _identify(request: web.Request) -> Principal:
+    creds = peer_credentials(request.transport.get_extra_info("socket")
+                             if request.transport else None)
+    request["principal"] = creds
+    principal = resolve(creds)
+    auth = request.headers.get("Authorization", "")
+    policy = _state(request).access
+    if auth.startswith("Bearer ") and policy is not None:
+        # an unknown token adds nothing (the openai SDK always sends one)
+        principal.token = policy.token_name(auth[7:].strip())
+    request["who"] = principal
+    return principal
+
+
 @web.middleware
 async def errors_and_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request["principal"] = peer_credentials(request.transport.get_extra_info("socket")
-                                            if request.transport else None)
     metrics: Metrics = request.app["metrics"]
     route = request.match_info.route.resource.canonical if request.match_info.route.resource \
         else "unmatched"
     t0 = time.monotonic()
     try:
+        principal = _identify(request)
+        permission = ROUTE_PERMISSIONS.get((request.method, route))
+        policy = _state(request).access
+        if permission is not None and policy is not None:
+            policy.require(principal, permission)
         response = await handler(request)
     except EdgeError as exc:
         response = error_response(exc, request.get("request_id"))
@@ -65,7 +115,7 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
     metrics.requests.labels(route, str(response.status)).inc()
     log.debug("event=request method=%s path=%s status=%d seconds=%.3f uid=%s",
               request.method, request.path, response.status, time.monotonic() - t0,
-              request["principal"].get("uid"))
+              request.get("principal", {}).get("uid"))
     return response
 
 
@@ -103,9 +153,19 @@ def _model_view(st: State, record: Any) -> dict[str, Any]:
             "default": record.name == st.settings.default_model}
 
 
+def visible_models(request: web.Request) -> list[Any]:
+    """The models this caller may use (all of them for operators and admins)."""
+    st = _state(request)
+    records = st.store.list()
+    policy, who = st.access, request.get("who")
+    if policy is None or who is None or policy.allowed(who, "models.load"):
+        return records
+    return [r for r in records if policy.allowed(who, "models.use", r.name)]
+
+
 async def list_models(request: web.Request) -> web.Response:
     st = _state(request)
-    return web.json_response({"models": [_model_view(st, r) for r in st.store.list()]})
+    return web.json_response({"models": [_model_view(st, r) for r in visible_models(request)]})
 
 
 async def show_model(request: web.Request) -> web.Response:
@@ -174,15 +234,67 @@ async def remove_model(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "removed": True})
 
 
+def _sees_all_requests(request: web.Request, permission: str) -> bool:
+    st, who = _state(request), request.get("who")
+    return st.access is None or who is None or st.access.allowed(who, permission)
+
+
 async def list_requests(request: web.Request) -> web.Response:
-    return web.json_response({"requests": _state(request).runtime.requests()})
+    rows = _state(request).runtime.requests()
+    if not _sees_all_requests(request, "requests.read_all"):  # a client sees its own
+        uid = request["principal"].get("uid")
+        rows = [r for r in rows if r.get("uid") == uid]
+    return web.json_response({"requests": rows})
 
 
 async def cancel_request(request: web.Request) -> web.Response:
     request_id = request.match_info["id"]
-    if not _state(request).runtime.cancel(request_id):
+    st = _state(request)
+    owner = next((r.get("uid") for r in st.runtime.requests() if r["id"] == request_id), None)
+    mine = owner is not None and owner == request["principal"].get("uid")
+    if owner is not None and not mine and not _sees_all_requests(request, "requests.cancel_any"):
+        st.access.require(request["who"], "requests.cancel_any")  # raises, naming it
+    if not st.runtime.cancel(request_id):
         raise NotFound(f"no request {request_id!r} is in flight", param="id")
     return web.json_response({"id": request_id, "cancelled": True})
+
+
+async def whoami(request: web.Request) -> web.Response:
+    st, who = _state(request), request["who"]
+    roles = st.access.roles(who) if st.access else {"admin": {"*"}}
+    return web.json_response({**who.describe(),
+                              "roles": {k: sorted(v) for k, v in roles.items()}})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    """A bearer token for a service that shares a uid with others; shown once."""
+    body = await read_json(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("send {\"name\": …}: the token's name", param="name")
+    token = _state(request).access.create_token(name.strip())
+    return web.json_response({"name": name.strip(), "subject": f"token:{name.strip()}",
+                              "token": token}, status=201)
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    return web.json_response({"grants": _state(request).access.grants()})
+
+
+async def change_grant(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict) or not {"subject", "role"} <= set(body):
+        raise InvalidRequest("send {\"subject\": …, \"role\": …, \"model\": …}")
+    policy = _state(request).access
+    subject, role = str(body["subject"]), str(body["role"])
+    model = str(body.get("model") or "*")
+    if request.method == "POST":
+        return web.json_response(policy.grant(subject, role, model), status=201)
+    if not policy.revoke(subject, role, model):
+        raise NotFound(f"no grant of {role} to {subject}" + (f" on {model}" if model != "*"
+                                                               else ""))
+    return web.json_response({"subject": subject, "role": role, "model": model,
+                              "revoked": True})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -191,9 +303,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openai_models(request: web.Request) -> web.Response:
-    st = _state(request)
     data = [{"id": r.name, "object": "model", "owned_by": "edgellm",
-             "created": _epoch(r.added)} for r in st.store.list()]
+             "created": _epoch(r.added)} for r in visible_models(request)]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -224,4 +335,9 @@ def build_app(state: State) -> web.Application:
     r.add_post("/api/models/{name}/unload", unload_model)
     r.add_get("/api/requests", list_requests)
     r.add_delete("/api/requests/{id}", cancel_request)
+    r.add_get("/api/access/whoami", whoami)
+    r.add_get("/api/access/grants", list_grants)
+    r.add_post("/api/access/grants", change_grant)
+    r.add_delete("/api/access/grants", change_grant)
+    r.add_post("/api/access/tokens", create_token)
     return app

@@ -22,6 +22,7 @@ class State:
     store: ModelStore
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
+    access: Any = None  # the vault's AccessPolicy
     load_failures: dict[str, str] = field(default_factory=dict)
 
     def check_accepting(self) -> None:

@@ -83,7 +83,8 @@ async def _serve(settings: Settings, store: ModelStore,
         sock = bind_unix_socket(settings.socket, settings.socket_mode)
         inode = os.lstat(settings.socket).st_ino
     runtime = Runtime(settings, store)
-    state = State(settings=settings, runtime=runtime, store=store)
+    state = State(settings=settings, runtime=runtime, store=store,
+                  access=getattr(store, "access", None))
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace + 5)
     await runner.setup()

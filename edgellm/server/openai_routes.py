@@ -58,6 +58,8 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
         principal=request.get("principal", {}),
     )
     request["request_id"] = gen.id
+    if state.access is not None:
+        state.access.require(request["who"], "models.use", gen.model)
     state.check_accepting()
     state.runtime.submit(gen)  # EdgeErrors (unknown model, queue full) answer at once
     finished = False

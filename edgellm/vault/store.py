@@ -63,6 +63,9 @@ class VaultStore:
             self.db["objects"].create({"name": str, "kind": str, "file": str, "sha256": str,
                                        "size": int, "record": str, "added": str}, pk="name")
         self.remove_leftovers()
+        from edgellm.vault.access import AccessPolicy
+
+        self.access = AccessPolicy(self.db, self._lock)
 
     @staticmethod
     def exists(root: Path) -> bool:

@@ -1,0 +1,173 @@
+"""Who may do what: principals from the kernel, roles, grants, and the check.
+
+A principal is what SO_PEERCRED says about the peer (uid, gid, pid), resolved to a
+user name and its groups; an optional bearer token adds a named identity for
+services that share a uid. Grants bind a subject (``user:NAME``, ``group:NAME``,
+``uid:N`` or ``token:NAME``) to a role, and client grants to a model (or ``*``).
+root and the daemon's own user are admins; nobody else has anything until granted.
+"""
+
+from __future__ import annotations
+
+import grp
+import hashlib
+import hmac
+import os
+import pwd
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from edgellm.errors import InvalidRequest, PermissionDenied
+
+ROLES: dict[str, set[str]] = {
+    "admin": {"*"},
+    "operator": {"models.list", "models.load", "requests.read_all", "requests.cancel_any",
+                 "metrics.read", "health.read", "audit.read", "governor.configure"},
+    "auditor": {"audit.read", "audit.verify", "metrics.read", "health.read", "models.list"},
+    "client": {"models.use", "models.list", "health.read"},
+}
+SUBJECT_KINDS = ("user", "group", "uid", "token")
+
+
+@dataclass
+class Principal:
+    uid: int | None
+    gid: int | None = None
+    pid: int | None = None
+    user: str = ""
+    groups: list[str] = field(default_factory=list)
+    token: str | None = None  # the name of a valid bearer token, if one was presented
+
+    def subjects(self) -> list[str]:
+        out = [f"uid:{self.uid}"] if self.uid is not None else []
+        if self.user:
+            out.append(f"user:{self.user}")
+        out += [f"group:{g}" for g in self.groups]
+        if self.token:
+            out.append(f"token:{self.token}")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "user": self.user,
+                "groups": self.groups, "token": self.token}
+
+
+def resolve(creds: dict[str, Any]) -> Principal:
+    uid = creds.get("uid")
+    principal = Principal(uid=uid, gid=creds.get("gid"), pid=creds.get("pid"))
+    if uid is None:
+        return principal
+    try:
+        entry = pwd.getpwuid(uid)
+        principal.user = entry.pw_name
+        gids = os.getgrouplist(entry.pw_name, entry.pw_gid)
+    except KeyError:  # a uid with no passwd entry (a container, a deleted user)
+        gids = [creds["gid"]] if creds.get("gid") is not None else []
+    names = []
+    for g in gids:
+        try:
+            names.append(grp.getgrgid(g).gr_name)
+        except KeyError:
+            names.append(str(g))
+    principal.groups = sorted(set(names))
+    return principal
+
+
+def check_subject(subject: str) -> str:
+    kind, _, name = subject.partition(":")
+    if kind not in SUBJECT_KINDS or not name:
+        raise InvalidRequest(f"invalid subject {subject!r}: use user:NAME, group:NAME, uid:N "
+                             "or token:NAME", param="subject")
+    return subject
+
+
+class AccessPolicy:
+    def __init__(self, db: sqlite_utils.Database, lock: threading.Lock) -> None:
+        self.db, self._lock = db, lock
+        with lock:
+            if "grants" not in db.table_names():
+                db["grants"].create({"subject": str, "role": str, "model": str},
+                                    pk=("subject", "role", "model"))
+            if "tokens" not in db.table_names():
+                db["tokens"].create({"name": str, "hash": str}, pk="name")
+        self.daemon_uid = os.getuid()
+
+    # --- grants ----------------------------------------------------------------------
+    def grant(self, subject: str, role: str, model: str = "*") -> dict[str, str]:
+        check_subject(subject)
+        if role not in ROLES:
+            raise InvalidRequest(f"unknown role {role!r}: one of {', '.join(ROLES)}",
+                                 param="role")
+        row = {"subject": subject, "role": role, "model": model if role == "client" else "*"}
+        with self._lock:
+            self.db["grants"].upsert(row, pk=("subject", "role", "model"))
+        return row
+
+    def revoke(self, subject: str, role: str, model: str = "*") -> bool:
+        with self._lock:
+            found = self.db["grants"].count_where(
+                "subject = ? and role = ? and model = ?", [subject, role, model])
+            self.db["grants"].delete_where("subject = ? and role = ? and model = ?",
+                                           [subject, role, model])
+        return bool(found)
+
+    def grants(self) -> list[dict[str, str]]:
+        with self._lock:
+            return list(self.db["grants"].rows_where(order_by="subject, role, model"))
+
+    # --- tokens ------------------------------------------------------------------------
+    def create_token(self, name: str) -> str:
+        token = "edg_" + secrets.token_urlsafe(32)
+        with self._lock:
+            self.db["tokens"].upsert({"name": name, "hash": _hash(token)}, pk="name")
+        return token
+
+    def token_name(self, token: str | None) -> str | None:
+        if not token:
+            return None
+        digest = _hash(token)
+        with self._lock:
+            rows = list(self.db["tokens"].rows)
+        return next((r["name"] for r in rows if hmac.compare_digest(r["hash"], digest)), None)
+
+    # --- decisions -----------------------------------------------------------------------
+    def roles(self, p: Principal) -> dict[str, set[str]]:
+        """role → models (``*`` for all) that this principal holds."""
+        if p.uid in (0, self.daemon_uid):
+            return {"admin": {"*"}}
+        subjects = p.subjects()
+        if not subjects:
+            return {}
+        marks = ",".join("?" * len(subjects))
+        with self._lock:
+            rows = list(self.db["grants"].rows_where(f"subject in ({marks})", subjects))
+        held: dict[str, set[str]] = {}
+        for r in rows:
+            held.setdefault(r["role"], set()).add(r["model"])
+        return held
+
+    def allowed(self, p: Principal, permission: str, model: str | None = None) -> bool:
+        for role, models in self.roles(p).items():
+            perms = ROLES[role]
+            if "*" in perms:
+                return True
+            if permission in perms and (permission != "models.use" or model is None
+                                        or "*" in models or model in models):
+                return True
+        return False
+
+    def require(self, p: Principal, permission: str, model: str | None = None) -> None:
+        if not self.allowed(p, permission, model):
+            who = p.user or f"uid {p.uid}"
+            what = f"{permission} on model {model}" if model else permission
+            raise PermissionDenied(f"permission denied: {who} lacks {what}; ask an admin "
+                                   f"to grant it (edgellm access grant …)",
+                                   param=permission)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

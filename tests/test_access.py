@@ -1,0 +1,206 @@
+"""Access control with real, separate Unix users: the kernel says who is calling
+(SO_PEERCRED), grants decide. The tests run as root; they create users and a group,
+and each client runs in a child process that has become that user."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import MODEL, Daemon, wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
+
+ALICE, BOB, CAROL, TEAM = "edgt-alice", "edgt-bob", "edgt-carol", "edgt-team"
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def users() -> Iterator[None]:
+    subprocess.run(["groupadd", "-f", TEAM], check=True)
+    for user in (ALICE, BOB, CAROL):
+        if subprocess.run(["id", user], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", user], check=True)
+    subprocess.run(["usermod", "-aG", TEAM, ALICE], check=True)
+    yield
+    for user in (ALICE, BOB, CAROL):
+        subprocess.run(["userdel", user], capture_output=True)
+    subprocess.run(["groupdel", TEAM], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def shared(users: None, tmp_path_factory: pytest.TempPathFactory, model_file: Path
+           ) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("access"), model_file, names=(MODEL, "smol-b"),
+               socket_mode="0666")
+    run_dir = Path(tempfile.mkdtemp(prefix="edgellm-access-"))
+    run_dir.chmod(0o755)  # other users must reach the socket; the policy decides
+    d.socket = run_dir / "edgellm.sock"
+    d.start()
+    yield d
+    d.stop()
+
+
+def as_user(user: str, fn: Callable[[], Any]) -> Any:
+    """Run fn in a child process that has become ``user``; return what it returns."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, then call
+        os.close(read)
+        try:
+            pw = pwd.getpwnam(user)
+            os.setgroups(os.getgrouplist(user, pw.pw_gid))
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            out = fn()
+        except BaseException as exc:
+            out = {"exception": repr(exc)}
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 1 << 16):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def call(d: Daemon, method: str, path: str, body: Any = None,
+         token: str | None = None) -> Callable[[], Any]:
+    def go() -> Any:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)),
+                          base_url="http://edgellm", timeout=60) as h:
+            r = h.request(method, path, json=body, headers=headers)
+        is_json = r.headers.get("content-type", "").startswith("application/json")
+        return [r.status_code, r.json() if is_json else r.text]
+    return go
+
+
+def test_nobody_has_anything_until_granted(shared: Daemon) -> None:
+    status, body = as_user(ALICE, call(shared, "GET", "/health"))
+    assert status == 403 and body["error"]["message"].startswith(
+        f"permission denied: {ALICE} lacks health.read")
+    status, body = as_user(ALICE, call(shared, "POST", "/v1/chat/completions", CHAT))
+    assert status == 403 and "models.use" in body["error"]["message"]
+    assert body["error"]["type"] == "permission_error"
+    status, me = as_user(ALICE, call(shared, "GET", "/api/access/whoami"))
+    assert status == 200 and me["user"] == ALICE and TEAM in me["groups"]
+    assert me["roles"] == {} and me["uid"] == pwd.getpwnam(ALICE).pw_uid
+
+
+def test_client_grants_bind_users_to_models(shared: Daemon) -> None:
+    with shared.client() as root:
+        root.grant(f"group:{TEAM}", "client", MODEL)
+        try:
+            status, body = as_user(ALICE, call(shared, "POST", "/v1/chat/completions", CHAT))
+            assert status == 200 and body["usage"]["completion_tokens"] == 2
+            status, listed = as_user(ALICE, call(shared, "GET", "/v1/models"))
+            assert [m["id"] for m in listed["data"]] == [MODEL]  # not smol-b
+            status, body = as_user(ALICE, call(shared, "POST", "/v1/chat/completions",
+                                               {**CHAT, "model": "smol-b"}))
+            assert status == 403 and "models.use on model smol-b" in body["error"]["message"]
+            status, _ = as_user(BOB, call(shared, "POST", "/v1/chat/completions", CHAT))
+            assert status == 403  # not in the group
+        finally:
+            root.revoke(f"group:{TEAM}", "client", MODEL)
+    status, _ = as_user(ALICE, call(shared, "POST", "/v1/chat/completions", CHAT))
+    assert status == 403  # revoked
+
+
+def test_operators_manage_but_do_not_query(shared: Daemon) -> None:
+    with shared.client() as root:
+        root.grant(f"user:{CAROL}", "operator")
+        try:
+            assert as_user(CAROL, call(shared, "POST", f"/api/models/{MODEL}/load"))[0] == 200
+            assert as_user(CAROL, call(shared, "POST", f"/api/models/{MODEL}/unload"))[0] == 200
+            assert as_user(CAROL, call(shared, "GET", "/metrics"))[0] == 200
+            status, body = as_user(CAROL, call(shared, "POST", "/v1/chat/completions", CHAT))
+            assert status == 403 and "models.use" in body["error"]["message"]
+            status, body = as_user(CAROL, call(shared, "DELETE", "/api/models/smol-b"))
+            assert status == 403 and "models.manage" in body["error"]["message"]
+            status, body = as_user(CAROL, call(shared, "POST", "/api/access/grants",
+                                               {"subject": f"user:{CAROL}", "role": "admin"}))
+            assert status == 403 and "access.manage" in body["error"]["message"]
+        finally:
+            root.revoke(f"user:{CAROL}", "operator")
+
+
+def test_tokens_tell_services_on_one_uid_apart(shared: Daemon) -> None:
+    with shared.client() as root:
+        token = root.create_token("svc")["token"]
+        root.grant("token:svc", "client", MODEL)
+        try:
+            assert as_user(BOB, call(shared, "POST", "/v1/chat/completions", CHAT,
+                                     token=token))[0] == 200
+            assert as_user(BOB, call(shared, "POST", "/v1/chat/completions", CHAT))[0] == 403
+            assert as_user(BOB, call(shared, "POST", "/v1/chat/completions", CHAT,
+                                     token="edg_not-a-token"))[0] == 403
+        finally:
+            root.revoke("token:svc", "client", MODEL)
+    assert "edg_" not in (shared.state_dir / "vault" / "catalog.db").read_bytes().decode(
+        "latin-1")  # stored hashed
+
+
+def test_clients_see_and_cancel_only_their_own_requests(shared: Daemon) -> None:
+    import threading
+
+    with shared.client() as root:
+        root.grant(f"user:{ALICE}", "client", MODEL)
+        root.grant(f"user:{BOB}", "client", MODEL)
+        long = {**CHAT, "max_tokens": 2000, "ignore_eos": True}
+        result: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: result.update(
+            alice=as_user(ALICE, call(shared, "POST", "/v1/chat/completions", long))))
+        t.start()
+        try:
+            running = wait_for(lambda: [r for r in root.requests() if r["completion_tokens"]])
+            alice_req = running[0]["id"]
+            status, theirs = as_user(BOB, call(shared, "GET", "/api/requests"))
+            assert status == 200 and theirs["requests"] == []
+            status, body = as_user(BOB, call(shared, "DELETE", f"/api/requests/{alice_req}"))
+            assert status == 403 and "requests.cancel_any" in body["error"]["message"]
+            status, mine = as_user(ALICE, call(shared, "GET", "/api/requests"))
+            assert [r["id"] for r in mine["requests"]] == [alice_req]
+            assert as_user(ALICE, call(shared, "DELETE", f"/api/requests/{alice_req}"))[0] == 200
+        finally:
+            t.join(60)
+            root.revoke(f"user:{ALICE}", "client", MODEL)
+            root.revoke(f"user:{BOB}", "client", MODEL)
+    assert result["alice"][1]["choices"][0]["finish_reason"] == "cancelled"
+
+
+def test_grant_errors_and_the_cli(shared: Daemon) -> None:
+    with shared.http() as h:
+        bad = h.post("/api/access/grants", json={"subject": "wizard:x", "role": "client"})
+        assert bad.status_code == 400 and "invalid subject" in bad.json()["error"]["message"]
+        bad = h.post("/api/access/grants", json={"subject": "user:x", "role": "king"})
+        assert bad.status_code == 400 and "unknown role 'king'" in bad.json()["error"]["message"]
+        gone = h.request("DELETE", "/api/access/grants", json={"subject": "user:x",
+                                                               "role": "client"})
+        assert gone.status_code == 404
+    env = {**shared.env, "EDGELLM_SOCKET": str(shared.socket)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        import sys
+
+        return subprocess.run([sys.executable, "-m", "edgellm", "access", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    assert "granted client to user:edgt-bob on smol-b" in cli(
+        "grant", f"user:{BOB}", "client", "--model", "smol-b").stdout
+    assert f"user:{BOB}" in cli("list").stdout
+    assert "roles: admin" in cli("whoami").stdout
+    assert cli("revoke", f"user:{BOB}", "client", "--model", "smol-b").returncode == 0
+    assert "no grants" in cli("list").stdout
+    assert shared.alive()
