@@ -501,6 +501,76 @@ def access_token(name: str, socket: str | None) -> None:
                err=True)
 
 
+# --- audit ------------------------------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """The tamper-evident record of who did what (never prompts or outputs)."""
+
+
+def _audit_line(r: dict[str, Any]) -> str:
+    tokens = (f" tokens={r['prompt_tokens']}+{r['completion_tokens']}"
+              if r.get("completion_tokens") is not None else "")
+    extra = f" status={r['status']}" if r.get("status") is not None else ""
+    finish = f" finish={r['finish_reason']}" if r.get("finish_reason") else ""
+    return (f"{r['seq']:>6} {r['time']} {r['decision']:<7} {r['action'] or '-':<18} "
+            f"{r['resource'] or '-'} user={r['user'] or '-'} uid={r['uid']} pid={r['pid']}"
+            f"{extra}{tokens}{finish}")
+
+
+@audit.command("tail")
+@click.option("-n", "count", default=20, show_default=True, help="How many rows.")
+@socket_option
+@json_option
+@friendly
+def audit_tail(count: int, socket: str | None, as_json: bool) -> None:
+    """The newest rows."""
+    with _client(socket) as c:
+        rows = list(reversed(c.audit(limit=count, order="newest")))
+    _emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
+
+
+@audit.command("search")
+@click.option("--since", help="UTC ISO time, e.g. 2026-11-22T00:00:00Z.")
+@click.option("--until")
+@click.option("--user")
+@click.option("--action", help="e.g. models.use, models.load, access.manage.")
+@click.option("--decision", type=click.Choice(["allow", "deny", "outcome"]))
+@click.option("--model")
+@socket_option
+@json_option
+@friendly
+def audit_search(since: str | None, until: str | None, user: str | None, action: str | None,
+                 decision: str | None, model: str | None, socket: str | None,
+                 as_json: bool) -> None:
+    """Rows matching every filter given."""
+    with _client(socket) as c:
+        rows = c.audit(since=since, until=until, user=user, action=action, decision=decision,
+                       model=model)
+    _emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
+
+
+@audit.command("export")
+@socket_option
+@friendly
+def audit_export(socket: str | None) -> None:
+    """Every row as JSON lines, oldest first (MACs included, for offline checking)."""
+    with _client(socket) as c:
+        for row in c.audit():
+            click.echo(json.dumps(row, separators=(",", ":")))
+
+
+@audit.command("verify")
+@socket_option
+@friendly
+def audit_verify(socket: str | None) -> None:
+    """Check the whole HMAC chain; name the first row that was tampered with."""
+    with _client(socket) as c:
+        result = c.audit_verify()
+    if not result["ok"]:
+        raise EdgeError(f"audit chain broken at row {result['first_bad']}: {result['problem']}")
+    click.echo(f"audit chain intact: {result['rows']} rows")
+
+
 # --- vault ---------------------------------------------------------------------------------------
 @main.group()
 def vault() -> None:

@@ -196,6 +196,14 @@ class Client:
         return self._json("DELETE", "/api/access/grants",
                           json={"subject": subject, "role": role, "model": model})
 
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        """Audit rows; filters: since, until, user, action, decision, model, limit, order."""
+        params = {k: str(v) for k, v in filters.items() if v is not None}
+        return self._json("GET", "/api/audit", params=params)["rows"]
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self._json("GET", "/api/audit/verify")
+
     def create_token(self, name: str) -> dict[str, str]:
         return self._json("POST", "/api/access/tokens", json={"name": name})
 

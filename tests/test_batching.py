@@ -121,11 +121,12 @@ def test_a_slot_freed_by_disconnect_is_reused(make_daemon: Any) -> None:
                               kwargs={"max_tokens": 400, "ignore_eos": True})
     keeper.start()
     with d.client() as c:
+        wait_for(lambda: any(r["completion_tokens"] > 0 for r in c.requests()))
         leaver = c.chat([{"role": "user", "content": PROMPTS[1]}], stream=True,
                         max_tokens=3000, ignore_eos=True)
-        for i, _ in enumerate(leaver):
-            if i == 3:
-                break
+        pieces = iter(leaver)  # held: dropping it would close the stream right away
+        for _ in range(4):
+            next(pieces)
         assert sum(m["slots_busy"] for m in c.ps()) == 2
         leaver.close()
         wait_for(lambda: sum(m["slots_busy"] for m in c.ps()) == 1)

@@ -18,6 +18,7 @@ from edgellm.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    PermissionDenied,
 )
 from edgellm.server import openai_routes
 from edgellm.server.context import State, read_json
@@ -61,7 +62,20 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("POST", "/api/access/grants"): "access.manage",
     ("DELETE", "/api/access/grants"): "access.manage",
     ("POST", "/api/access/tokens"): "access.manage",
+    ("GET", "/api/audit"): "audit.read",
+    ("GET", "/api/audit/verify"): "audit.verify",
 }
+
+
+GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions"}  # they record the model
+
+
+def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
+    try:
+        _state(request).record(request, action=exc.param or "", decision="deny", status=403,
+                               resource=request.match_info.get("name") or request.path)
+    except EdgeError:
+        log.error("event=audit_failed decision=deny path=%s", request.path)
 
 
 def _identify(request: web.Request) -> Principal:
@@ -87,10 +101,18 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
     try:
         principal = _identify(request)
         permission = ROUTE_PERMISSIONS.get((request.method, route))
-        policy = _state(request).access
-        if permission is not None and policy is not None:
-            policy.require(principal, permission)
+        st = _state(request)
+        if permission is not None and st.access is not None:
+            st.access.require(principal, permission)
+        if request.method != "GET" and route not in GENERATION_ROUTES and route != "unmatched":
+            # state changes are recorded before they happen: no row, no action
+            st.record(request, action=permission or f"{request.method} {route}",
+                      resource=request.match_info.get("name") or request.match_info.get("id")
+                      or route, decision="allow")
         response = await handler(request)
+    except PermissionDenied as exc:
+        _record_denial(request, exc)
+        response = error_response(exc, request.get("request_id"))
     except EdgeError as exc:
         response = error_response(exc, request.get("request_id"))
     except web.HTTPRequestEntityTooLarge:
@@ -277,6 +299,24 @@ async def create_token(request: web.Request) -> web.Response:
                               "token": token}, status=201)
 
 
+async def audit_rows(request: web.Request) -> web.Response:
+    q = request.query
+    limit = q.get("limit")
+    if limit is not None and not limit.isdigit():
+        raise InvalidRequest("limit must be a whole number", param="limit")
+    rows = _state(request).audit.rows(
+        since=q.get("since"), until=q.get("until"), user=q.get("user"),
+        action=q.get("action"), decision=q.get("decision"), model=q.get("model"),
+        limit=int(limit) if limit else None, newest_first=q.get("order") == "newest")
+    return web.json_response({"rows": rows})
+
+
+async def audit_verify(request: web.Request) -> web.Response:
+    st = _state(request)
+    result = await asyncio.get_running_loop().run_in_executor(None, st.audit.verify)
+    return web.json_response(result)
+
+
 async def list_grants(request: web.Request) -> web.Response:
     return web.json_response({"grants": _state(request).access.grants()})
 
@@ -340,4 +380,6 @@ def build_app(state: State) -> web.Application:
     r.add_post("/api/access/grants", change_grant)
     r.add_delete("/api/access/grants", change_grant)
     r.add_post("/api/access/tokens", create_token)
+    r.add_get("/api/audit", audit_rows)
+    r.add_get("/api/audit/verify", audit_verify)
     return app

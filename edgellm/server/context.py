@@ -23,6 +23,19 @@ class State:
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     access: Any = None  # the vault's AccessPolicy
+    audit: Any = None  # the vault's AuditLog
+
+    def record(self, request: Any, **fields: Any) -> None:
+        """One audit row about this request's caller (raises AuditUnavailable)."""
+        if self.audit is None:
+            return
+        from edgellm.vault.audit import executable
+
+        creds, who = request.get("principal", {}), request.get("who")
+        self.audit.append(uid=creds.get("uid"), pid=creds.get("pid"),
+                          user=(who.user if who else "") + (f"+token:{who.token}"
+                                                            if who and who.token else ""),
+                          exe=executable(creds.get("pid")), **fields)
     load_failures: dict[str, str] = field(default_factory=dict)
 
     def check_accepting(self) -> None:

@@ -84,7 +84,7 @@ async def _serve(settings: Settings, store: ModelStore,
         inode = os.lstat(settings.socket).st_ino
     runtime = Runtime(settings, store)
     state = State(settings=settings, runtime=runtime, store=store,
-                  access=getattr(store, "access", None))
+                  access=getattr(store, "access", None), audit=getattr(store, "audit", None))
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace + 5)
     await runner.setup()

@@ -18,13 +18,30 @@ from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, par
 log = logging.getLogger("edgellm.requests")
 
 
-def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> None:
+def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None,
+              request: web.Request | None = None) -> None:
+    if request is not None:
+        request["outcome"] = {"status": 200, "finish_reason": event.finish_reason}
     log.info("event=request_done id=%s model=%s uid=%s finish=%s prompt_tokens=%d "
              "completion_tokens=%d prompt_s=%.3f decode_s=%.3f ttft_s=%s total_s=%.3f",
              gen.id, gen.model, gen.principal.get("uid"), event.finish_reason,
              event.usage.prompt_tokens, event.usage.completion_tokens, event.prompt_seconds,
              event.decode_seconds, "-" if ttft is None else f"{ttft:.3f}",
              time.monotonic() - gen.started)
+
+
+def _record_outcome(state: State, request: web.Request, gen: GenerationRequest,
+                    prompt_hmac: str | None) -> None:
+    outcome = request.get("outcome") or {}
+    try:
+        state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
+                     decision="outcome", status=outcome.get("status", 499),
+                     prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
+                     latency_ms=round((time.monotonic() - gen.started) * 1000, 1),
+                     finish_reason=outcome.get("finish_reason", "cancelled"),
+                     prompt_hmac=prompt_hmac)
+    except EdgeError:
+        log.error("event=audit_failed decision=outcome id=%s", gen.id)
 
 
 def _sse(payload: Any) -> bytes:
@@ -61,29 +78,42 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
     if state.access is not None:
         state.access.require(request["who"], "models.use", gen.model)
     state.check_accepting()
-    state.runtime.submit(gen)  # EdgeErrors (unknown model, queue full) answer at once
+    prompt_text = prompt if prompt is not None else json.dumps(messages, sort_keys=True)
+    prompt_hmac = state.audit.prompt_hash(prompt_text) if state.audit else None
+    state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
+                 decision="allow", prompt_hmac=prompt_hmac)  # no row, no service
     finished = False
     try:
+        try:
+            state.runtime.submit(gen)  # EdgeErrors (unknown model, queue full) answer at once
+        except EdgeError as exc:
+            finished = True
+            request["outcome"] = {"status": exc.status, "finish_reason": "error"}
+            raise
         first = await events.get()
         if isinstance(first, Failed):
             finished = True
-            raise first.error
+            err = first.error
+            request["outcome"] = {"status": getattr(err, "status", 500), "finish_reason": "error"}
+            raise err
         kind = "chat.completion" if chat else "text_completion"
         base = {"id": ("chatcmpl-" if chat else "cmpl-") + gen.id, "created": int(time.time()),
                 "model": gen.model}
         if body.stream:
             response = await _stream(request, gen, body, base, first, events, chat, kind)
         else:
-            response = await _collect(gen, base, first, events, chat, kind)
+            response = await _collect(request, gen, base, first, events, chat, kind)
         finished = True
         return response
     finally:
         if not finished:  # the client went away, or writing to it failed
             gen.cancel()
+        _record_outcome(state, request, gen, prompt_hmac)
 
 
-async def _collect(gen: GenerationRequest, base: dict[str, Any], first: Any,
-                   events: asyncio.Queue[Any], chat: bool, kind: str) -> web.Response:
+async def _collect(request: web.Request, gen: GenerationRequest, base: dict[str, Any],
+                   first: Any, events: asyncio.Queue[Any], chat: bool,
+                   kind: str) -> web.Response:
     parts: list[str] = []
     event = first
     while not isinstance(event, Finished):
@@ -92,7 +122,7 @@ async def _collect(gen: GenerationRequest, base: dict[str, Any], first: Any,
         if isinstance(event, Delta):
             parts.append(event.text)
         event = await events.get()
-    _log_done(gen, event, None)
+    _log_done(gen, event, None, request)
     text = "".join(parts)
     choice: dict[str, Any] = {"index": 0, "finish_reason": event.finish_reason}
     if chat:
@@ -139,7 +169,7 @@ async def _stream(request: web.Request, gen: GenerationRequest, body: Any, base:
             await response.write(_sse(body_err))
             break
         elif isinstance(event, Finished):
-            _log_done(gen, event, ttft)
+            _log_done(gen, event, ttft, request)
             await response.write(chunk(None, event.finish_reason))
             if body.include_usage:
                 await response.write(_sse({**base, "object": obj, "choices": [],

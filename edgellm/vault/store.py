@@ -64,8 +64,10 @@ class VaultStore:
                                        "size": int, "record": str, "added": str}, pk="name")
         self.remove_leftovers()
         from edgellm.vault.access import AccessPolicy
+        from edgellm.vault.audit import AuditLog
 
         self.access = AccessPolicy(self.db, self._lock)
+        self.audit = AuditLog(self.root / "audit.db", key.derive("audit-hmac"))
 
     @staticmethod
     def exists(root: Path) -> bool:

@@ -1,0 +1,120 @@
+"""The audit log against a real daemon: what is recorded, tampering of each kind,
+and refusing to serve when a row cannot be written."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import pytest
+
+from conftest import MODEL, Daemon
+
+CHAT = {"messages": [{"role": "user", "content": "The secret word is PARSNIP."}],
+        "max_tokens": 3, "ignore_eos": True}
+
+
+@pytest.fixture
+def d(make_daemon: Any) -> Daemon:
+    return make_daemon()
+
+
+def _db(d: Daemon) -> sqlite3.Connection:
+    return sqlite3.connect(d.state_dir / "vault" / "audit.db", isolation_level=None)
+
+
+def test_requests_are_recorded_without_their_text(d: Daemon) -> None:
+    with d.http() as h:
+        first = h.post("/v1/chat/completions", json=CHAT)
+        again = h.post("/v1/chat/completions", json=CHAT)
+        h.post(f"/api/models/{MODEL}/unload")
+    with d.client() as c:
+        rows = c.audit()
+        verdict = c.audit_verify()
+    uses = [r for r in rows if r["action"] == "models.use"]
+    assert [r["decision"] for r in uses] == ["allow", "outcome", "allow", "outcome"]
+    outcome = uses[1]
+    assert outcome["request_id"] == first.headers["X-Request-Id"]
+    assert outcome["status"] == 200 and outcome["completion_tokens"] == 3
+    assert outcome["finish_reason"] == "length" and outcome["latency_ms"] > 0
+    assert outcome["uid"] == 0 and outcome["user"] == "root" and outcome["pid"] > 0
+    assert outcome["exe"].endswith(("python3", "python3.11", "python"))
+    assert uses[0]["prompt_hmac"] == uses[2]["prompt_hmac"]  # same prompt, same keyed hash
+    assert uses[2]["request_id"] == again.headers["X-Request-Id"]
+    assert any(r["action"] == "models.load" and r["resource"] == MODEL for r in rows)
+    raw = (d.state_dir / "vault" / "audit.db").read_bytes()
+    assert b"PARSNIP" not in raw and b"secret word" not in raw
+    assert verdict == {"ok": True, "rows": len(rows), "first_bad": None, "problem": None}
+
+
+def test_search_and_the_cli(d: Daemon) -> None:
+    with d.http() as h:
+        h.post("/v1/chat/completions", json=CHAT)
+        h.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    with d.client() as c:
+        outcomes = c.audit(decision="outcome")
+        assert [r["status"] for r in outcomes] == [200, 404]
+        assert [r["resource"] for r in c.audit(model="nope")] == ["nope", "nope"]
+        assert c.audit(user="nobody") == []
+    tail = d.cli("audit", "tail", "-n", "2")
+    assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 2
+    assert "status=404" in tail.stdout
+    exported = d.cli("audit", "export").stdout.splitlines()
+    assert len(exported) == 4 and '"mac":' in exported[0]
+    assert d.cli("audit", "verify").stdout.strip() == "audit chain intact: 4 rows"
+
+
+def _rows(d: Daemon, n: int = 4) -> None:
+    with d.http() as h:
+        for _ in range(n // 2):
+            h.post("/v1/chat/completions", json=CHAT)
+
+
+FORGED = ("INSERT INTO audit (seq, time, action, decision, mac) "
+          "VALUES (3, '2026-01-01T00:00:00Z', 'models.use', 'allow', '00')")
+TAMPERING: dict[str, tuple[list[str], int]] = {
+    "changed": (["UPDATE audit SET completion_tokens = 999 WHERE seq = 2"], 2),
+    "deleted": (["DELETE FROM audit WHERE seq = 2"], 3),
+    # rows 3.. move up by one to make room for a forged row 3
+    "inserted": (["UPDATE audit SET seq = seq + 100 WHERE seq >= 3",
+                  "UPDATE audit SET seq = seq - 99 WHERE seq >= 103", FORGED], 3),
+    "reordered": (["UPDATE audit SET seq = -2 WHERE seq = 2",
+                   "UPDATE audit SET seq = 2 WHERE seq = 3",
+                   "UPDATE audit SET seq = 3 WHERE seq = -2"], 2),
+}
+
+
+@pytest.mark.parametrize("kind", list(TAMPERING))
+def test_tampering_is_detected_and_named(d: Daemon, kind: str) -> None:
+    _rows(d)
+    statements, first_bad = TAMPERING[kind]
+    db = _db(d)
+    for sql in statements:
+        db.execute(sql)
+    db.close()
+    with d.client() as c:
+        result = c.audit_verify()
+    assert result["ok"] is False and result["first_bad"] == first_bad, result
+    verdict = d.cli("audit", "verify")
+    assert verdict.returncode == 1
+    assert f"audit chain broken at row {first_bad}" in verdict.stderr
+
+
+def test_no_row_no_service(d: Daemon) -> None:
+    with d.http() as h:
+        assert h.post("/v1/chat/completions", json=CHAT).status_code == 200
+        blocker = _db(d)
+        blocker.execute("BEGIN EXCLUSIVE")  # the audit log cannot be written
+        try:
+            refused = h.post("/v1/chat/completions", json=CHAT)
+            assert refused.status_code == 503 and "Retry-After" in refused.headers
+            assert "audit log cannot be written" in refused.json()["error"]["message"]
+            load = h.post(f"/api/models/{MODEL}/unload")
+            assert load.status_code == 503
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert h.post("/v1/chat/completions", json=CHAT).status_code == 200
+    with d.client() as c:
+        assert c.audit_verify()["ok"] is True
+        assert c.ps()  # the unload was refused, the model is still loaded
