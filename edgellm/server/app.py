@@ -70,9 +70,9 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
 GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions"}  # they record the model
 
 
-def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
+async def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
     try:
-        _state(request).record(request, action=exc.param or "", decision="deny", status=403,
+        await _state(request).record(request, action=exc.param or "", decision="deny", status=403,
                                resource=request.match_info.get("name") or request.path)
     except EdgeError:
         log.error("event=audit_failed decision=deny path=%s", request.path)
@@ -106,12 +106,12 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
             st.access.require(principal, permission)
         if request.method != "GET" and route not in GENERATION_ROUTES and route != "unmatched":
             # state changes are recorded before they happen: no row, no action
-            st.record(request, action=permission or f"{request.method} {route}",
+            await st.record(request, action=permission or f"{request.method} {route}",
                       resource=request.match_info.get("name") or request.match_info.get("id")
                       or route, decision="allow")
         response = await handler(request)
     except PermissionDenied as exc:
-        _record_denial(request, exc)
+        await _record_denial(request, exc)
         response = error_response(exc, request.get("request_id"))
     except EdgeError as exc:
         response = error_response(exc, request.get("request_id"))

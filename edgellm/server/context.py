@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,25 +23,26 @@ class State:
     store: ModelStore
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
+    load_failures: dict[str, str] = field(default_factory=dict)
     access: Any = None  # the vault's AccessPolicy
     audit: Any = None  # the vault's AuditLog
 
-    def record(self, request: Any, **fields: Any) -> None:
-        """One audit row about this request's caller (raises AuditUnavailable)."""
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ShuttingDown("the daemon is shutting down; retry once it is back", retry_after=5)
+
+    async def record(self, request: Any, **fields: Any) -> None:
+        """One audit row about this request's caller (raises AuditUnavailable). The
+        write is a SQLite commit that may wait on a lock: it runs off the event loop."""
         if self.audit is None:
             return
         from edgellm.vault.audit import executable
 
         creds, who = request.get("principal", {}), request.get("who")
-        self.audit.append(uid=creds.get("uid"), pid=creds.get("pid"),
-                          user=(who.user if who else "") + (f"+token:{who.token}"
-                                                            if who and who.token else ""),
-                          exe=executable(creds.get("pid")), **fields)
-    load_failures: dict[str, str] = field(default_factory=dict)
-
-    def check_accepting(self) -> None:
-        if self.draining:
-            raise ShuttingDown("the daemon is shutting down; retry once it is back", retry_after=5)
+        user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")
+        row = dict(uid=creds.get("uid"), pid=creds.get("pid"), user=user,
+                   exe=executable(creds.get("pid")), **fields)
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.audit.append(**row))
 
 
 async def read_json(request: web.Request) -> Any:

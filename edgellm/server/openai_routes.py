@@ -30,11 +30,11 @@ def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None,
              time.monotonic() - gen.started)
 
 
-def _record_outcome(state: State, request: web.Request, gen: GenerationRequest,
-                    prompt_hmac: str | None) -> None:
+async def _record_outcome(state: State, request: web.Request, gen: GenerationRequest,
+                          prompt_hmac: str | None) -> None:
     outcome = request.get("outcome") or {}
     try:
-        state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
+        await state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
                      decision="outcome", status=outcome.get("status", 499),
                      prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
                      latency_ms=round((time.monotonic() - gen.started) * 1000, 1),
@@ -80,8 +80,8 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
     state.check_accepting()
     prompt_text = prompt if prompt is not None else json.dumps(messages, sort_keys=True)
     prompt_hmac = state.audit.prompt_hash(prompt_text) if state.audit else None
-    state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
-                 decision="allow", prompt_hmac=prompt_hmac)  # no row, no service
+    await state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
+                       decision="allow", prompt_hmac=prompt_hmac)  # no row, no service
     finished = False
     try:
         try:
@@ -108,7 +108,7 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
     finally:
         if not finished:  # the client went away, or writing to it failed
             gen.cancel()
-        _record_outcome(state, request, gen, prompt_hmac)
+        await _record_outcome(state, request, gen, prompt_hmac)
 
 
 async def _collect(request: web.Request, gen: GenerationRequest, base: dict[str, Any],
