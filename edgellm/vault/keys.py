@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from edgellm.errors import EdgeError
+from edgellm.vault.files import fsync_dir
 
 KEY_LEN = 32
 SCRYPT_MIN = {"n": 1 << 17, "r": 8, "p": 1}
@@ -149,8 +150,4 @@ class VaultMeta:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)

@@ -34,18 +34,11 @@ from edgellm.errors import Conflict, IntegrityError, ModelNotFound
 from edgellm.runtime.gguf_meta import read_gguf_metadata
 from edgellm.runtime.source import ModelRecord, check_name
 from edgellm.vault import format as fmt
+from edgellm.vault.files import fsync_dir
 from edgellm.vault.keys import MasterKey, VaultMeta
 
 HEAD_LIMIT = 64 * 1024 * 1024  # a GGUF's key/value section must fit in this much
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VaultStore:
@@ -167,7 +160,7 @@ class VaultStore:
             meta = read_gguf_metadata(bytes(head), name)
             file = f"{os.urandom(12).hex()}.edgv"
             os.replace(tmp, self.objects / file)
-            _fsync_dir(self.objects)
+            fsync_dir(self.objects)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
