@@ -28,6 +28,17 @@ def _ask(d: Daemon, prompt: str, out: dict[str, Any], key: Any, **params: Any) -
         out[key] = ("".join(stream), stream.finish_reason, stream.usage)
 
 
+def _start_generating(d: Daemon, prompt: str, out: dict[int, Any], key: int,
+                      max_tokens: int) -> threading.Thread:
+    """A long request in a thread, returned once it is producing tokens."""
+    t = threading.Thread(target=_ask, args=(d, prompt, out, key),
+                         kwargs={"max_tokens": max_tokens, "ignore_eos": True})
+    t.start()
+    with d.client() as c:
+        wait_for(lambda: any(r["completion_tokens"] > 0 for r in c.requests()))
+    return t
+
+
 def _parallel(d: Daemon, jobs: list[tuple[str, dict[str, Any]]],
               stagger: float = 0.0) -> dict[int, Any]:
     out: dict[int, Any] = {}
@@ -81,11 +92,8 @@ def test_cancel_mid_batch_leaves_the_others_untouched(make_daemon: Any) -> None:
     greedy = {"temperature": 0, "max_tokens": 40, "ignore_eos": True}
     alone = _parallel(d, [(PROMPTS[1], greedy)])[0]
     out: dict[int, Any] = {}
-    long_one = threading.Thread(target=_ask, args=(d, PROMPTS[0], out, 0),
-                                kwargs={"max_tokens": 3000, "ignore_eos": True})
-    long_one.start()
+    long_one = _start_generating(d, PROMPTS[0], out, 0, max_tokens=3000)
     with d.client() as c:
-        wait_for(lambda: any(r["completion_tokens"] > 0 for r in c.requests()))
         threads = [long_one] + [threading.Thread(target=_ask, args=(d, PROMPTS[1], out, k),
                                                  kwargs=greedy) for k in (1, 2)]
         for t in threads[1:]:
@@ -117,11 +125,8 @@ def test_a_slot_freed_by_disconnect_is_reused(make_daemon: Any) -> None:
     with d.client() as c:
         c.load(MODEL)  # with max_queue=0 not even a load may be waited for
     out: dict[int, Any] = {}
-    keeper = threading.Thread(target=_ask, args=(d, PROMPTS[0], out, 0),
-                              kwargs={"max_tokens": 400, "ignore_eos": True})
-    keeper.start()
+    keeper = _start_generating(d, PROMPTS[0], out, 0, max_tokens=400)
     with d.client() as c:
-        wait_for(lambda: any(r["completion_tokens"] > 0 for r in c.requests()))
         leaver = c.chat([{"role": "user", "content": PROMPTS[1]}], stream=True,
                         max_tokens=3000, ignore_eos=True)
         pieces = iter(leaver)  # held: dropping it would close the stream right away

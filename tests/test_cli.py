@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, Daemon
+from conftest import MODEL, Daemon, wait_for
 
 
 def test_ask_streams_an_answer(daemon: Daemon) -> None:
@@ -119,15 +118,9 @@ def test_interactive_chat_keeps_history_and_ctrl_c_cancels(daemon: Daemon) -> No
     proc.stdin.write("Tell me a very long story about a dragon.\n")
     proc.stdin.flush()
     with daemon.client() as c:
-        deadline = time.monotonic() + 30
-        while not any(r["completion_tokens"] > 3 for r in c.requests()):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: any(r["completion_tokens"] > 3 for r in c.requests()), timeout=30)
         proc.send_signal(signal.SIGINT)  # Ctrl-C: stop this answer, stay in the chat
-        deadline = time.monotonic() + 10
-        while c.requests():
-            assert time.monotonic() < deadline, "the cancelled answer kept its slot"
-            time.sleep(0.05)
+        wait_for(lambda: not c.requests(), timeout=10)  # the cancelled answer left its slot
     proc.stdin.write("/exit\n")
     proc.stdin.flush()
     out, err = proc.communicate(timeout=30)
