@@ -3,8 +3,10 @@
 A principal is what SO_PEERCRED says about the peer (uid, gid, pid), resolved to a
 user name and its groups; an optional bearer token adds a named identity for
 services that share a uid. Grants bind a subject (``user:NAME``, ``group:NAME``,
-``uid:N`` or ``token:NAME``) to a role, and client grants to a model (or ``*``).
-root and the daemon's own user are admins; nobody else has anything until granted.
+``uid:N`` or ``token:NAME``) to a role within a scope: client grants to a model (or
+``*``), data grants to a data object, or to a prefix of names when the scope ends in
+``/`` or ``*`` (``docs/`` covers ``docs/a.txt``). root and the daemon's own user are
+admins; nobody else has anything until granted.
 """
 
 from __future__ import annotations
@@ -26,10 +28,17 @@ from edgellm.errors import InvalidRequest, PermissionDenied
 ROLES: dict[str, set[str]] = {
     "admin": {"*"},
     "operator": {"models.list", "models.load", "requests.read_all", "requests.cancel_any",
-                 "metrics.read", "health.read", "audit.read", "governor.configure"},
-    "auditor": {"audit.read", "audit.verify", "metrics.read", "health.read", "models.list"},
+                 "metrics.read", "health.read", "audit.read", "governor.configure",
+                 "vault.verify"},
+    "auditor": {"audit.read", "audit.verify", "metrics.read", "health.read", "models.list",
+                "vault.verify"},
     "client": {"models.use", "models.list", "health.read"},
+    "data-reader": {"data.read", "health.read"},
+    "data-writer": {"data.read", "data.write", "health.read"},
 }
+# permissions that hold only within the grant's scope (which model, which data)
+SCOPED = {"models.use", "data.read", "data.write"}
+SCOPED_ROLES = {"client", "data-reader", "data-writer"}
 SUBJECT_KINDS = ("user", "group", "uid", "token")
 
 
@@ -90,34 +99,40 @@ class AccessPolicy:
         self.db, self._lock = db, lock
         with lock:
             if "grants" not in db.table_names():
-                db["grants"].create({"subject": str, "role": str, "model": str},
-                                    pk=("subject", "role", "model"))
+                db["grants"].create({"subject": str, "role": str, "scope": str},
+                                    pk=("subject", "role", "scope"))
+            elif "model" in db["grants"].columns_dict:  # from before data grants
+                db["grants"].transform(rename={"model": "scope"})
             if "tokens" not in db.table_names():
                 db["tokens"].create({"name": str, "hash": str}, pk="name")
         self.daemon_uid = os.getuid()
 
     # --- grants ----------------------------------------------------------------------
-    def grant(self, subject: str, role: str, model: str = "*") -> dict[str, str]:
+    def grant(self, subject: str, role: str, scope: str = "*") -> dict[str, str]:
         check_subject(subject)
         if role not in ROLES:
             raise InvalidRequest(f"unknown role {role!r}: one of {', '.join(ROLES)}",
                                  param="role")
-        row = {"subject": subject, "role": role, "model": model if role == "client" else "*"}
+        if not scope:
+            raise InvalidRequest("the scope is empty: name a model, a data prefix, or *",
+                                 param="scope")
+        row = {"subject": subject, "role": role, "scope": scope if role in SCOPED_ROLES
+               else "*"}
         with self._lock:
-            self.db["grants"].upsert(row, pk=("subject", "role", "model"))
+            self.db["grants"].upsert(row, pk=("subject", "role", "scope"))
         return row
 
-    def revoke(self, subject: str, role: str, model: str = "*") -> bool:
+    def revoke(self, subject: str, role: str, scope: str = "*") -> bool:
         with self._lock:
             found = self.db["grants"].count_where(
-                "subject = ? and role = ? and model = ?", [subject, role, model])
-            self.db["grants"].delete_where("subject = ? and role = ? and model = ?",
-                                           [subject, role, model])
+                "subject = ? and role = ? and scope = ?", [subject, role, scope])
+            self.db["grants"].delete_where("subject = ? and role = ? and scope = ?",
+                                           [subject, role, scope])
         return bool(found)
 
     def grants(self) -> list[dict[str, str]]:
         with self._lock:
-            return list(self.db["grants"].rows_where(order_by="subject, role, model"))
+            return list(self.db["grants"].rows_where(order_by="subject, role, scope"))
 
     # --- tokens ------------------------------------------------------------------------
     def create_token(self, name: str) -> str:
@@ -136,7 +151,7 @@ class AccessPolicy:
 
     # --- decisions -----------------------------------------------------------------------
     def roles(self, p: Principal) -> dict[str, set[str]]:
-        """role → models (``*`` for all) that this principal holds."""
+        """role → scopes (``*`` for all) that this principal holds."""
         if p.uid in (0, self.daemon_uid):
             return {"admin": {"*"}}
         subjects = p.subjects()
@@ -147,26 +162,37 @@ class AccessPolicy:
             rows = list(self.db["grants"].rows_where(f"subject in ({marks})", subjects))
         held: dict[str, set[str]] = {}
         for r in rows:
-            held.setdefault(r["role"], set()).add(r["model"])
+            held.setdefault(r["role"], set()).add(r["scope"])
         return held
 
-    def allowed(self, p: Principal, permission: str, model: str | None = None) -> bool:
-        for role, models in self.roles(p).items():
+    def allowed(self, p: Principal, permission: str, resource: str | None = None) -> bool:
+        """Whether ``p`` holds ``permission``; for a scoped one, on ``resource`` (a model
+        or data name; None asks whether it holds it on anything)."""
+        for role, scopes in self.roles(p).items():
             perms = ROLES[role]
             if "*" in perms:
                 return True
-            if permission in perms and (permission != "models.use" or model is None
-                                        or "*" in models or model in models):
+            if permission in perms and (permission not in SCOPED or resource is None
+                                        or any(in_scope(resource, s) for s in scopes)):
                 return True
         return False
 
-    def require(self, p: Principal, permission: str, model: str | None = None) -> None:
-        if not self.allowed(p, permission, model):
+    def require(self, p: Principal, permission: str, resource: str | None = None) -> None:
+        if not self.allowed(p, permission, resource):
             who = p.user or f"uid {p.uid}"
-            what = f"{permission} on model {model}" if model else permission
+            kind = "model" if permission.startswith("models.") else "data"
+            what = f"{permission} on {kind} {resource}" if resource else permission
             raise PermissionDenied(f"permission denied: {who} lacks {what}; ask an admin "
                                    f"to grant it (edgellm access grant …)",
                                    param=permission)
+
+
+def in_scope(resource: str, scope: str) -> bool:
+    if scope == "*" or scope == resource:
+        return True
+    if scope.endswith("*"):
+        return resource.startswith(scope[:-1])
+    return scope.endswith("/") and resource.startswith(scope)
 
 
 def _hash(token: str) -> str:

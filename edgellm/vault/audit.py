@@ -5,6 +5,10 @@ key derived from the vault's master key, so rewriting history needs the key.
 Prompts and outputs are never stored; a keyed hash of the prompt lets an auditor
 see that two requests asked the same thing. Writes fail closed: a row that cannot
 be written (disk full, database locked past a short timeout) refuses the request.
+
+Retention deletes the oldest rows and keeps one signed checkpoint: the last deleted
+row's number and MAC, HMAC'd with the audit key, so the rows that remain still
+verify from there, and deleting rows without the key is still detected.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -26,6 +31,7 @@ FIELDS = ("seq", "time", "request_id", "uid", "user", "pid", "exe", "action", "r
           "decision", "status", "prompt_tokens", "completion_tokens", "latency_ms",
           "finish_reason", "prompt_hmac")
 GENESIS = b"\x00" * 32
+log = logging.getLogger("edgellm.vault")
 
 
 class AuditUnavailable(Unavailable):
@@ -48,8 +54,25 @@ def executable(pid: int | None) -> str:
         return ""
 
 
+def cutoff(days: float) -> str:
+    """The audit time stamp ``days`` ago (rows older than it go at retention)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - days * 86400)) + "Z"
+
+
+def _locked() -> Exception:
+    from edgellm.vault.store import VaultLocked
+
+    return VaultLocked("vault is locked: the audit log cannot be written or verified "
+                       "until `edgellm vault unlock`")
+
+
+def checkpoint_mac(key: bytes, cp: dict[str, Any]) -> str:
+    body = json.dumps([cp["seq"], cp["mac"], cp["time"], cp["pruned"]], separators=(",", ":"))
+    return hmac.new(key, b"checkpoint\x00" + body.encode(), hashlib.sha256).hexdigest()
+
+
 class AuditLog:
-    def __init__(self, path: Any, key: bytes, busy_timeout: float = 2.0) -> None:
+    def __init__(self, path: Any, key: bytes | None = None, busy_timeout: float = 2.0) -> None:
         self._key = key
         # its own connection: a slow or locked audit write must not hold the catalog's
         self._conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False,
@@ -61,24 +84,39 @@ class AuditLog:
             columns.update(seq=int, uid=int, pid=int, status=int, prompt_tokens=int,
                            completion_tokens=int, latency_ms=float, mac=str)
             self.db["audit"].create(columns, pk="seq")
+        if "checkpoint" not in self.db.table_names():
+            self.db["checkpoint"].create({"id": int, "seq": int, "mac": str, "time": str,
+                                          "pruned": int, "sig": str}, pk="id")
+
+    def set_key(self, key: bytes | None) -> None:
+        self._key = key
+
+    def _need_key(self) -> bytes:
+        if self._key is None:
+            raise _locked()
+        return self._key
 
     def prompt_hash(self, text: str) -> str:
-        return hmac.new(self._key, b"prompt\x00" + text.encode(), hashlib.sha256).hexdigest()[:32]
+        mac = hmac.new(self._need_key(), b"prompt\x00" + text.encode(), hashlib.sha256)
+        return mac.hexdigest()[:32]
 
     def append(self, **fields: Any) -> int:
         """Write one row, chained to the last; raise AuditUnavailable if it cannot be."""
+        key = self._need_key()
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     last = self._conn.execute(
                         "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                    seq = (last[0] + 1) if last else 1
-                    previous = bytes.fromhex(last[1]) if last else GENESIS
+                    cp = self.checkpoint()
+                    start = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
+                    seq = (last[0] + 1) if last else start[0] + 1
+                    previous = bytes.fromhex(last[1] if last else start[1])
                     row = {f: fields.get(f) for f in FIELDS}
                     row.update(seq=seq, time=time.strftime("%Y-%m-%dT%H:%M:%S",
                                                            time.gmtime()) + "Z")
-                    row["mac"] = chain_mac(self._key, previous, row).hex()
+                    row["mac"] = chain_mac(key, previous, row).hex()
                     cols = ", ".join(row)
                     self._conn.execute(f"INSERT INTO audit ({cols}) VALUES "
                                        f"({', '.join('?' * len(row))})", list(row.values()))
@@ -107,21 +145,85 @@ class AuditLog:
             return list(self.db["audit"].rows_where(" and ".join(where) or None, args,
                                                     order_by=order, limit=limit))
 
+    def checkpoint(self) -> dict[str, Any] | None:
+        rows = list(self.db["checkpoint"].rows)
+        return rows[0] if rows else None
+
+    def prune(self, before: str | None = None, keep_rows: int | None = None) -> int:
+        """Delete rows older than ``before`` (ISO time) and beyond the newest
+        ``keep_rows``, leaving a signed checkpoint; returns how many went."""
+        key = self._need_key()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                bounds = []
+                if before is not None:
+                    bounds.append(self._conn.execute(
+                        "SELECT max(seq) FROM audit WHERE time < ?", [before]).fetchone()[0])
+                if keep_rows is not None:
+                    top = self._conn.execute("SELECT max(seq) FROM audit").fetchone()[0]
+                    bounds.append(None if top is None else top - keep_rows)
+                upto = max((b for b in bounds if b is not None), default=None)
+                row = self._conn.execute("SELECT seq, mac FROM audit WHERE seq <= ? ORDER BY "
+                                         "seq DESC LIMIT 1", [upto]).fetchone() \
+                    if upto is not None else None
+                if row is None:
+                    self._conn.execute("ROLLBACK")
+                    return 0
+                gone = self._conn.execute("DELETE FROM audit WHERE seq <= ?",
+                                          [row[0]]).rowcount
+                old = self.checkpoint()
+                cp = {"id": 1, "seq": row[0], "mac": row[1],
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "pruned": (old["pruned"] if old else 0) + gone}
+                cp["sig"] = checkpoint_mac(key, cp)
+                self._conn.execute("INSERT OR REPLACE INTO checkpoint (id, seq, mac, time, "
+                                   "pruned, sig) VALUES (:id, :seq, :mac, :time, :pruned, "
+                                   ":sig)", cp)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return gone
+
+    def apply_retention(self, keep_days: float, keep_rows: int) -> int:
+        """The configured retention (0 keeps everything); the pruning is itself
+        recorded, with the number of rows in ``completion_tokens``."""
+        if not keep_days and not keep_rows:
+            return 0
+        gone = self.prune(before=cutoff(keep_days) if keep_days else None,
+                          keep_rows=keep_rows or None)
+        if gone:
+            log.info("event=audit_pruned rows=%d", gone)
+            self.append(action="audit.retention", resource="audit", decision="allow",
+                        status=200, completion_tokens=gone, user="edgellm")
+        return gone
+
     def verify(self) -> dict[str, Any]:
-        """Walk the chain; name the first row that was changed, deleted, inserted or
-        reordered."""
+        """Walk the chain from the genesis or the retention checkpoint; name the first
+        row that was changed, deleted, inserted or reordered."""
+        key = self._need_key()
         previous, expected_seq, count = GENESIS, 1, 0
+        cp = self.checkpoint()
+        base = {"checkpoint": None}
+        if cp is not None:
+            if not hmac.compare_digest(cp["sig"] or "", checkpoint_mac(key, cp)):
+                return {"ok": False, "rows": 0, "first_bad": None, **base,
+                        "problem": "the retention checkpoint was altered (its signature "
+                                   "does not match)"}
+            previous, expected_seq = bytes.fromhex(cp["mac"]), cp["seq"] + 1
+            base["checkpoint"] = {"seq": cp["seq"], "time": cp["time"], "pruned": cp["pruned"]}
         for row in self.rows():
             count += 1
             if row["seq"] != expected_seq:
                 what = "deleted" if row["seq"] > expected_seq else "reordered or inserted"
-                return {"ok": False, "rows": count, "first_bad": row["seq"],
+                return {"ok": False, "rows": count, "first_bad": row["seq"], **base,
                         "problem": f"row(s) before {row['seq']} were {what} "
                                    f"(expected row {expected_seq})"}
             if not hmac.compare_digest(bytes.fromhex(row["mac"] or "00"),
-                                       chain_mac(self._key, previous, row)):
-                return {"ok": False, "rows": count, "first_bad": row["seq"],
+                                       chain_mac(key, previous, row)):
+                return {"ok": False, "rows": count, "first_bad": row["seq"], **base,
                         "problem": f"row {row['seq']} was changed, inserted or moved "
                                    "(its MAC does not match)"}
             previous, expected_seq = bytes.fromhex(row["mac"]), expected_seq + 1
-        return {"ok": True, "rows": count, "first_bad": None, "problem": None}
+        return {"ok": True, "rows": count, "first_bad": None, "problem": None, **base}

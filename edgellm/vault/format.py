@@ -133,11 +133,16 @@ def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
     yield aead.encrypt(_nonce(header.prefix, index, True), bytes(buf), None)
 
 
-def decrypt_stream(f: BinaryIO, wrapping_key: bytes) -> Iterator[bytes]:
+def open_object(f: BinaryIO, wrapping_key: bytes) -> tuple[Header, AESGCM]:
+    """Read and authenticate the header, and unwrap the DEK: the only step that needs
+    the wrapping key (so a key rotation need only be held off for this long)."""
+    header = Header.decode(f.read(HEADER_LEN))
+    return header, AESGCM(unwrap_dek(wrapping_key, header))
+
+
+def decrypt_segments(f: BinaryIO, header: Header, aead: AESGCM) -> Iterator[bytes]:
     """Yield plaintext segment by segment, authenticating each before it is given
     out; raise IntegrityError naming the first bad segment."""
-    header = Header.decode(f.read(HEADER_LEN))
-    aead = AESGCM(unwrap_dek(wrapping_key, header))
     sealed_size = header.segment_size + TAG
     index = 0
     current = f.read(sealed_size)
@@ -158,6 +163,11 @@ def decrypt_stream(f: BinaryIO, wrapping_key: bytes) -> Iterator[bytes]:
         if last:
             return
         current, index = following, index + 1
+
+
+def decrypt_stream(f: BinaryIO, wrapping_key: bytes) -> Iterator[bytes]:
+    header, aead = open_object(f, wrapping_key)
+    yield from decrypt_segments(f, header, aead)
 
 
 def read_header(f: BinaryIO) -> Header:

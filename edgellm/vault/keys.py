@@ -19,7 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -37,6 +39,10 @@ class VaultKeyError(EdgeError):
 
 class WrongKey(VaultKeyError):
     code = "wrong_key"
+
+
+class NoKey(VaultKeyError):
+    code = "no_key"
 
 
 @dataclass(frozen=True)
@@ -77,15 +83,16 @@ def read_key_file(path: Path) -> MasterKey:
     return MasterKey(_parse_key(path.read_bytes(), str(path)), f"key file {path}")
 
 
-def create_key_file(path: Path) -> MasterKey:
-    """A new random key in a new 0600 file; never overwrites an existing one."""
+def create_key_file(path: Path, key: bytes | None = None) -> MasterKey:
+    """A new key (random unless given) in a new 0600 file; never overwrites one."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = os.urandom(KEY_LEN)
+    key = os.urandom(KEY_LEN) if key is None else key
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
         f.flush()
         os.fsync(f.fileno())
+    fsync_dir(path.parent)
     return MasterKey(key, f"key file {path}")
 
 
@@ -116,22 +123,52 @@ def find_master_key(key_file: Path | None, passphrase: str | None, kdf: dict[str
         if kdf is None:
             raise VaultKeyError("this vault has no passphrase set up (it uses a key file)")
         return from_passphrase(passphrase, kdf)
-    raise VaultKeyError("no vault key: give --key-file / EDGELLM_VAULT_KEY_FILE, a passphrase, "
-                    f"or a systemd credential named {CREDENTIAL}")
+    if kdf is not None:
+        raise NoKey("this vault is opened by a passphrase: give it (`edgellm vault unlock`)")
+    raise NoKey("no vault key: give --key-file / EDGELLM_VAULT_KEY_FILE, or a systemd "
+                f"credential named {CREDENTIAL}")
+
+
+def seal_secret(key: MasterKey, secret: bytes, label: str) -> str:
+    """A small secret sealed under the master key (hex), for ``vault.json``."""
+    nonce = os.urandom(12)
+    sealed = AESGCM(key.derive("meta-wrap")).encrypt(nonce, secret, label.encode())
+    return (nonce + sealed).hex()
+
+
+def open_secret(key: MasterKey, sealed_hex: str, label: str) -> bytes:
+    raw = bytes.fromhex(sealed_hex)
+    try:
+        return AESGCM(key.derive("meta-wrap")).decrypt(raw[:12], raw[12:], label.encode())
+    except InvalidTag:
+        raise VaultKeyError(f"the sealed {label} in vault.json does not open with this "
+                            "key (the file was altered)") from None
 
 
 @dataclass
 class VaultMeta:
-    """``vault.json``: what is needed to open the vault, and nothing secret."""
+    """``vault.json``: what is needed to open the vault, and nothing secret in clear.
+
+    ``audit_key`` is the audit chain's key sealed under the master key: it survives a
+    key rotation, so the chain written before still verifies after."""
 
     check: str
     key_id: str
     kdf: dict[str, object] | None = None
+    audit_key: str | None = None
     version: int = 1
 
     @classmethod
-    def for_key(cls, key: MasterKey, kdf: dict[str, object] | None = None) -> VaultMeta:
-        return cls(check=key.check_value.hex(), key_id=key.key_id.hex(), kdf=kdf)
+    def for_key(cls, key: MasterKey, kdf: dict[str, object] | None = None,
+                audit_key: bytes | None = None) -> VaultMeta:
+        audit_key = os.urandom(KEY_LEN) if audit_key is None else audit_key
+        return cls(check=key.check_value.hex(), key_id=key.key_id.hex(), kdf=kdf,
+                   audit_key=seal_secret(key, audit_key, "audit key"))
+
+    def audit_key_for(self, key: MasterKey) -> bytes:
+        if self.audit_key is None:  # vaults made before the key was sealed here
+            return key.derive("audit-hmac")
+        return open_secret(key, self.audit_key, "audit key")
 
     def verify(self, key: MasterKey) -> None:
         if not hmac.compare_digest(bytes.fromhex(self.check), key.check_value):

@@ -1,15 +1,20 @@
-"""The vault's store: models (and later data) encrypted at rest, a ModelSource.
+"""The vault's store: models and data encrypted at rest; the runtime's ModelSource.
 
     <root>/vault.json         key check value, key id, passphrase parameters
-    <root>/catalog.db         SQLite: one row per object (name, kind, file, record)
+    <root>/catalog.db         SQLite: one row per object (kind, name, file, record),
+                              and the access grants
+    <root>/audit.db           the audit log (audit.py)
     <root>/objects/<id>.edgv  the objects, in FORMAT.md's format
 
 An import streams into a temporary file beside the objects, encrypting as it goes
-(the plaintext's first bytes are kept in memory to check its GGUF header), is
-fsynced and renamed, and only then gets its catalog row: a crash leaves the old
-state or the new, and files no row names are removed when the vault opens. Loading
-decrypts into an anonymous memory file (memfd), sealed against writes, whose
-/proc/self/fd path llama.cpp opens: plaintext never touches the disk.
+(a model's first bytes are kept in memory to check its GGUF header), is fsynced and
+renamed, and only then gets its catalog row: a crash leaves the old state or the new,
+and files no row names are removed when the vault opens. Loading decrypts into an
+anonymous memory file (memfd), sealed against writes, whose /proc/self/fd path
+llama.cpp opens: plaintext never touches the disk.
+
+The store can be locked: the catalog and the grants stay readable (they hold no
+secret), and everything that needs the key raises VaultLocked until ``unlock``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import threading
@@ -30,37 +36,79 @@ from typing import Any
 
 import sqlite_utils
 
-from edgellm.errors import Conflict, IntegrityError, ModelNotFound
+from edgellm.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    Unavailable,
+)
 from edgellm.runtime.gguf_meta import read_gguf_metadata
 from edgellm.runtime.source import ModelRecord, check_name
 from edgellm.vault import format as fmt
+from edgellm.vault import rotation
+from edgellm.vault.access import AccessPolicy
+from edgellm.vault.audit import AuditLog
 from edgellm.vault.files import fsync_dir
 from edgellm.vault.keys import MasterKey, VaultMeta
 
 HEAD_LIMIT = 64 * 1024 * 1024  # a GGUF's key/value section must fit in this much
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+DATA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+
+
+class VaultLocked(Unavailable):
+    code = "vault_locked"
+
+    def __init__(self, message: str = "vault is locked: unlock it with `edgellm vault unlock`",
+                 **kw: Any) -> None:
+        super().__init__(message, retry_after=kw.pop("retry_after", 30), **kw)
+
+
+class DataNotFound(NotFound):
+    code = "data_not_found"
+
+
+def check_data_name(name: str) -> str:
+    if len(name) > 200 or not DATA_NAME_RE.match(name):
+        raise InvalidRequest(f"invalid data name {name!r}: use letters, digits, '.', '_', '-', "
+                             "with '/' between parts (e.g. docs/manual.pdf), at most 200 "
+                             "characters", param="name")
+    return name
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class VaultStore:
-    def __init__(self, root: Path, key: MasterKey) -> None:
+    def __init__(self, root: Path, key: MasterKey | None = None) -> None:
         self.root = Path(root)
-        VaultMeta.load(self.root / "vault.json").verify(key)
-        self._wrap, self._key_id = key.derive("object-wrap"), key.key_id
+        rotation.recover(self.root)  # finish or drop a key rotation a crash interrupted
         self.objects = self.root / "objects"
         self.objects.mkdir(mode=0o700, exist_ok=True)
         conn = sqlite3.connect(self.root / "catalog.db", check_same_thread=False,
                                isolation_level=None)
         self._lock = threading.Lock()  # one connection, shared by the daemon's threads
+        # held while the key is read, changed or used to unwrap a data key: a rotation
+        # sees every committed object, and no import commits under a stale key
+        self._keylock = threading.RLock()
+        self._wrap: bytes | None = None
+        self._key_id = b""
+        self.key_source = ""
         self.db = sqlite_utils.Database(conn)
+        table = self.db["objects"]
         if "objects" not in self.db.table_names():
-            self.db["objects"].create({"name": str, "kind": str, "file": str, "sha256": str,
-                                       "size": int, "record": str, "added": str}, pk="name")
+            table.create({"kind": str, "name": str, "file": str, "sha256": str, "size": int,
+                          "record": str, "added": str}, pk=("kind", "name"))
+        elif table.pks == ["name"]:  # vaults from before data objects
+            table.transform(pk=("kind", "name"))
         self.remove_leftovers()
-        from edgellm.vault.access import AccessPolicy
-        from edgellm.vault.audit import AuditLog
-
         self.access = AccessPolicy(self.db, self._lock)
-        self.audit = AuditLog(self.root / "audit.db", key.derive("audit-hmac"))
+        self.audit = AuditLog(self.root / "audit.db")
+        if key is not None:
+            self.unlock(key)
 
     @staticmethod
     def exists(root: Path) -> bool:
@@ -76,6 +124,49 @@ class VaultStore:
         VaultMeta.for_key(key, kdf).save(root / "vault.json")
         return cls(root, key)
 
+    # --- the key -----------------------------------------------------------------------
+    @property
+    def meta(self) -> VaultMeta:
+        return VaultMeta.load(self.root / "vault.json")
+
+    @property
+    def locked(self) -> bool:
+        return self._wrap is None
+
+    def unlock(self, key: MasterKey) -> None:
+        """Check the key against the vault (WrongKey if it is not this vault's) and
+        keep what is derived from it."""
+        with self._keylock:
+            meta = self.meta
+            meta.verify(key)
+            self._wrap, self._key_id, self.key_source = (key.derive("object-wrap"),
+                                                         key.key_id, key.source)
+            self._master = key
+            self.audit.set_key(meta.audit_key_for(key))
+
+    def lock(self) -> None:
+        """Forget the key: nothing encrypted can be read or written until unlock."""
+        with self._keylock:
+            self._wrap, self._key_id, self.key_source, self._master = None, b"", "", None
+            self.audit.set_key(None)
+
+    def _keys(self) -> tuple[bytes, bytes]:
+        if self._wrap is None:
+            raise VaultLocked()
+        return self._wrap, self._key_id
+
+    def rotate_key(self, new_key: MasterKey, kdf: dict[str, object] | None = None) -> int:
+        """Rewrap every object's data key under ``new_key`` (payloads untouched),
+        atomically; returns the number of objects rewrapped."""
+        with self._keylock:
+            old_wrap, _ = self._keys()
+            with self._lock:
+                files = [r["file"] for r in self.db["objects"].rows]
+            audit_key = self.meta.audit_key_for(self._master)
+            count = rotation.rotate(self.root, files, old_wrap, new_key, kdf, audit_key)
+            self.unlock(new_key)
+            return count
+
     def remove_leftovers(self) -> None:
         with self._lock:
             named = {row["file"] for row in self.db["objects"].rows}
@@ -83,11 +174,13 @@ class VaultStore:
             if path.name.startswith(".tmp-") or path.name not in named:
                 path.unlink(missing_ok=True)
 
-    # --- ModelSource -----------------------------------------------------------------
+    # --- reading -----------------------------------------------------------------------
     def _row(self, name: str, kind: str = "model") -> dict[str, Any]:
         with self._lock:
-            rows = list(self.db["objects"].rows_where("name = ? and kind = ?", [name, kind]))
+            rows = list(self.db["objects"].rows_where("kind = ? and name = ?", [kind, name]))
         if not rows:
+            if kind == "data":
+                raise DataNotFound(f"no data object named {name!r}", param="name")
             raise ModelNotFound(f"{kind} {name!r} not found", param="model")
         return rows[0]
 
@@ -102,15 +195,29 @@ class VaultStore:
                 "kind = 'model'", order_by="name")]
         return [self.get(n) for n in names]
 
+    def data_info(self, name: str) -> dict[str, Any]:
+        return json.loads(self._row(name, "data")["record"])
+
+    def list_data(self, prefix: str = "") -> list[dict[str, Any]]:
+        with self._lock:
+            rows = list(self.db["objects"].rows_where(
+                "kind = 'data' and substr(name, 1, ?) = ?", [len(prefix), prefix],
+                order_by="name"))
+        return [json.loads(r["record"]) for r in rows]
+
     @contextmanager
-    def open(self, name: str) -> Iterator[str]:
-        """The model's plaintext in a sealed memory file, as a path llama.cpp can open."""
-        row = self._row(name)
+    def open(self, name: str, kind: str = "model") -> Iterator[str]:
+        """The object's plaintext in a sealed memory file, as a path (llama.cpp opens
+        it; the data API reads it). Every segment is authenticated before the path is
+        given out."""
+        row = self._row(name, kind)
         fd = os.memfd_create(f"edgellm:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             with open(self.objects / row["file"], "rb") as f:
                 try:
-                    for piece in fmt.decrypt_stream(f, self._wrap):
+                    with self._keylock:
+                        header, aead = fmt.open_object(f, self._keys()[0])
+                    for piece in fmt.decrypt_segments(f, header, aead):
                         os.write(fd, piece)
                 except fmt.IntegrityError as exc:
                     where = "header" if exc.segment is None else f"segment {exc.segment}"
@@ -121,7 +228,7 @@ class VaultStore:
         finally:
             os.close(fd)
 
-    # --- management ------------------------------------------------------------------
+    # --- writing -----------------------------------------------------------------------
     def add_file(self, path: Path, name: str, **kw: Any) -> ModelRecord:
         with open(path, "rb") as f:
             return self.add_stream(iter(lambda: f.read(1 << 20), b""), name, **kw)
@@ -129,87 +236,128 @@ class VaultStore:
     def add_stream(self, chunks: Iterable[bytes], name: str, *,
                    expected_sha256: str | None = None, replace: bool = False,
                    info: dict[str, Any] | None = None) -> ModelRecord:
+        """Import a GGUF model (its header is checked before it becomes visible)."""
         check_name(name)
+        head = bytearray()
+
+        def check(sha: str, size: int) -> dict[str, Any]:
+            meta = read_gguf_metadata(bytes(head), name)
+            extra = dict(info or {})
+            return ModelRecord(
+                name=name, format="gguf", sha256=sha, size=size,
+                quantization=extra.pop("quantization", None) or meta["quantization"],
+                license=extra.pop("license", None) or str(meta["license"] or ""),
+                source=extra.pop("source", "local file"), added=_now(), extra=extra,
+                **{k: meta[k] for k in ("architecture", "context_length", "n_layer", "n_embd",
+                                        "n_head", "n_head_kv", "head_dim", "n_vocab",
+                                        "has_chat_template")}).as_dict()
+
+        record = self._import(chunks, "model", name, check, head, expected_sha256, replace)
+        return ModelRecord(**record)
+
+    def put_data(self, chunks: Iterable[bytes], name: str, *, replace: bool = True,
+                 expected_sha256: str | None = None, source: str = "") -> dict[str, Any]:
+        """Store any file under ``name``; replacing an existing one by default."""
+        check_data_name(name)
+        return self._import(chunks, "data", name, lambda sha, size: {
+            "name": name, "sha256": sha, "size": size, "added": _now(), "source": source},
+            None, expected_sha256, replace)
+
+    def _import(self, chunks: Iterable[bytes], kind: str, name: str, describe: Any,
+                head: bytearray | None, expected_sha256: str | None, replace: bool
+                ) -> dict[str, Any]:
         with self._lock:
-            taken = self.db["objects"].count_where("name = ?", [name])
+            taken = self.db["objects"].count_where("kind = ? and name = ?", [kind, name])
         if taken and not replace:
-            raise Conflict(f"model {name!r} already exists; remove it first", param="name")
-        digest, head, size = hashlib.sha256(), bytearray(), 0
+            raise Conflict(f"{kind} {name!r} already exists; remove it first", param="name")
+        with self._keylock:
+            wrap, key_id = self._keys()
+        digest, size = hashlib.sha256(), 0
 
         def plaintext() -> Iterator[bytes]:
             nonlocal size
             for chunk in chunks:
                 digest.update(chunk)
                 size += len(chunk)
-                if len(head) < HEAD_LIMIT:
+                if head is not None and len(head) < HEAD_LIMIT:
                     head.extend(chunk[: HEAD_LIMIT - len(head)])
                 yield chunk
 
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=self.objects)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as out:
-                for sealed in fmt.encrypt_stream(plaintext(), self._wrap, self._key_id):
+            with os.fdopen(fd, "r+b") as out:
+                for sealed in fmt.encrypt_stream(plaintext(), wrap, key_id):
                     out.write(sealed)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = digest.hexdigest()
-            if expected_sha256 and sha != expected_sha256:
-                raise IntegrityError(f"checksum mismatch for {name}: expected sha256 "
-                                     f"{expected_sha256}, got {sha}; the file was not stored")
-            meta = read_gguf_metadata(bytes(head), name)
-            file = f"{os.urandom(12).hex()}.edgv"
-            os.replace(tmp, self.objects / file)
-            fsync_dir(self.objects)
+                sha = digest.hexdigest()
+                if expected_sha256 and sha != expected_sha256:
+                    raise IntegrityError(f"checksum mismatch for {name}: expected sha256 "
+                                         f"{expected_sha256}, got {sha}; it was not stored")
+                record = describe(sha, size)
+                with self._keylock:
+                    current_wrap, current_id = self._keys()
+                    if current_id != key_id:  # the key was rotated while we encrypted
+                        out.seek(0)
+                        raw = out.read(fmt.HEADER_LEN)
+                        out.seek(0)
+                        out.write(fmt.rewrap(raw, wrap, current_wrap, current_id))
+                    out.flush()
+                    os.fsync(out.fileno())
+                    file = f"{os.urandom(12).hex()}.edgv"
+                    os.replace(tmp, self.objects / file)
+                    fsync_dir(self.objects)
+                    old = self._put(kind, name, file, sha, size, record)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        info = dict(info or {})
-        record = ModelRecord(
-            name=name, format="gguf", sha256=sha, size=size,
-            quantization=info.pop("quantization", None) or meta["quantization"],
-            license=info.pop("license", None) or str(meta["license"] or ""),
-            source=info.pop("source", "local file"),
-            added=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), extra=info,
-            **{k: meta[k] for k in ("architecture", "context_length", "n_layer", "n_embd",
-                                    "n_head", "n_head_kv", "head_dim", "n_vocab",
-                                    "has_chat_template")})
-        old = self._put(name, "model", file, sha, size, record.as_dict())
         if old:
             (self.objects / old).unlink(missing_ok=True)
         return record
 
-    def _put(self, name: str, kind: str, file: str, sha: str, size: int,
+    def _put(self, kind: str, name: str, file: str, sha: str, size: int,
              record: dict[str, Any]) -> str | None:
         """Commit the row (the moment the object becomes visible); return the file of
         the object it replaced."""
         with self._lock:
-            old = [r["file"] for r in self.db["objects"].rows_where("name = ?", [name])]
-            self.db["objects"].upsert({"name": name, "kind": kind, "file": file, "sha256": sha,
+            old = [r["file"] for r in self.db["objects"].rows_where(
+                "kind = ? and name = ?", [kind, name])]
+            self.db["objects"].upsert({"kind": kind, "name": name, "file": file, "sha256": sha,
                                        "size": size, "record": json.dumps(record),
-                                       "added": record.get("added", "")}, pk="name")
+                                       "added": record.get("added", "")}, pk=("kind", "name"))
         return old[0] if old else None
+
+    def _delete(self, kind: str, name: str) -> None:
+        row = self._row(name, kind)
+        with self._keylock, self._lock:
+            self.db["objects"].delete((kind, name))
+        (self.objects / row["file"]).unlink(missing_ok=True)
 
     def remove(self, name: str) -> ModelRecord:
         record = self.get(name)
-        row = self._row(name)
-        with self._lock:
-            self.db["objects"].delete(name)
-        (self.objects / row["file"]).unlink(missing_ok=True)
+        self._delete("model", name)
         return record
 
+    def remove_data(self, name: str) -> dict[str, Any]:
+        info = self.data_info(name)
+        self._delete("data", name)
+        return info
+
     def verify(self) -> list[tuple[str, str]]:
-        """Authenticate every segment of every object; (name, problem) for each bad one."""
+        """Authenticate every segment of every object; (name, problem) for each bad one
+        (data objects are named ``data:NAME``)."""
         bad = []
         with self._lock:
-            rows = list(self.db["objects"].rows)
+            rows = list(self.db["objects"].rows_where(order_by="kind, name"))
         for row in rows:
+            label = row["name"] if row["kind"] == "model" else f"data:{row['name']}"
             try:
                 with open(self.objects / row["file"], "rb") as f:
-                    for _ in fmt.decrypt_stream(f, self._wrap):
+                    with self._keylock:
+                        header, aead = fmt.open_object(f, self._keys()[0])
+                    for _ in fmt.decrypt_segments(f, header, aead):
                         pass
             except FileNotFoundError:
-                bad.append((row["name"], "its object file is missing"))
+                bad.append((label, "its object file is missing"))
             except fmt.IntegrityError as exc:
-                bad.append((row["name"], str(exc)))
+                bad.append((label, str(exc)))
         return bad
