@@ -188,13 +188,14 @@ class Client:
     def grants(self) -> list[dict[str, str]]:
         return self._json("GET", "/api/access/grants")["grants"]
 
-    def grant(self, subject: str, role: str, model: str = "*") -> dict[str, str]:
+    def grant(self, subject: str, role: str, scope: str = "*") -> dict[str, str]:
+        """``scope``: for client grants a model, for data grants a name or prefix."""
         return self._json("POST", "/api/access/grants",
-                          json={"subject": subject, "role": role, "model": model})
+                          json={"subject": subject, "role": role, "scope": scope})
 
-    def revoke(self, subject: str, role: str, model: str = "*") -> dict[str, Any]:
+    def revoke(self, subject: str, role: str, scope: str = "*") -> dict[str, Any]:
         return self._json("DELETE", "/api/access/grants",
-                          json={"subject": subject, "role": role, "model": model})
+                          json={"subject": subject, "role": role, "scope": scope})
 
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         """Audit rows; filters: since, until, user, action, decision, model, limit, order."""
@@ -204,8 +205,65 @@ class Client:
     def audit_verify(self) -> dict[str, Any]:
         return self._json("GET", "/api/audit/verify")
 
+    def audit_prune(self, older_than_days: int | None = None,
+                    keep_rows: int | None = None) -> dict[str, Any]:
+        body = {k: v for k, v in (("older_than_days", older_than_days),
+                                  ("keep_rows", keep_rows)) if v is not None}
+        return self._json("POST", "/api/audit/prune", json=body)
+
     def create_token(self, name: str) -> dict[str, str]:
         return self._json("POST", "/api/access/tokens", json={"name": name})
+
+    # --- the vault -------------------------------------------------------------------
+    def vault_status(self) -> dict[str, Any]:
+        return self._json("GET", "/api/vault")
+
+    def vault_unlock(self, *, key: bytes | None = None,
+                     passphrase: str | None = None) -> dict[str, Any]:
+        """With neither, the daemon tries its own key file or credential again."""
+        body: dict[str, Any] = {}
+        if key is not None:
+            body["key"] = key.hex()
+        if passphrase is not None:
+            body["passphrase"] = passphrase
+        return self._json("POST", "/api/vault/unlock", json=body)
+
+    def vault_lock(self) -> dict[str, Any]:
+        return self._json("POST", "/api/vault/lock")
+
+    def vault_rotate(self, *, passphrase: str | None = None) -> dict[str, Any]:
+        """A new random key in the daemon's key file, or the given passphrase."""
+        body = {} if passphrase is None else {"passphrase": passphrase}
+        return self._json("POST", "/api/vault/rotate", json=body)
+
+    def vault_verify(self) -> dict[str, Any]:
+        return self._json("GET", "/api/vault/verify")
+
+    # --- data objects ------------------------------------------------------------------
+    def data(self, prefix: str = "") -> list[dict[str, Any]]:
+        return self._json("GET", "/api/data", params={"prefix": prefix})["data"]
+
+    def data_put(self, name: str, path: str | os.PathLike[str], *,
+                 replace: bool = True) -> dict[str, Any]:
+        with open(path, "rb") as f:
+            return self._json("PUT", f"/api/data/{name}", content=_file_chunks(f),
+                              params={"replace": "1" if replace else "0"},
+                              headers={"Content-Type": "application/octet-stream",
+                                       "X-Data-Source": f"file:{Path(path).name}"})
+
+    def data_get(self, name: str) -> Iterator[bytes]:
+        """The object's bytes, in pieces (the daemon authenticated all of them first)."""
+        try:
+            with self._http.stream("GET", f"/api/data/{name}") as response:
+                if not response.is_success:
+                    response.read()
+                    _raise_for(response)
+                yield from response.iter_bytes(1 << 20)
+        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            raise _unavailable(self.socket, exc) from None
+
+    def data_remove(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/api/data/{name}")
 
     # --- generation ------------------------------------------------------------------
     def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,

@@ -117,6 +117,11 @@ class Settings(BaseModel):
     use_mlock: bool = False
 
     preload: list[str] = Field(default_factory=list)  # loaded and pinned at start-up
+
+    # the vault's audit log: rows older than this many days, or beyond this many rows,
+    # are pruned hourly behind a signed checkpoint (0: keep them)
+    audit_keep_days: float = Field(default=365, ge=0)
+    audit_keep_rows: int = Field(default=1_000_000, ge=0)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
 
     @field_validator("socket_mode", mode="before")

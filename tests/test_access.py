@@ -180,6 +180,42 @@ def test_clients_see_and_cancel_only_their_own_requests(shared: Daemon) -> None:
     assert result["alice"][1]["choices"][0]["finish_reason"] == "cancelled"
 
 
+def test_data_grants_cover_an_object_or_a_prefix(shared: Daemon, tmp_path: Path) -> None:
+    secret = tmp_path / "s.txt"
+    secret.write_bytes(b"wifi password: hunter2")
+    with shared.client() as root:
+        for name in ("docs/manual.txt", "docs/faq.txt", "secrets/wifi.txt"):
+            root.data_put(name, secret)
+        root.grant(f"user:{ALICE}", "data-reader", "docs/")
+        root.grant(f"user:{BOB}", "data-writer", "secrets/wifi.txt")
+        try:
+            status, listed = as_user(ALICE, call(shared, "GET", "/api/data"))
+            assert status == 200
+            assert [r["name"] for r in listed["data"]] == ["docs/faq.txt", "docs/manual.txt"]
+            status, text = as_user(ALICE, call(shared, "GET", "/api/data/docs/manual.txt"))
+            assert (status, text) == (200, "wifi password: hunter2")
+            status, body = as_user(ALICE, call(shared, "GET", "/api/data/secrets/wifi.txt"))
+            assert status == 403 and body["error"]["message"].startswith(
+                f"permission denied: {ALICE} lacks data.read on data secrets/wifi.txt")
+            status, body = as_user(ALICE, call(shared, "DELETE", "/api/data/docs/faq.txt"))
+            assert status == 403 and "data.write on data docs/faq.txt" in \
+                body["error"]["message"]
+            assert as_user(BOB, call(shared, "GET", "/api/data/secrets/wifi.txt"))[0] == 200
+            assert as_user(BOB, call(shared, "DELETE", "/api/data/secrets/wifi.txt"))[0] == 200
+            assert as_user(BOB, call(shared, "GET", "/api/data/docs/faq.txt"))[0] == 403
+            assert as_user(CAROL, call(shared, "GET", "/api/data"))[1]["data"] == []
+        finally:
+            root.revoke(f"user:{ALICE}", "data-reader", "docs/")
+            root.revoke(f"user:{BOB}", "data-writer", "secrets/wifi.txt")
+            for name in ("docs/manual.txt", "docs/faq.txt"):
+                root.data_remove(name)
+        rows = root.audit(action="data.read", decision="deny")
+        assert [(r["user"], r["resource"]) for r in rows] == [
+            (ALICE, "secrets/wifi.txt"), (BOB, "docs/faq.txt")]
+        reads = root.audit(action="data.read", decision="allow", user=ALICE)
+        assert [r["resource"] for r in reads] == ["docs/manual.txt"]
+
+
 def test_grant_errors_and_the_cli(shared: Daemon) -> None:
     with shared.http() as h:
         bad = h.post("/api/access/grants", json={"subject": "wizard:x", "role": "client"})
@@ -199,7 +235,10 @@ def test_grant_errors_and_the_cli(shared: Daemon) -> None:
 
     assert "granted client to user:edgt-bob on smol-b" in cli(
         "grant", f"user:{BOB}", "client", "--model", "smol-b").stdout
+    assert "granted data-reader to user:edgt-bob on docs/" in cli(
+        "grant", f"user:{BOB}", "data-reader", "--data", "docs/").stdout
     assert f"user:{BOB}" in cli("list").stdout
+    assert cli("revoke", f"user:{BOB}", "data-reader", "--data", "docs/").returncode == 0
     assert "roles: admin" in cli("whoami").stdout
     assert cli("revoke", f"user:{BOB}", "client", "--model", "smol-b").returncode == 0
     assert "no grants" in cli("list").stdout

@@ -44,7 +44,8 @@ def test_requests_are_recorded_without_their_text(d: Daemon) -> None:
     assert any(r["action"] == "models.load" and r["resource"] == MODEL for r in rows)
     raw = (d.state_dir / "vault" / "audit.db").read_bytes()
     assert b"PARSNIP" not in raw and b"secret word" not in raw
-    assert verdict == {"ok": True, "rows": len(rows), "first_bad": None, "problem": None}
+    assert verdict == {"ok": True, "rows": len(rows), "first_bad": None, "problem": None,
+                       "checkpoint": None}
 
 
 def test_search_and_the_cli(d: Daemon) -> None:

@@ -131,7 +131,7 @@ def test_vault_commands(tmp_path: Path, model_file: Path) -> None:
     assert cli("vault", "init").returncode == 1  # never twice
     assert cli("models", "add", str(model_file), "--name", "smol").returncode == 0
     status = cli("vault", "status")
-    assert "unlocked" in status.stdout and "1 model(s), 94 MB" in status.stdout
+    assert "unlocked" in status.stdout and "1 model(s), 0 data object(s), 94 MB" in status.stdout
     assert cli("vault", "verify").stdout.strip() == "all 1 object(s) verified"
     wrong = tmp_path / "wrong.key"
     wrong.write_bytes(os.urandom(32))

@@ -15,13 +15,12 @@ from edgellm.errors import (
     Conflict,
     EdgeError,
     InternalError,
-    InvalidRequest,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
 )
-from edgellm.server import openai_routes
-from edgellm.server.context import State, read_json
+from edgellm.server import openai_routes, vault_routes
+from edgellm.server.context import State, body_chunks, read_json
 from edgellm.server.metrics import Metrics
 from edgellm.server.peer import peer_credentials
 from edgellm.server.schemas import LoadRequest, parse
@@ -40,8 +39,9 @@ def error_response(exc: EdgeError, request_id: str | None = None) -> web.Respons
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
-# The permission each route needs before any work is done. None: the handler checks
-# per resource (which model, whose request) or the route is open to every peer.
+# The permission each route needs before any work is done: a permission, or one
+# scoped to the resource a route parameter names. None: the handler checks per
+# resource (which model, whose request) or the route is open to every peer.
 ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("POST", "/v1/chat/completions"): "models.use",
     ("POST", "/v1/completions"): "models.use",
@@ -57,13 +57,7 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("POST", "/api/models/{name}/unload"): "models.load",
     ("GET", "/api/requests"): None,
     ("DELETE", "/api/requests/{id}"): None,
-    ("GET", "/api/access/whoami"): None,
-    ("GET", "/api/access/grants"): "access.manage",
-    ("POST", "/api/access/grants"): "access.manage",
-    ("DELETE", "/api/access/grants"): "access.manage",
-    ("POST", "/api/access/tokens"): "access.manage",
-    ("GET", "/api/audit"): "audit.read",
-    ("GET", "/api/audit/verify"): "audit.verify",
+    **vault_routes.PERMISSIONS,
 }
 
 
@@ -101,10 +95,16 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
     try:
         principal = _identify(request)
         permission = ROUTE_PERMISSIONS.get((request.method, route))
+        resource = None
+        if isinstance(permission, tuple):
+            permission, param = permission
+            resource = request.match_info.get(param)
         st = _state(request)
         if permission is not None and st.access is not None:
-            st.access.require(principal, permission)
-        if request.method != "GET" and route not in GENERATION_ROUTES and route != "unmatched":
+            st.access.require(principal, permission, resource)
+        changes = request.method != "GET" and route not in GENERATION_ROUTES | \
+            vault_routes.RECORDED_BY_HANDLER
+        if route != "unmatched" and (changes or route in vault_routes.AUDITED_READS):
             # state changes are recorded before they happen: no row, no action
             await st.record(request, action=permission or f"{request.method} {route}",
                       resource=request.match_info.get("name") or request.match_info.get("id")
@@ -229,16 +229,10 @@ async def import_model(request: web.Request) -> web.Response:
     """PUT /api/models/{name}: the GGUF file itself is the body, streamed to the store."""
     st = _state(request)
     name = request.match_info["name"]
-    loop = asyncio.get_running_loop()
-
-    def chunks() -> Any:
-        while data := asyncio.run_coroutine_threadsafe(
-                request.content.read(1 << 20), loop).result():
-            yield data
-
+    chunks = body_chunks(request)
     expected = request.headers.get("X-Content-Sha256")
-    record = await loop.run_in_executor(None, lambda: st.store.add_stream(
-        chunks(), name, expected_sha256=expected, replace=request.query.get("replace") == "1",
+    record = await asyncio.get_running_loop().run_in_executor(None, lambda: st.store.add_stream(
+        chunks, name, expected_sha256=expected, replace=request.query.get("replace") == "1",
         info={"source": request.headers.get("X-Model-Source", "upload")}))
     return web.json_response(_model_view(st, record), status=201)
 
@@ -281,62 +275,6 @@ async def cancel_request(request: web.Request) -> web.Response:
     return web.json_response({"id": request_id, "cancelled": True})
 
 
-async def whoami(request: web.Request) -> web.Response:
-    st, who = _state(request), request["who"]
-    roles = st.access.roles(who) if st.access else {"admin": {"*"}}
-    return web.json_response({**who.describe(),
-                              "roles": {k: sorted(v) for k, v in roles.items()}})
-
-
-async def create_token(request: web.Request) -> web.Response:
-    """A bearer token for a service that shares a uid with others; shown once."""
-    body = await read_json(request)
-    name = body.get("name") if isinstance(body, dict) else None
-    if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest("send {\"name\": …}: the token's name", param="name")
-    token = _state(request).access.create_token(name.strip())
-    return web.json_response({"name": name.strip(), "subject": f"token:{name.strip()}",
-                              "token": token}, status=201)
-
-
-async def audit_rows(request: web.Request) -> web.Response:
-    q = request.query
-    limit = q.get("limit")
-    if limit is not None and not limit.isdigit():
-        raise InvalidRequest("limit must be a whole number", param="limit")
-    rows = _state(request).audit.rows(
-        since=q.get("since"), until=q.get("until"), user=q.get("user"),
-        action=q.get("action"), decision=q.get("decision"), model=q.get("model"),
-        limit=int(limit) if limit else None, newest_first=q.get("order") == "newest")
-    return web.json_response({"rows": rows})
-
-
-async def audit_verify(request: web.Request) -> web.Response:
-    st = _state(request)
-    result = await asyncio.get_running_loop().run_in_executor(None, st.audit.verify)
-    return web.json_response(result)
-
-
-async def list_grants(request: web.Request) -> web.Response:
-    return web.json_response({"grants": _state(request).access.grants()})
-
-
-async def change_grant(request: web.Request) -> web.Response:
-    body = await read_json(request)
-    if not isinstance(body, dict) or not {"subject", "role"} <= set(body):
-        raise InvalidRequest("send {\"subject\": …, \"role\": …, \"model\": …}")
-    policy = _state(request).access
-    subject, role = str(body["subject"]), str(body["role"])
-    model = str(body.get("model") or "*")
-    if request.method == "POST":
-        return web.json_response(policy.grant(subject, role, model), status=201)
-    if not policy.revoke(subject, role, model):
-        raise NotFound(f"no grant of {role} to {subject}" + (f" on {model}" if model != "*"
-                                                               else ""))
-    return web.json_response({"subject": subject, "role": role, "model": model,
-                              "revoked": True})
-
-
 async def metrics(request: web.Request) -> web.Response:
     body = request.app["metrics"].render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
@@ -375,11 +313,5 @@ def build_app(state: State) -> web.Application:
     r.add_post("/api/models/{name}/unload", unload_model)
     r.add_get("/api/requests", list_requests)
     r.add_delete("/api/requests/{id}", cancel_request)
-    r.add_get("/api/access/whoami", whoami)
-    r.add_get("/api/access/grants", list_grants)
-    r.add_post("/api/access/grants", change_grant)
-    r.add_delete("/api/access/grants", change_grant)
-    r.add_post("/api/access/tokens", create_token)
-    r.add_get("/api/audit", audit_rows)
-    r.add_get("/api/audit/verify", audit_verify)
+    vault_routes.add_routes(r)
     return app

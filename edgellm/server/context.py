@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +25,21 @@ class State:
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     load_failures: dict[str, str] = field(default_factory=dict)
-    access: Any = None  # the vault's AccessPolicy
-    audit: Any = None  # the vault's AuditLog
+
+    @property
+    def vault(self) -> Any:
+        """The store when it is the vault (it always is in the daemon)."""
+        return self.store if hasattr(self.store, "access") else None
+
+    @property
+    def access(self) -> Any:
+        return self.vault.access if self.vault is not None else None
+
+    @property
+    def audit(self) -> Any:
+        """The audit log while the vault is unlocked; None while it is locked."""
+        v = self.vault
+        return v.audit if v is not None and not v.locked else None
 
     def check_accepting(self) -> None:
         if self.draining:
@@ -34,8 +48,12 @@ class State:
     async def record(self, request: Any, **fields: Any) -> None:
         """One audit row about this request's caller (raises AuditUnavailable). The
         write is a SQLite commit that may wait on a lock: it runs off the event loop."""
-        if self.audit is None:
+        if self.vault is None:
             return
+        if self.vault.locked:  # nothing is done that cannot be audited
+            from edgellm.vault.store import VaultLocked
+
+            raise VaultLocked()
         from edgellm.vault.audit import executable
 
         creds, who = request.get("principal", {}), request.get("who")
@@ -43,6 +61,19 @@ class State:
         row = dict(uid=creds.get("uid"), pid=creds.get("pid"), user=user,
                    exe=executable(creds.get("pid")), **fields)
         await asyncio.get_running_loop().run_in_executor(None, lambda: self.audit.append(**row))
+
+
+def body_chunks(request: web.Request) -> Iterator[bytes]:
+    """The request body in 1 MiB pieces, for a worker thread to consume (an import
+    streams to the vault without holding the body in memory)."""
+    loop = asyncio.get_running_loop()
+
+    def chunks() -> Iterator[bytes]:
+        while data := asyncio.run_coroutine_threadsafe(
+                request.content.read(1 << 20), loop).result():
+            yield data
+
+    return chunks()
 
 
 async def read_json(request: web.Request) -> Any:

@@ -37,7 +37,7 @@ def open_store(settings: Settings) -> ModelStore:
     from edgellm.vault.open import open_vault
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return open_vault(settings)
+    return open_vault(settings, allow_locked=True)
 
 
 def ensure_default_model(settings: Settings, store: ModelStore) -> None:
@@ -47,7 +47,9 @@ def ensure_default_model(settings: Settings, store: ModelStore) -> None:
         store.get(name)
         return
     except ModelNotFound:
-        pass
+        if getattr(store, "locked", False):
+            log.warning("event=pull_skipped model=%s reason=\"the vault is locked\"", name)
+            return
     manifest = Catalog(settings.catalog_dir).get(name)
     log.info("event=pull model=%s source=%s size_mb=%d", name, manifest.describe_source(),
              manifest.size // 2**20)
@@ -83,13 +85,15 @@ async def _serve(settings: Settings, store: ModelStore,
         sock = bind_unix_socket(settings.socket, settings.socket_mode)
         inode = os.lstat(settings.socket).st_ino
     runtime = Runtime(settings, store)
-    state = State(settings=settings, runtime=runtime, store=store,
-                  access=getattr(store, "access", None), audit=getattr(store, "audit", None))
+    state = State(settings=settings, runtime=runtime, store=store)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace + 5)
     await runner.setup()
     # pinned models load before we accept: connections wait in the listen backlog
     for name in settings.preload:
+        if getattr(store, "locked", False):
+            log.warning("event=preload_skipped model=%s reason=\"the vault is locked\"", name)
+            continue
         await loop.run_in_executor(None, runtime.load, name, -1.0)
     site = web.SockSite(runner, sock)
     await site.start()
@@ -103,7 +107,8 @@ async def _serve(settings: Settings, store: ModelStore,
              os.getpid())
     notifier.ready(_status_line(state))
     _banner(settings)
-    tasks = [asyncio.create_task(_report_status(state, notifier))]
+    tasks = [asyncio.create_task(_report_status(state, notifier)),
+             asyncio.create_task(_audit_retention(state))]
     interval = watchdog_interval()
     if interval and notifier.enabled:
         tasks.append(asyncio.create_task(_feed_watchdog(Watchdog(runtime, 2 * interval),
@@ -142,6 +147,20 @@ async def _report_status(state: State, notifier: Notifier, every: float = 5.0) -
         if line != last:
             notifier.status(line)
             last = line
+
+
+async def _audit_retention(state: State, every: float = 3600.0) -> None:
+    """Prune the audit log by age and size now and hourly (while unlocked)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        s, audit = state.settings, state.audit
+        if audit is not None:
+            try:
+                await loop.run_in_executor(None, audit.apply_retention, s.audit_keep_days,
+                                           s.audit_keep_rows)
+            except EdgeError as exc:
+                log.error("event=audit_prune_failed error=%s", exc.message)
+        await asyncio.sleep(every)
 
 
 async def _feed_watchdog(watchdog: Watchdog, notifier: Notifier, interval: float) -> None:

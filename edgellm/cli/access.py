@@ -1,0 +1,207 @@
+"""Access grants and tokens, and the audit log."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from edgellm.cli.base import (
+    EdgeError,
+    client,
+    emit,
+    friendly,
+    json_option,
+    main,
+    socket_option,
+    table,
+)
+
+
+@main.group()
+def access() -> None:
+    """Who may use the appliance: roles granted to users, groups and tokens."""
+
+
+subject_arg = click.argument("subject")
+role_arg = click.argument("role", type=click.Choice(
+    ["admin", "operator", "auditor", "client", "data-reader", "data-writer"]))
+model_option = click.option("--model", default=None,
+                            help="For client grants: the model (default: * for all).")
+data_option = click.option("--data", default=None,
+                           help="For data grants: a data name, or a prefix ending in / or * "
+                                "(default: * for all).")
+
+
+def _scope(model: str | None, data: str | None) -> str:
+    if model and data:
+        raise EdgeError("give --model (client grants) or --data (data grants), not both")
+    return model or data or "*"
+
+
+@access.command("grant")
+@subject_arg
+@role_arg
+@model_option
+@data_option
+@socket_option
+@friendly
+def access_grant(subject: str, role: str, model: str | None, data: str | None,
+                 socket: str | None) -> None:
+    """Grant ROLE to SUBJECT (user:NAME, group:NAME, uid:N or token:NAME)."""
+    with client(socket) as c:
+        g = c.grant(subject, role, _scope(model, data))
+    click.echo(f"granted {g['role']} to {g['subject']}"
+               + (f" on {g['scope']}" if g["role"] in ("client", "data-reader", "data-writer")
+                  else ""))
+
+
+@access.command("revoke")
+@subject_arg
+@role_arg
+@model_option
+@data_option
+@socket_option
+@friendly
+def access_revoke(subject: str, role: str, model: str | None, data: str | None,
+                  socket: str | None) -> None:
+    """Take a grant back."""
+    with client(socket) as c:
+        c.revoke(subject, role, _scope(model, data))
+    click.echo(f"revoked {role} from {subject}")
+
+
+@access.command("list")
+@socket_option
+@json_option
+@friendly
+def access_list(socket: str | None, as_json: bool) -> None:
+    """Every grant (root and the daemon's own user are admins without one)."""
+    with client(socket) as c:
+        rows = c.grants()
+    emit(rows, as_json, lambda rs: table([[r["subject"], r["role"], r["scope"]] for r in rs],
+                                           ["SUBJECT", "ROLE", "SCOPE"]) if rs
+          else click.echo("no grants (only root and the daemon's user can do anything)"))
+
+
+@access.command("whoami")
+@socket_option
+@json_option
+@friendly
+def access_whoami(socket: str | None, as_json: bool) -> None:
+    """Who the daemon sees you as, and what you hold."""
+    with client(socket) as c:
+        me = c.whoami()
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"{d['user'] or 'uid ' + str(d['uid'])} (uid {d['uid']}, pid {d['pid']}), "
+                   f"groups: {', '.join(d['groups']) or '-'}")
+        roles = d["roles"]
+        click.echo("roles: " + (", ".join(f"{r} ({', '.join(m)})" for r, m in roles.items())
+                                if roles else "none"))
+
+    emit(me, as_json, human)
+
+
+@access.command("token")
+@click.argument("name")
+@socket_option
+@friendly
+def access_token(name: str, socket: str | None) -> None:
+    """Create a bearer token NAME (shown once); grant roles to token:NAME."""
+    with client(socket) as c:
+        t = c.create_token(name)
+    click.echo(t["token"])
+    click.echo(f"grant it roles as {t['subject']}; send it as 'Authorization: Bearer …'",
+               err=True)
+
+
+# --- audit ------------------------------------------------------------------------------------
+@main.group()
+def audit() -> None:
+    """The tamper-evident record of who did what (never prompts or outputs)."""
+
+
+def _audit_line(r: dict[str, Any]) -> str:
+    tokens = (f" tokens={r['prompt_tokens']}+{r['completion_tokens']}"
+              if r.get("completion_tokens") is not None else "")
+    extra = f" status={r['status']}" if r.get("status") is not None else ""
+    finish = f" finish={r['finish_reason']}" if r.get("finish_reason") else ""
+    return (f"{r['seq']:>6} {r['time']} {r['decision']:<7} {r['action'] or '-':<18} "
+            f"{r['resource'] or '-'} user={r['user'] or '-'} uid={r['uid']} pid={r['pid']}"
+            f"{extra}{tokens}{finish}")
+
+
+@audit.command("tail")
+@click.option("-n", "count", default=20, show_default=True, help="How many rows.")
+@socket_option
+@json_option
+@friendly
+def audit_tail(count: int, socket: str | None, as_json: bool) -> None:
+    """The newest rows."""
+    with client(socket) as c:
+        rows = list(reversed(c.audit(limit=count, order="newest")))
+    emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
+
+
+@audit.command("search")
+@click.option("--since", help="UTC ISO time, e.g. 2026-11-22T00:00:00Z.")
+@click.option("--until")
+@click.option("--user")
+@click.option("--action", help="e.g. models.use, models.load, access.manage.")
+@click.option("--decision", type=click.Choice(["allow", "deny", "outcome"]))
+@click.option("--model")
+@socket_option
+@json_option
+@friendly
+def audit_search(since: str | None, until: str | None, user: str | None, action: str | None,
+                 decision: str | None, model: str | None, socket: str | None,
+                 as_json: bool) -> None:
+    """Rows matching every filter given."""
+    with client(socket) as c:
+        rows = c.audit(since=since, until=until, user=user, action=action, decision=decision,
+                       model=model)
+    emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
+
+
+@audit.command("export")
+@socket_option
+@friendly
+def audit_export(socket: str | None) -> None:
+    """Every row as JSON lines, oldest first (MACs included, for offline checking)."""
+    with client(socket) as c:
+        for row in c.audit():
+            click.echo(json.dumps(row, separators=(",", ":")))
+
+
+@audit.command("verify")
+@socket_option
+@friendly
+def audit_verify(socket: str | None) -> None:
+    """Check the whole HMAC chain; name the first row that was tampered with."""
+    with client(socket) as c:
+        result = c.audit_verify()
+    if not result["ok"]:
+        where = f" at row {result['first_bad']}" if result["first_bad"] else ""
+        raise EdgeError(f"audit chain broken{where}: {result['problem']}")
+    cp = result.get("checkpoint")
+    click.echo(f"audit chain intact: {result['rows']} rows"
+               + (f" after a signed checkpoint at row {cp['seq']} ({cp['pruned']} rows pruned "
+                  f"by retention)" if cp else ""))
+
+
+@audit.command("prune")
+@click.option("--older-than", "days", type=click.IntRange(min=0),
+              help="Delete rows older than this many days.")
+@click.option("--keep-rows", type=click.IntRange(min=0), help="Keep only the newest N rows.")
+@socket_option
+@friendly
+def audit_prune(days: int | None, keep_rows: int | None, socket: str | None) -> None:
+    """Retention by hand (the daemon also prunes hourly by audit_keep_days/_rows); a
+    signed checkpoint keeps what remains verifiable."""
+    if days is None and keep_rows is None:
+        raise click.UsageError("give --older-than DAYS and/or --keep-rows N")
+    with client(socket) as c:
+        result = c.audit_prune(older_than_days=days, keep_rows=keep_rows)
+    click.echo(f"pruned {result['pruned']} row(s)")

@@ -1,0 +1,102 @@
+"""What every command shares: the group, error handling, options and output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from edgellm.client import Client, DaemonUnavailable
+from edgellm.config import load_settings
+from edgellm.errors import EdgeError
+
+socket_option = click.option("--socket", envvar="EDGELLM_SOCKET", type=click.Path(),
+                             help="The daemon's socket [env EDGELLM_SOCKET].")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into one line on stderr and exit 1; never show a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgeError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(1)
+        except OSError as exc:
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                       err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def client(socket: str | None) -> Client:
+    return Client(socket)
+
+
+def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        human(data)
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> None:
+    cells = [headers] + [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgellm")
+def main() -> None:
+    """edgellm: a self-contained LLM appliance, served over a Unix socket."""
+
+
+def ask_passphrase(prompt: str = "vault passphrase", new: bool = False) -> str:
+    """From the terminal, or one line of stdin when it is not a terminal."""
+    return click.prompt(prompt, hide_input=True, err=True, confirmation_prompt=new and
+                        sys.stdin.isatty())
+
+
+def offline_store(state_dir: str | None, key_file: str | None = None) -> Any:
+    """The vault opened here, with no daemon: by its key file, or by its passphrase
+    (asked for)."""
+    from edgellm.vault.keys import NoKey
+    from edgellm.vault.open import open_vault
+
+    settings = load_settings(overrides={"state_dir": state_dir, "vault_key_file": key_file})
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return open_vault(settings)
+    except NoKey as exc:
+        if "passphrase" not in exc.message:
+            raise
+        return open_vault(settings, passphrase=ask_passphrase())
+
+
+def daemon_or_none(socket: str | None) -> Client | None:
+    c = client(socket)
+    try:
+        c.health()
+        return c
+    except DaemonUnavailable:
+        c.close()
+        return None
+
+
+key_file_option = click.option("--key-file", envvar="EDGELLM_VAULT_KEY_FILE",
+                               type=click.Path(dir_okay=False),
+                               help="The vault key [env EDGELLM_VAULT_KEY_FILE].")
+state_dir_option = click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
+                                help="Used when no daemon runs [env EDGELLM_STATE_DIR].")

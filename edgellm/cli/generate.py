@@ -1,0 +1,167 @@
+"""Serving and asking: serve, ask, chat, ps, status."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgellm.cli.base import (
+    client,
+    emit,
+    friendly,
+    json_option,
+    load_settings,
+    main,
+    socket_option,
+    table,
+)
+
+
+# --- serve -------------------------------------------------------------------------------
+@main.command()
+@socket_option
+@click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
+              help="Models and state [env EDGELLM_STATE_DIR].")
+@click.option("--config", "config_file", envvar="EDGELLM_CONFIG", type=click.Path(),
+              help="edgellm.toml to read [env EDGELLM_CONFIG].")
+@click.option("--model", "default_model", help="The default model (pulled if missing).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                               case_sensitive=False))
+@click.option("--no-pull", is_flag=True, help="Do not fetch the default model if missing.")
+@friendly
+def serve(socket: str | None, state_dir: str | None, config_file: str | None,
+          default_model: str | None, log_level: str | None, no_pull: bool) -> None:
+    """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
+    from edgellm.server.daemon import serve as run
+
+    flags = {"socket": socket, "state_dir": state_dir, "default_model": default_model,
+             "log_level": log_level.upper() if log_level else None}
+    config = Path(config_file) if config_file else None
+    settings = load_settings(config, flags)
+    sys.exit(run(settings, pull_default=not no_pull,
+                 reload=lambda: load_settings(config, flags)))
+
+
+# --- generation ----------------------------------------------------------------------------
+def _gen_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([
+        socket_option,
+        click.option("--model", "-m", help="Model to use (default: the daemon's default)."),
+        click.option("--system", "-s", help="A system prompt."),
+        click.option("--max-tokens", type=click.IntRange(min=1)),
+        click.option("--temperature", type=click.FloatRange(0, 2)),
+        click.option("--seed", type=int),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.argument("prompt")
+@_gen_options
+@json_option
+@friendly
+def ask(prompt: str, socket: str | None, model: str | None, system: str | None,
+        max_tokens: int | None, temperature: float | None, seed: int | None,
+        as_json: bool) -> None:
+    """Ask one question; the answer streams as it is generated."""
+    messages = ([{"role": "system", "content": system}] if system else []) + \
+        [{"role": "user", "content": prompt}]
+    params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with client(socket) as c:
+        if as_json:
+            click.echo(json.dumps(c.chat(messages, model=model, **params), indent=2))
+            return
+        stream = c.chat(messages, model=model, stream=True, **params)
+        for piece in stream:
+            click.echo(piece, nl=False)
+        click.echo()
+        if stream.finish_reason not in ("stop", None):
+            click.echo(f"[finished: {stream.finish_reason}]", err=True)
+
+
+@main.command()
+@_gen_options
+@friendly
+def chat(socket: str | None, model: str | None, system: str | None, max_tokens: int | None,
+         temperature: float | None, seed: int | None) -> None:
+    """Chat interactively; Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with client(socket) as c:
+        c.health()  # fail early, with the clear message, if no daemon is there
+        click.echo("edgellm chat — Ctrl-C stops an answer, Ctrl-D or /exit leaves.", err=True)
+        while True:
+            try:
+                line = input(">>> ")
+            except (EOFError, KeyboardInterrupt):
+                click.echo()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            stream = c.chat(history, model=model, stream=True, **params)
+            answer: list[str] = []
+            try:
+                for piece in stream:
+                    answer.append(piece)
+                    click.echo(piece, nl=False)
+            except KeyboardInterrupt:
+                stream.close()  # the daemon sees the disconnect and frees the slot
+                click.echo("\n[cancelled]", err=True)
+            else:
+                click.echo()
+            history.append({"role": "assistant", "content": "".join(answer)})
+
+
+# --- state -----------------------------------------------------------------------------------
+@main.command()
+@socket_option
+@json_option
+@friendly
+def ps(socket: str | None, as_json: bool) -> None:
+    """Loaded models: memory, slots, idle timers."""
+    with client(socket) as c:
+        models = c.ps()
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            click.echo("no models loaded")
+            return
+        table([[m["name"], f"{m['memory_mb']:.0f} MB", f"{m['slots_busy']}/{m['slots']}",
+                 m["queued"], m["device"],
+                 "pinned" if m["pinned"] else (f"{m['expires_in_seconds']:.0f}s"
+                                               if m["expires_in_seconds"] is not None else "busy")]
+                for m in rows], ["NAME", "MEMORY", "SLOTS", "QUEUED", "DEVICE", "UNLOAD IN"])
+
+    emit(models, as_json, human)
+
+
+@main.command()
+@socket_option
+@json_option
+@friendly
+def status(socket: str | None, as_json: bool) -> None:
+    """Is the daemon up, and how is it doing?"""
+    with client(socket) as c:
+        health, loaded = c.health(), c.ps()
+    data = {**health, "loaded": loaded, "socket": str(c.socket)}
+
+    def human(d: dict[str, Any]) -> None:
+        click.echo(f"edgellm {d['version']}: {d['status']} on {d['socket']} "
+                   f"(up {d['uptime_seconds']:.0f}s)")
+        click.echo(f"requests: {d['active_requests']} active, {d['queue_depth']} queued")
+        for name, state in d["models"].items():
+            click.echo(f"  {name}: {state}")
+
+    emit(data, as_json, human)
+
+
+# --- models ------------------------------------------------------------------------------------

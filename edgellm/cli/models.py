@@ -1,0 +1,206 @@
+"""The models on the device, and the requests in flight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgellm.cli.base import (
+    client,
+    daemon_or_none,
+    emit,
+    friendly,
+    json_option,
+    key_file_option,
+    load_settings,
+    main,
+    offline_store,
+    socket_option,
+    state_dir_option,
+    table,
+)
+
+
+@main.group()
+def models() -> None:
+    """The models on this device, and the catalog."""
+
+
+@models.command("list")
+@socket_option
+@state_dir_option
+@key_file_option
+@json_option
+@friendly
+def models_list(socket: str | None, state_dir: str | None, as_json: bool,
+                key_file: str | None = None) -> None:
+    """Models on the device, then catalog models not pulled yet."""
+    from edgellm.catalog import Catalog
+
+    c = daemon_or_none(socket)
+    if c is not None:
+        with c:
+            rows = c.models()
+    else:
+        offline = offline_store(state_dir, key_file)
+        rows = [{**r.as_dict(), "state": "offline"} for r in offline.list()]
+    have = {r["name"] for r in rows}
+    catalog = [m for m in Catalog().list() if m.name not in have]
+    data = {"models": rows, "catalog": [vars(m) for m in catalog]}
+
+    def human(d: dict[str, Any]) -> None:
+        table([[r["name"], r["format"], r["quantization"], f"{r['size'] / 2**20:.0f} MB",
+                 r["state"]] for r in d["models"]],
+               ["NAME", "FORMAT", "QUANT", "SIZE", "STATE"])
+        for m in catalog:
+            click.echo(f"{m.name} (in the catalog: `edgellm models pull {m.name}`)")
+
+    emit(data, as_json, human)
+
+
+@models.command("show")
+@click.argument("name")
+@socket_option
+@friendly
+def models_show(name: str, socket: str | None) -> None:
+    """Everything known about one model."""
+    with client(socket) as c:
+        click.echo(json.dumps(c.model(name), indent=2))
+
+
+@models.command("pull")
+@click.argument("name")
+@socket_option
+@state_dir_option
+@key_file_option
+@friendly
+def models_pull(name: str, socket: str | None, state_dir: str | None,
+                key_file: str | None = None) -> None:
+    """Fetch a catalog model, check its sha256 and store it."""
+    from edgellm.catalog import Catalog, fetch
+
+    settings = load_settings(overrides={"state_dir": state_dir})
+    manifest = Catalog(settings.catalog_dir).get(name)
+    click.echo(f"fetching {name} from {manifest.describe_source()} "
+               f"({manifest.size / 2**20:.0f} MB)…", err=True)
+    path = fetch(manifest, settings.cache_dir)
+    c = daemon_or_none(socket)
+    if c is not None:
+        with c:
+            c.import_model(name, path, sha256=manifest.sha256, source=manifest.describe_source())
+    else:
+        offline_store(state_dir, key_file).add_file(path, name, expected_sha256=manifest.sha256,
+                                           info={"source": manifest.describe_source(),
+                                                 "license": manifest.license,
+                                                 "quantization": manifest.quantization})
+    click.echo(f"pulled {name} (sha256 {manifest.sha256[:12]}… verified)")
+
+
+@models.command("add")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Name to store it under (default: from the file name).")
+@socket_option
+@state_dir_option
+@key_file_option
+@friendly
+def models_add(path: str, name: str | None, socket: str | None, state_dir: str | None,
+               key_file: str | None = None) -> None:
+    """Add a local GGUF file (its header is checked before anything is stored)."""
+    from edgellm.runtime.gguf_meta import read_gguf_metadata
+    from edgellm.runtime.source import check_name
+
+    meta = read_gguf_metadata(path)  # refuse a non-GGUF file before sending a byte
+    name = check_name(name or Path(path).stem.lower().replace(" ", "-"))
+    c = daemon_or_none(socket)
+    if c is not None:
+        with c:
+            c.import_model(name, path, source=f"file:{Path(path).name}")
+    else:
+        offline_store(state_dir, key_file).add_file(Path(path), name,
+                                           info={"source": f"file:{Path(path).name}"})
+    click.echo(f"added {name} ({meta['architecture']}, {meta['quantization']}, "
+               f"context {meta['context_length']})")
+
+
+@models.command("rm")
+@click.argument("name")
+@socket_option
+@state_dir_option
+@key_file_option
+@friendly
+def models_rm(name: str, socket: str | None, state_dir: str | None,
+              key_file: str | None = None) -> None:
+    """Remove a model from the device."""
+    c = daemon_or_none(socket)
+    if c is not None:
+        with c:
+            c.remove_model(name)
+    else:
+        offline_store(state_dir, key_file).remove(name)
+    click.echo(f"removed {name}")
+
+
+@models.command("load")
+@click.argument("name")
+@click.option("--keep-alive", help="Seconds (or 5m, 1h); negative pins it.")
+@socket_option
+@friendly
+def models_load(name: str, keep_alive: str | None, socket: str | None) -> None:
+    """Load a model now instead of on first use."""
+    with client(socket) as c:
+        m = c.load(name, keep_alive)
+    click.echo(f"loaded {name} ({m['memory_mb']:.0f} MB, {m['slots']} slots, {m['device']})")
+
+
+@models.command("unload")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Even if it is serving requests.")
+@socket_option
+@friendly
+def models_unload(name: str, force: bool, socket: str | None) -> None:
+    """Unload a model, freeing its memory."""
+    with client(socket) as c:
+        done = c.unload(name, force)["unloaded"]
+    click.echo(f"unloaded {name}" if done else f"{name} was not loaded")
+
+
+# --- requests ----------------------------------------------------------------------------------
+@main.group()
+def requests() -> None:
+    """Requests in flight."""
+
+
+@requests.command("list")
+@socket_option
+@json_option
+@friendly
+def requests_list(socket: str | None, as_json: bool) -> None:
+    """In-flight requests."""
+    with client(socket) as c:
+        rows = c.requests()
+
+    def human(rs: list[dict[str, Any]]) -> None:
+        if not rs:
+            click.echo("no requests in flight")
+            return
+        table([[r["id"], r["model"], r["state"], r["completion_tokens"], f"{r['age_seconds']}s",
+                 r.get("uid", "")] for r in rs], ["ID", "MODEL", "STATE", "TOKENS", "AGE", "UID"])
+
+    emit(rows, as_json, human)
+
+
+@requests.command("cancel")
+@click.argument("request_id")
+@socket_option
+@friendly
+def requests_cancel(request_id: str, socket: str | None) -> None:
+    """Cancel a request; its slot is freed within one decode step."""
+    with client(socket) as c:
+        c.cancel(request_id)
+    click.echo(f"cancelled {request_id}")
+
+
+# --- access ----------------------------------------------------------------------------------

@@ -1,0 +1,278 @@
+"""The vault's routes: its key (status, unlock, lock, rotate, verify), data objects,
+access grants and tokens, and the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from edgellm.errors import InvalidRequest, NotFound
+from edgellm.server.context import State, body_chunks, read_json
+from edgellm.vault.keys import KEY_LEN, MasterKey, VaultKeyError, from_passphrase
+from edgellm.vault.open import key_from_settings, rotate_to_new_key_file
+
+log = logging.getLogger("edgellm.vault")
+
+# (permission, the route parameter naming the resource it is scoped to) or a
+# permission, or None where the handler decides per object or the route is open
+PERMISSIONS: dict[tuple[str, str], Any] = {
+    ("GET", "/api/vault"): "health.read",
+    ("POST", "/api/vault/unlock"): "vault.manage",
+    ("POST", "/api/vault/lock"): "vault.manage",
+    ("POST", "/api/vault/rotate"): "vault.manage",
+    ("GET", "/api/vault/verify"): "vault.verify",
+    ("GET", "/api/data"): None,
+    ("GET", "/api/data/{name}"): ("data.read", "name"),
+    ("PUT", "/api/data/{name}"): ("data.write", "name"),
+    ("DELETE", "/api/data/{name}"): ("data.write", "name"),
+    ("GET", "/api/access/whoami"): None,
+    ("GET", "/api/access/grants"): "access.manage",
+    ("POST", "/api/access/grants"): "access.manage",
+    ("DELETE", "/api/access/grants"): "access.manage",
+    ("POST", "/api/access/tokens"): "access.manage",
+    ("GET", "/api/audit"): "audit.read",
+    ("GET", "/api/audit/verify"): "audit.verify",
+    ("POST", "/api/audit/prune"): "audit.manage",
+}
+AUDITED_READS = {"/api/data/{name}"}  # reading a secret is worth a row
+RECORDED_BY_HANDLER = {"/api/vault/unlock"}  # no audit key until it has run
+
+
+def _state(request: web.Request) -> State:
+    return request.app["state"]
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+# --- the key -------------------------------------------------------------------------------
+async def vault_status(request: web.Request) -> web.Response:
+    v = _state(request).vault
+    meta = v.meta
+    models, data = v.list(), v.list_data()
+    return web.json_response({
+        "state": "locked" if v.locked else "unlocked", "path": str(v.root),
+        "key_id": meta.key_id, "passphrase": meta.kdf is not None,
+        "key_source": v.key_source.split(" ")[0] if v.key_source else None,
+        "models": len(models), "data": len(data),
+        "bytes": sum(m.size for m in models) + sum(d["size"] for d in data)})
+
+
+def _key_from_body(st: State, body: Any, who: str) -> MasterKey:
+    meta = st.vault.meta
+    if not isinstance(body, dict):
+        body = {}
+    if "passphrase" in body:
+        if meta.kdf is None:
+            raise InvalidRequest("this vault is opened by a key file, not a passphrase",
+                                 param="passphrase")
+        return from_passphrase(str(body["passphrase"]), meta.kdf)
+    if "key" in body:
+        try:
+            raw = bytes.fromhex(str(body["key"]))
+        except ValueError:
+            raw = b""
+        if len(raw) != KEY_LEN:
+            raise InvalidRequest("key must be 64 hex digits (a 256-bit key)", param="key")
+        return MasterKey(raw, f"key sent by {who}")
+    return key_from_settings(st.settings, meta)  # the daemon's own key file or credential
+
+
+async def vault_unlock(request: web.Request) -> web.Response:
+    st = _state(request)
+    body = await read_json(request) if request.can_read_body else {}
+    if not st.vault.locked:
+        return web.json_response({"state": "unlocked", "already": True})
+    who = request["who"].user or f"uid {request['who'].uid}"
+    try:
+        key = await _run(_key_from_body, st, body, who)
+        await _run(st.vault.unlock, key)
+    except VaultKeyError as exc:
+        log.warning("event=vault_unlock_failed by=%s reason=%s", who, exc.message)
+        raise
+    log.info("event=vault_unlocked by=%s", who)
+    await st.record(request, action="vault.manage", resource="/api/vault/unlock", decision="allow",
+                    status=200)
+    return web.json_response({"state": "unlocked", "already": False})
+
+
+async def vault_lock(request: web.Request) -> web.Response:
+    """Unload every model (their requests end) and forget the key."""
+    st = _state(request)
+    unloaded = [m["name"] for m in st.runtime.loaded()]
+    for name in unloaded:
+        await _run(st.runtime.unload, name)
+    st.vault.lock()
+    log.info("event=vault_locked unloaded=%s", ",".join(unloaded) or "-")
+    return web.json_response({"state": "locked", "unloaded": unloaded})
+
+
+async def vault_rotate(request: web.Request) -> web.Response:
+    """A new master key: ``{"passphrase": …}`` switches to that passphrase; ``{}``
+    writes a new random key into the daemon's key file."""
+    st = _state(request)
+    body = await read_json(request) if request.can_read_body else {}
+    vault = st.vault
+    if isinstance(body, dict) and "passphrase" in body:
+        from edgellm.vault.keys import new_kdf_params
+
+        passphrase = str(body["passphrase"])
+        if len(passphrase) < 8:
+            raise InvalidRequest("the new passphrase is shorter than 8 characters",
+                                 param="passphrase")
+        kdf = new_kdf_params()
+        new = await _run(from_passphrase, passphrase, kdf)
+        count = await _run(vault.rotate_key, new, kdf)
+    else:
+        count = await _run(rotate_to_new_key_file, vault, st.settings.vault_key_file)
+    return web.json_response({"rotated": count, "key_id": vault.meta.key_id,
+                              "key_source": vault.key_source.split(" ")[0]})
+
+
+async def vault_verify(request: web.Request) -> web.Response:
+    bad = await _run(_state(request).vault.verify)
+    return web.json_response({"ok": not bad, "bad": [{"name": n, "problem": p} for n, p in bad]})
+
+
+# --- data objects ----------------------------------------------------------------------------
+async def list_data(request: web.Request) -> web.Response:
+    st, who = _state(request), request["who"]
+    rows = st.vault.list_data(request.query.get("prefix", ""))
+    rows = [r for r in rows if st.access.allowed(who, "data.read", r["name"])]
+    return web.json_response({"data": rows})
+
+
+async def get_data(request: web.Request) -> web.StreamResponse:
+    """The plaintext, once every segment is authenticated (it is decrypted into
+    memory first, so a bad object is an error, never a truncated download)."""
+    vault, name = _state(request).vault, request.match_info["name"]
+    info = vault.data_info(name)
+    opened = vault.open(name, "data")
+    path = await _run(opened.__enter__)
+    try:
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream", "Content-Length": str(info["size"]),
+            "X-Content-Sha256": info["sha256"]})
+        await response.prepare(request)
+        with open(path, "rb") as f:  # a memory file: reading it does not block
+            while chunk := f.read(1 << 20):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await _run(opened.__exit__, None, None, None)
+
+
+async def put_data(request: web.Request) -> web.Response:
+    vault, name = _state(request).vault, request.match_info["name"]
+    chunks = body_chunks(request)
+    info = await _run(lambda: vault.put_data(
+        chunks, name, replace=request.query.get("replace", "1") != "0",
+        expected_sha256=request.headers.get("X-Content-Sha256"),
+        source=request.headers.get("X-Data-Source", "upload")))
+    return web.json_response(info, status=201)
+
+
+async def remove_data(request: web.Request) -> web.Response:
+    info = _state(request).vault.remove_data(request.match_info["name"])
+    return web.json_response({**info, "removed": True})
+
+
+# --- access --------------------------------------------------------------------------------
+async def whoami(request: web.Request) -> web.Response:
+    st, who = _state(request), request["who"]
+    roles = st.access.roles(who) if st.access else {"admin": {"*"}}
+    return web.json_response({**who.describe(),
+                              "roles": {k: sorted(v) for k, v in roles.items()}})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    """A bearer token for a service that shares a uid with others; shown once."""
+    body = await read_json(request)
+    name = body.get("name") if isinstance(body, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequest("send {\"name\": …}: the token's name", param="name")
+    token = _state(request).access.create_token(name.strip())
+    return web.json_response({"name": name.strip(), "subject": f"token:{name.strip()}",
+                              "token": token}, status=201)
+
+
+async def list_grants(request: web.Request) -> web.Response:
+    return web.json_response({"grants": _state(request).access.grants()})
+
+
+async def change_grant(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    if not isinstance(body, dict) or not {"subject", "role"} <= set(body):
+        raise InvalidRequest("send {\"subject\": …, \"role\": …, \"scope\": …}")
+    policy = _state(request).access
+    subject, role = str(body["subject"]), str(body["role"])
+    scope = str(body.get("scope") or body.get("model") or "*")
+    if request.method == "POST":
+        return web.json_response(policy.grant(subject, role, scope), status=201)
+    if not policy.revoke(subject, role, scope):
+        raise NotFound(f"no grant of {role} to {subject}" + (f" on {scope}" if scope != "*"
+                                                               else ""))
+    return web.json_response({"subject": subject, "role": role, "scope": scope,
+                              "revoked": True})
+
+
+# --- audit ----------------------------------------------------------------------------------
+def _whole(q: Any, name: str) -> int | None:
+    value = q.get(name)
+    if value is None:
+        return None
+    if not str(value).isdigit():
+        raise InvalidRequest(f"{name} must be a whole number", param=name)
+    return int(value)
+
+
+async def audit_rows(request: web.Request) -> web.Response:
+    q = request.query
+    rows = _state(request).vault.audit.rows(
+        since=q.get("since"), until=q.get("until"), user=q.get("user"),
+        action=q.get("action"), decision=q.get("decision"), model=q.get("model"),
+        limit=_whole(q, "limit"), newest_first=q.get("order") == "newest")
+    return web.json_response({"rows": rows})
+
+
+async def audit_verify(request: web.Request) -> web.Response:
+    return web.json_response(await _run(_state(request).vault.audit.verify))
+
+
+async def audit_prune(request: web.Request) -> web.Response:
+    """Retention by hand: ``{"older_than_days": N}`` and/or ``{"keep_rows": N}``."""
+    from edgellm.vault.audit import cutoff
+
+    body = await read_json(request)
+    if not isinstance(body, dict) or not {"older_than_days", "keep_rows"} & set(body):
+        raise InvalidRequest("send {\"older_than_days\": N} and/or {\"keep_rows\": N}")
+    days, keep = _whole(body, "older_than_days"), _whole(body, "keep_rows")
+    audit = _state(request).vault.audit
+    gone = await _run(lambda: audit.prune(before=cutoff(days) if days is not None else None,
+                                          keep_rows=keep))
+    return web.json_response({"pruned": gone, "checkpoint": audit.checkpoint()})
+
+
+def add_routes(r: web.UrlDispatcher) -> None:
+    r.add_get("/api/vault", vault_status)
+    r.add_post("/api/vault/unlock", vault_unlock)
+    r.add_post("/api/vault/lock", vault_lock)
+    r.add_post("/api/vault/rotate", vault_rotate)
+    r.add_get("/api/vault/verify", vault_verify)
+    r.add_get("/api/data", list_data)
+    r.add_get("/api/data/{name:.+}", get_data)
+    r.add_put("/api/data/{name:.+}", put_data)
+    r.add_delete("/api/data/{name:.+}", remove_data)
+    r.add_get("/api/access/whoami", whoami)
+    r.add_get("/api/access/grants", list_grants)
+    r.add_post("/api/access/grants", change_grant)
+    r.add_delete("/api/access/grants", change_grant)
+    r.add_post("/api/access/tokens", create_token)
+    r.add_get("/api/audit", audit_rows)
+    r.add_get("/api/audit/verify", audit_verify)
+    r.add_post("/api/audit/prune", audit_prune)
