@@ -58,6 +58,47 @@ class ModelSettings(BaseModel):
     )
 
 
+class Thresholds(BaseModel):
+    """One signal's thresholds for elevated, throttled, critical, and the margin it
+    must clear (for the hold time) before a level is left."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    elevated: float
+    throttled: float
+    critical: float
+    margin: float = Field(ge=0)
+
+    def triple(self) -> tuple[float, float, float, float]:
+        return (self.elevated, self.throttled, self.critical, self.margin)
+
+
+class GovernorSettings(BaseModel):
+    """``[governor]`` in edgellm.toml; the README's tuning section explains each."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = True
+    poll_interval: float = Field(default=0.5, gt=0)
+    hold: float = Field(default=10.0, ge=0)  # how long a signal must stay safe to step down
+    trace: Path | None = None  # replay readings from this file instead of the sensors
+    memory: Thresholds = Thresholds(elevated=15, throttled=10, critical=5, margin=2)
+    cgroup_memory: Thresholds = Thresholds(elevated=85, throttled=92, critical=97, margin=3)
+    memory_pressure: Thresholds = Thresholds(elevated=10, throttled=25, critical=50, margin=5)
+    gpu_temperature: Thresholds = Thresholds(elevated=80, throttled=87, critical=93, margin=3)
+    temperature_below_high: float = 10.0  # elevated this close to a sensor's high mark
+    temperature_margin: float = 3.0
+    elevated_idle_unload: float = 30.0  # idle models go after this long, not keep_alive
+    throttled_thread_fraction: float = Field(default=0.5, gt=0, le=1)
+    throttled_slot_fraction: float = Field(default=0.5, gt=0, le=1)
+    throttled_max_tokens: int = Field(default=256, ge=0)  # 0: no cap
+    throttled_tokens_per_second: float = Field(default=20.0, ge=0)  # for heat; 0: none
+    shed_retry_after: float = Field(default=10.0, gt=0)
+
+    _dur = field_validator("poll_interval", "hold", "elevated_idle_unload", "shed_retry_after",
+                           mode="before")(lambda v: parse_duration(v))
+
+
 def default_socket_path() -> Path:
     if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "edgellm.sock"
@@ -122,6 +163,8 @@ class Settings(BaseModel):
     # are pruned hourly behind a signed checkpoint (0: keep them)
     audit_keep_days: float = Field(default=365, ge=0)
     audit_keep_rows: int = Field(default=1_000_000, ge=0)
+
+    governor: GovernorSettings = Field(default_factory=GovernorSettings)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
 
     @field_validator("socket_mode", mode="before")

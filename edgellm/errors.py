@@ -94,6 +94,12 @@ class ModelLoadFailed(Unavailable):
     code = "model_load_failed"
 
 
+class Shedding(Unavailable):
+    """The governor refuses new work until the device recovers."""
+
+    code = "governor_shedding"
+
+
 class IntegrityError(EdgeError):
     """A stored model does not match its recorded checksum."""
 

@@ -55,9 +55,13 @@ class Daemon:
         for name in names:
             store.add_file(model_file, name)
         per_model = settings.pop("model_settings", {})
+        governor = settings.pop("governor", {})
         lines = [f"{k} = {_toml(v)}" for k, v in {
             "n_ctx": 1024, "n_threads": 2, "max_queue": 4, "shutdown_grace": "5s",
             "log_level": "DEBUG", **settings}.items()]
+        if governor:
+            lines.append("[governor]")
+            lines += [f"{k} = {_toml(v)}" for k, v in governor.items()]
         for name, overrides in per_model.items():
             lines.append(f"[models.{name}]")
             lines += [f"{k} = {_toml(v)}" for k, v in overrides.items()]

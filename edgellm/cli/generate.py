@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,11 +34,22 @@ from edgellm.cli.base import (
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
                                                case_sensitive=False))
 @click.option("--no-pull", is_flag=True, help="Do not fetch the default model if missing.")
+@click.option("--governor-trace", type=click.Path(exists=True, dir_okay=False),
+              envvar="EDGELLM_GOVERNOR_TRACE",
+              help="Replay sensor readings from this JSON-lines trace (a rehearsal) "
+                   "[env EDGELLM_GOVERNOR_TRACE].")
 @friendly
 def serve(socket: str | None, state_dir: str | None, config_file: str | None,
-          default_model: str | None, log_level: str | None, no_pull: bool) -> None:
+          default_model: str | None, log_level: str | None, no_pull: bool,
+          governor_trace: str | None) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
     from edgellm.server.daemon import serve as run
+
+    if governor_trace:
+        from edgellm.governor.trace import load_trace
+
+        load_trace(Path(governor_trace))  # a bad trace stops here, by line number
+        os.environ["EDGELLM_GOVERNOR_TRACE"] = str(Path(governor_trace).resolve())
 
     flags = {"socket": socket, "state_dir": state_dir, "default_model": default_model,
              "log_level": log_level.upper() if log_level else None}

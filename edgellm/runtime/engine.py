@@ -71,6 +71,7 @@ class LlamaEngine:
         self.n_threads = settings.n_threads or 1
         self.max_active = len(self.slots)
         self._applied_threads = self.n_threads
+        self.tokens_per_second_cap = 0.0  # a duty cycle, so a hot device cools
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
         self._on_request_done = on_request_done
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
@@ -94,13 +95,17 @@ class LlamaEngine:
     def submit(self, request: GenerationRequest) -> None:
         self._queue.put(request)
 
-    def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None) -> None:
-        """Fewer threads or slots, from the next step on, without reloading the model.
-        Sequences already running in slots above the new limit finish normally."""
+    def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None,
+                   tokens_per_second: float | None = None) -> None:
+        """Fewer threads or slots, or a cap on tokens per second (0: none), from the
+        next step on, without reloading the model. Sequences already running in slots
+        above the new limit finish normally."""
         if n_threads is not None:
             self.n_threads = max(1, n_threads)
         if n_parallel is not None:
             self.max_active = max(1, min(n_parallel, len(self.slots)))
+        if tokens_per_second is not None:
+            self.tokens_per_second_cap = max(0.0, tokens_per_second)
 
     @property
     def alive(self) -> bool:
@@ -302,6 +307,9 @@ class LlamaEngine:
         st.decode_step_sequences += len(active)
         self._recent.append((now, len(active)))
         self.last_progress = now
+        if self.tokens_per_second_cap:  # idle out the rest of this step's time share
+            self._stopping.wait(max(0.0, len(active) / self.tokens_per_second_cap
+                                    - (now - t0)))
 
     def _take(self, slot: Slot, token: int) -> None:
         """A sampled token: emit its text, and end the sequence if it is done."""

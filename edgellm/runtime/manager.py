@@ -19,12 +19,13 @@ from edgellm.errors import (
     InsufficientMemory,
     ModelLoadFailed,
     QueueFull,
+    Shedding,
     ShuttingDown,
 )
 from edgellm.runtime.engine import EngineStats, LlamaEngine
 from edgellm.runtime.memory import MB, estimate_bytes, headroom
 from edgellm.runtime.source import ModelSource
-from edgellm.runtime.types import Failed, Finished, GenerationRequest
+from edgellm.runtime.types import Failed, Finished, GenerationRequest, Limits
 
 log = logging.getLogger("edgellm.runtime")
 
@@ -67,6 +68,7 @@ class Runtime:
         self._wake = threading.Event()
         self._retired = EngineStats()  # counters of engines already unloaded
         self.stats = {"loads": 0, "unloads": 0, "evictions": 0, "load_failures": 0}
+        self.limits = Limits()
         self._reaper = threading.Thread(target=self._reap_loop, name="keep-alive", daemon=True)
         self._reaper.start()
 
@@ -79,6 +81,12 @@ class Runtime:
         with self._lock:
             if self._closing:
                 raise ShuttingDown("the daemon is shutting down", retry_after=5)
+            limits = self.limits
+            if limits.shed:
+                raise Shedding(limits.shed, retry_after=limits.retry_after)
+            if limits.max_tokens and (request.max_tokens is None
+                                      or request.max_tokens > limits.max_tokens):
+                request.max_tokens = limits.max_tokens
             waiting = self.queue_depth()
             if waiting >= self.settings.max_queue and not self._has_free_slot(request.model):
                 raise QueueFull(
@@ -166,6 +174,8 @@ class Runtime:
             with self._lock:
                 if self._closing:
                     raise ShuttingDown("the daemon is shutting down", retry_after=5)
+                if self.limits.shed:
+                    raise Shedding(self.limits.shed, retry_after=self.limits.retry_after)
                 if name in self._loaded:
                     loaded = self._loaded[name]
                     self._touch(loaded, keep_alive)
@@ -192,6 +202,7 @@ class Runtime:
                 self._touch(loaded, keep_alive)
                 self._loaded[name] = loaded
                 self.stats["loads"] += 1
+                self._limit(loaded)
             log.info("event=model_loaded model=%s seconds=%.2f memory_mb=%d gpu=%s",
                      name, time.monotonic() - t0, need // MB, engine.gpu_offload)
             return loaded
@@ -202,7 +213,8 @@ class Runtime:
         while True:
             with self._lock:
                 used = sum(m.memory_bytes for m in self._loaded.values())
-                room = headroom(s.memory_reserve_mb, s.memory_budget_mb, used)
+                room = headroom(s.memory_reserve_mb, s.memory_budget_mb, used,
+                                self.limits.available_mb)
                 too_many = len(self._loaded) >= s.max_loaded_models
                 if room.available >= need and not too_many:
                     return
@@ -281,6 +293,39 @@ class Runtime:
             engines = [m.engine for name, m in self._loaded.items() if model in (None, name)]
         for engine in engines:
             engine.set_limits(n_threads=n_threads, n_parallel=n_parallel)
+
+    def apply_limits(self, limits: Limits) -> None:
+        """The governor's limits, for every loaded model now and every later load."""
+        with self._lock:
+            self.limits = limits
+            models = list(self._loaded.values())
+        for loaded in models:
+            self._limit(loaded)
+
+    def _limit(self, loaded: LoadedModel) -> None:
+        ms, lim, engine = self.settings.for_model(loaded.name), self.limits, loaded.engine
+        engine.set_limits(n_threads=max(1, int((ms.n_threads or 1) * lim.thread_fraction)),
+                          n_parallel=max(1, int(len(engine.slots) * lim.slot_fraction)),
+                          tokens_per_second=lim.tokens_per_second or 0.0)
+
+    def unload_idle(self, idle_for: float) -> list[str]:
+        """Unload unpinned, idle models unused for ``idle_for`` seconds (early, before
+        their keep-alive runs out); the names unloaded."""
+        now = time.monotonic()
+        with self._lock:
+            names = [m.name for m in self._loaded.values()
+                     if not m.pinned and not m.busy and now - m.last_used >= idle_for]
+        return [n for n in names if self.unload(n)]
+
+    def cancel_newest(self) -> str | None:
+        """Cancel the most recently submitted request still running; its id."""
+        with self._lock:
+            running = [r for r in self._requests.values() if not r.cancel_event.is_set()]
+        if not running:
+            return None
+        newest = max(running, key=lambda r: r.started)
+        newest.cancel()
+        return newest.id
 
     # --- views ---------------------------------------------------------------------------
     def loaded(self) -> list[dict[str, Any]]:

@@ -24,8 +24,16 @@ class Headroom:
     reason: str  # which limit binds: "system memory" or "memory budget"
 
 
-def headroom(reserve_mb: int, budget_mb: int, used_by_models: int) -> Headroom:
+def headroom(reserve_mb: int, budget_mb: int, used_by_models: int,
+             governor_available_mb: float | None = None) -> Headroom:
     system = psutil.virtual_memory().available - reserve_mb * MB
+    if governor_available_mb is not None:
+        seen = int(governor_available_mb * MB) - reserve_mb * MB
+        if seen < system:
+            system = seen
+            reason = f"memory the governor reads as available less a {reserve_mb} MB reserve"
+            if not budget_mb or budget_mb * MB - used_by_models >= system:
+                return Headroom(system, reason)
     if budget_mb:
         budget = budget_mb * MB - used_by_models
         if budget < system:

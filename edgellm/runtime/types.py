@@ -127,3 +127,21 @@ class GenerationRequest:
             "cancelled": self.cancel_event.is_set(),
             **{k: v for k, v in self.principal.items() if k in ("uid", "gid", "pid")},
         }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the governor asks of the runtime; the defaults limit nothing.
+
+    Fractions scale each model's configured threads and slots (at least one each).
+    ``shed`` is a reason: while set, new requests and loads are refused with 503.
+    ``available_mb`` is the memory the governor reads as free (system or cgroup,
+    whichever binds), which the fit check counts on instead of a larger figure."""
+
+    thread_fraction: float = 1.0
+    slot_fraction: float = 1.0
+    max_tokens: int | None = None
+    tokens_per_second: float | None = None
+    shed: str | None = None
+    retry_after: float = 10.0
+    available_mb: float | None = None

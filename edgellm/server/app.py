@@ -15,6 +15,7 @@ from edgellm.errors import (
     Conflict,
     EdgeError,
     InternalError,
+    InvalidRequest,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
@@ -57,6 +58,8 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("POST", "/api/models/{name}/unload"): "models.load",
     ("GET", "/api/requests"): None,
     ("DELETE", "/api/requests/{id}"): None,
+    ("GET", "/api/governor"): "metrics.read",
+    ("PUT", "/api/governor"): "governor.configure",
     **vault_routes.PERMISSIONS,
 }
 
@@ -275,6 +278,29 @@ async def cancel_request(request: web.Request) -> web.Response:
     return web.json_response({"id": request_id, "cancelled": True})
 
 
+def _governor(request: web.Request) -> Any:
+    gov = _state(request).governor
+    if gov is None:
+        raise NotFound("the governor is off (governor.enabled = false)")
+    return gov
+
+
+async def governor_status(request: web.Request) -> web.Response:
+    return web.json_response(_governor(request).snapshot())
+
+
+async def governor_configure(request: web.Request) -> web.Response:
+    """``{"pin": LEVEL}``, ``{"unpin": true}``, ``{"thresholds": {SIGNAL: {…}}}``."""
+    gov, body = _governor(request), await read_json(request)
+    if not isinstance(body, dict) or not {"pin", "unpin", "thresholds"} & set(body):
+        raise InvalidRequest("send {\"pin\": LEVEL}, {\"unpin\": true} or "
+                             "{\"thresholds\": {SIGNAL: {\"elevated\": …}}}")
+    gov.configure(pin=body.get("pin"), unpin=bool(body.get("unpin")),
+                  thresholds=body.get("thresholds"))
+    await asyncio.get_running_loop().run_in_executor(None, gov.poll)  # in force now
+    return web.json_response(gov.snapshot())
+
+
 async def metrics(request: web.Request) -> web.Response:
     body = request.app["metrics"].render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
@@ -297,7 +323,7 @@ def build_app(state: State) -> web.Application:
     app = web.Application(middlewares=[errors_and_identity],
                           client_max_size=state.settings.max_body_bytes)
     app["state"] = state
-    app["metrics"] = Metrics(state.runtime)
+    app["metrics"] = Metrics(state.runtime, state.governor)
     r = app.router
     r.add_post("/v1/chat/completions", openai_routes.chat_completions)
     r.add_post("/v1/completions", openai_routes.completions)
@@ -313,5 +339,7 @@ def build_app(state: State) -> web.Application:
     r.add_post("/api/models/{name}/unload", unload_model)
     r.add_get("/api/requests", list_requests)
     r.add_delete("/api/requests/{id}", cancel_request)
+    r.add_get("/api/governor", governor_status)
+    r.add_put("/api/governor", governor_configure)
     vault_routes.add_routes(r)
     return app

@@ -25,6 +25,7 @@ class State:
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     load_failures: dict[str, str] = field(default_factory=dict)
+    governor: Any = None
 
     @property
     def vault(self) -> Any:

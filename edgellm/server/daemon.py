@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -86,6 +87,7 @@ async def _serve(settings: Settings, store: ModelStore,
         inode = os.lstat(settings.socket).st_ino
     runtime = Runtime(settings, store)
     state = State(settings=settings, runtime=runtime, store=store)
+    state.governor = start_governor(state)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace + 5)
     await runner.setup()
@@ -122,6 +124,8 @@ async def _serve(settings: Settings, store: ModelStore,
     for task in tasks:
         task.cancel()
     await site.stop()  # no new connections; open ones finish their requests
+    if state.governor is not None:
+        state.governor.stop()
     await loop.run_in_executor(None, runtime.close, state.settings.shutdown_grace)
     await runner.cleanup()
     if inode is not None:
@@ -129,6 +133,33 @@ async def _serve(settings: Settings, store: ModelStore,
     notifier.close()
     log.info("event=stopped")
     return 0
+
+
+def start_governor(state: State) -> Any:
+    """The governor on its own thread, on the real sensors or a replayed trace
+    (``EDGELLM_GOVERNOR_TRACE`` or ``governor.trace``); None when it is off."""
+    from edgellm.governor.governor import Governor
+    from edgellm.governor.sensors import SystemSensors
+    from edgellm.governor.trace import TraceSensors
+
+    settings = state.settings.governor
+    if not settings.enabled:
+        log.warning("event=governor_off note=\"nothing watches memory or heat\"")
+        return None
+    trace = os.environ.get("EDGELLM_GOVERNOR_TRACE") or settings.trace
+    sensors = TraceSensors(Path(trace)) if trace else SystemSensors()
+
+    def record(**fields: Any) -> None:
+        if state.audit is not None:
+            state.audit.append(user="edgellm-governor", **fields)
+
+    governor = Governor(settings, state.runtime, sensors, record=record)
+    governor.poll()  # a level before the first request
+    governor.start()
+    log.info("event=governor_started source=%s poll_seconds=%.2f level=%s",
+             f"trace {trace}" if trace else "sensors", settings.poll_interval,
+             governor.snapshot()["level"])
+    return governor
 
 
 def _status_line(state: State) -> str:
@@ -188,6 +219,9 @@ def _reload(state: State, reload: Callable[[], Settings], notifier: Notifier) ->
     for key in needs_restart:
         setattr(new, key, getattr(old, key))
     state.settings = state.runtime.settings = new
+    if state.governor is not None:  # new thresholds, at the next poll
+        state.governor.settings = new.governor
+        state.governor.policy.hold = new.governor.hold
     logging.getLogger().setLevel(new.log_level)
     applied = [k for k in changed if k not in RESTART_ONLY]
     log.info("event=reload applied=%s needs_restart=%s", ",".join(applied) or "-",

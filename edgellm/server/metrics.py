@@ -68,10 +68,30 @@ class RuntimeCollector(Collector):
             yield CounterMetricFamily(f"edgellm_model_{key}", f"Model {key}.", value=value)
 
 
+class GovernorCollector(Collector):
+    def __init__(self, governor: Any) -> None:
+        self.governor = governor
+
+    def collect(self) -> Iterator[Any]:
+        g = self.governor
+        yield GaugeMetricFamily("edgellm_governor_level", "0 normal, 1 elevated, 2 throttled, "
+                                "3 critical.", value=g.level)
+        readings = GaugeMetricFamily("edgellm_governor_reading", "The governor's readings.",
+                                     labels=["name"])
+        for name, value in sorted(g.readings.items()):
+            if value is not None:
+                readings.add_metric([name], value)
+        yield readings
+        yield CounterMetricFamily("edgellm_governor_cancelled", "Generations cancelled at "
+                                  "the critical level.", value=g.cancelled)
+
+
 class Metrics:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, governor: Any = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(RuntimeCollector(runtime))
+        if governor is not None:
+            self.registry.register(GovernorCollector(governor))
         self.requests = Counter("edgellm_requests", "HTTP requests by route and status.",
                                 ["route", "status"], registry=self.registry)
 

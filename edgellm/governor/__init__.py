@@ -1,0 +1,1 @@
+"""The resource governor: sensors (or a replayed trace) → policy → the runtime's limits."""
