@@ -208,6 +208,8 @@ def test_operators_pin_a_level_and_change_thresholds(make_daemon: Any) -> None:
         assert bad.status_code == 400 and "unknown level 'panic'" in bad.text
         bad = h.put("/api/governor", json={"thresholds": {"memory": {"elevated": "x"}}})
         assert bad.status_code == 400 and "bad thresholds for memory" in bad.text
+        polls = h.get("/api/governor").json()["polls"]  # nothing half-applied: it still polls
+        wait_for(lambda: h.get("/api/governor").json()["polls"] > polls + 2, timeout=5)
         bad = h.put("/api/governor", json={"nothing": 1})
         assert bad.status_code == 400 and "pin" in bad.text
         # memory "elevated" when less than 99.9% is available: always, here

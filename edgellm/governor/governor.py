@@ -176,12 +176,12 @@ class Governor:
                     raise InvalidRequest(f"no signal {name!r} with thresholds: one of memory, "
                                          "cgroup_memory, memory_pressure, gpu_temperature",
                                          param="thresholds")
-                try:
-                    setattr(self.settings, name, current.model_copy(update=values))
-                    current.__class__(**getattr(self.settings, name).model_dump())
+                try:  # validated whole before anything changes
+                    updated = current.__class__(**{**current.model_dump(), **values})
                 except Exception as exc:
                     raise InvalidRequest(f"bad thresholds for {name}: {exc}",
                                          param="thresholds") from None
+                setattr(self.settings, name, updated)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
