@@ -26,6 +26,7 @@ from edgellm.config import GovernorSettings
 from edgellm.errors import InvalidRequest
 from edgellm.governor.policy import LEVELS, Policy, Signal, Verdict, temperature_signal
 from edgellm.governor.sensors import Readings
+from edgellm.governor.trace import TraceSensors
 from edgellm.runtime.types import Limits
 
 log = logging.getLogger("edgellm.governor")
@@ -191,8 +192,8 @@ class Governor:
             "level": LEVELS[level],
             "reason": reason,
             "pinned": None if pinned is None else LEVELS[pinned],
-            "source": getattr(self.sensors, "path", None) and f"trace {self.sensors.path}"
-            or "sensors",
+            "source": f"trace {self.sensors.path}" if isinstance(self.sensors, TraceSensors)
+            else "sensors",
             "sensors": dict(self.sensors.status),
             "signals": verdict.signals,
             "readings": {k: round(v, 2) if isinstance(v, float) else v

@@ -52,7 +52,7 @@ class State:
         if self.vault is None:
             return
         if self.vault.locked:  # nothing is done that cannot be audited
-            from edgellm.vault.store import VaultLocked
+            from edgellm.vault.keys import VaultLocked
 
             raise VaultLocked()
         from edgellm.vault.audit import executable

@@ -26,6 +26,7 @@ from typing import Any
 import sqlite_utils
 
 from edgellm.errors import Unavailable
+from edgellm.vault.keys import VaultLocked
 
 FIELDS = ("seq", "time", "request_id", "uid", "user", "pid", "exe", "action", "resource",
           "decision", "status", "prompt_tokens", "completion_tokens", "latency_ms",
@@ -60,8 +61,6 @@ def cutoff(days: float) -> str:
 
 
 def _locked() -> Exception:
-    from edgellm.vault.store import VaultLocked
-
     return VaultLocked("vault is locked: the audit log cannot be written or verified "
                        "until `edgellm vault unlock`")
 

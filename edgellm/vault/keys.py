@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from edgellm.errors import EdgeError
+from edgellm.errors import EdgeError, Unavailable
 from edgellm.vault.files import fsync_dir
 
 KEY_LEN = 32
@@ -43,6 +43,14 @@ class WrongKey(VaultKeyError):
 
 class NoKey(VaultKeyError):
     code = "no_key"
+
+
+class VaultLocked(Unavailable):
+    code = "vault_locked"
+
+    def __init__(self, message: str = "vault is locked: unlock it with `edgellm vault unlock`",
+                 **kw: object) -> None:
+        super().__init__(message, retry_after=float(kw.pop("retry_after", 30)), **kw)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,6 @@ from edgellm.errors import (
     InvalidRequest,
     ModelNotFound,
     NotFound,
-    Unavailable,
 )
 from edgellm.runtime.gguf_meta import read_gguf_metadata
 from edgellm.runtime.source import ModelRecord, check_name
@@ -51,19 +50,11 @@ from edgellm.vault import rotation
 from edgellm.vault.access import AccessPolicy
 from edgellm.vault.audit import AuditLog
 from edgellm.vault.files import fsync_dir
-from edgellm.vault.keys import MasterKey, VaultMeta
+from edgellm.vault.keys import MasterKey, VaultLocked, VaultMeta
 
 HEAD_LIMIT = 64 * 1024 * 1024  # a GGUF's key/value section must fit in this much
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 DATA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-
-
-class VaultLocked(Unavailable):
-    code = "vault_locked"
-
-    def __init__(self, message: str = "vault is locked: unlock it with `edgellm vault unlock`",
-                 **kw: Any) -> None:
-        super().__init__(message, retry_after=kw.pop("retry_after", 30), **kw)
 
 
 class DataNotFound(NotFound):
@@ -95,6 +86,7 @@ class VaultStore:
         # sees every committed object, and no import commits under a stale key
         self._keylock = threading.RLock()
         self._wrap: bytes | None = None
+        self._master: MasterKey | None = None
         self._key_id = b""
         self.key_source = ""
         self.db = sqlite_utils.Database(conn)
