@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 from edgellm.catalog import Catalog, fetch
@@ -63,30 +64,45 @@ class PeakRSS:
 class EdgeDaemon:
     """An edgellm daemon in a subprocess, on its own socket and state directory."""
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, names: tuple[str, ...] = (MODEL,), governor: dict[str, Any] | None = None,
+                 cgroup: Path | None = None, **settings: Any) -> None:
+        """``governor`` becomes the ``[governor]`` table; ``cgroup`` is a cgroup
+        directory the daemon moves itself into before it starts."""
         self.root = Path(tempfile.mkdtemp(prefix="edgellm-bench-"))
         self.socket = self.root / "edgellm.sock"
         key_file = self.root / "vault.key"
-        VaultStore.create(self.root / "state" / "vault", create_key_file(key_file)).add_file(
-            model_file(), MODEL)
+        store = VaultStore.create(self.root / "state" / "vault", create_key_file(key_file))
+        for name in names:
+            store.add_file(model_file(), name)
         config = self.root / "edgellm.toml"
-        config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()))
+        lines = [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        if governor:
+            lines += ["[governor]"] + [f"{k} = {json.dumps(v)}" for k, v in governor.items()]
+        config.write_text("\n".join(lines) + "\n")
         env = {**os.environ, "EDGELLM_SOCKET": str(self.socket),
                "EDGELLM_STATE_DIR": str(self.root / "state"), "EDGELLM_CONFIG": str(config),
                "EDGELLM_VAULT_KEY_FILE": str(key_file)}
+        command = [sys.executable, "-m", "edgellm", "serve", "--no-pull"]
+        if cgroup is not None:
+            command = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh",
+                       *command]
         self.log = self.root / "daemon.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgellm", "serve", "--no-pull"], env=env,
-                stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                         stderr=log)
         deadline = time.monotonic() + 60
         while not self.socket.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise RuntimeError("the edgellm daemon did not start")
             time.sleep(0.1)
 
+    def http(self, timeout: float = 600) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
+                            base_url="http://edgellm", timeout=timeout)
+
     def stop(self) -> None:
-        self.proc.terminate()
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(30)
 
 

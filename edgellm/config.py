@@ -94,9 +94,14 @@ class GovernorSettings(BaseModel):
     throttled_max_tokens: int = Field(default=256, ge=0)  # 0: no cap
     throttled_tokens_per_second: float = Field(default=20.0, ge=0)  # for heat; 0: none
     shed_retry_after: float = Field(default=10.0, gt=0)
+    # the stability watch
+    stuck_after: float = Field(default=30.0, ge=0)  # busy, no progress this long; 0: off
+    leak_growth_mb: float = Field(default=256.0, ge=0)  # anonymous RSS growth; 0: off
+    leak_settle: float = Field(default=120.0, ge=0)  # after models change, before a baseline
 
     _dur = field_validator("poll_interval", "hold", "elevated_idle_unload", "shed_retry_after",
-                           mode="before")(lambda v: parse_duration(v))
+                           "stuck_after", "leak_settle", mode="before")(
+        lambda v: parse_duration(v))
 
 
 def default_socket_path() -> Path:
@@ -145,6 +150,9 @@ class Settings(BaseModel):
     max_loaded_models: int = Field(default=2, ge=1)
     keep_alive: float = 300.0
     request_timeout: float = 600.0
+    # after an engine fails (dies or is stuck) the next request reloads its model at once;
+    # each further failure doubles the wait, from this many seconds up to 5 minutes
+    failure_backoff: float = Field(default=5.0, ge=0)
     memory_reserve_mb: int = Field(default=256, ge=0)
     memory_budget_mb: int = Field(default=0, ge=0)  # 0: no budget beyond available memory
     n_ctx: int = Field(default=2048, ge=64)  # per slot
@@ -177,7 +185,8 @@ class Settings(BaseModel):
                 raise ValueError(f"not an octal file mode: {v!r}") from None
         return v
 
-    @field_validator("keep_alive", "shutdown_grace", "request_timeout", mode="before")
+    @field_validator("keep_alive", "shutdown_grace", "request_timeout", "failure_backoff",
+                     mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return parse_duration(v)
@@ -213,7 +222,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name in ("config", "governor_trace"):
+        if name in ("config", "governor_trace", "failpoints"):
             continue  # read by their own components
         if name not in fields:
             raise ConfigError(f"unknown setting in environment: {key}")

@@ -100,6 +100,18 @@ class Shedding(Unavailable):
     code = "governor_shedding"
 
 
+class EngineFailed(Unavailable):
+    """A model's engine died or stopped making progress; its requests were ended."""
+
+    code = "engine_failed"
+
+
+class ModelBackingOff(Unavailable):
+    """A model whose engine failed repeatedly is not reloaded until its back-off ends."""
+
+    code = "model_backing_off"
+
+
 class IntegrityError(EdgeError):
     """A stored model does not match its recorded checksum."""
 

@@ -56,6 +56,7 @@ class Daemon:
             store.add_file(model_file, name)
         per_model = settings.pop("model_settings", {})
         governor = settings.pop("governor", {})
+        self.extra_env: dict[str, str] = settings.pop("env", {})
         lines = [f"{k} = {_toml(v)}" for k, v in {
             "n_ctx": 1024, "n_threads": 2, "max_queue": 4, "shutdown_grace": "5s",
             "log_level": "DEBUG", **settings}.items()]
@@ -72,7 +73,8 @@ class Daemon:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
         env.update(EDGELLM_SOCKET=str(self.socket), EDGELLM_STATE_DIR=str(self.state_dir),
-                   EDGELLM_CONFIG=str(self.config), EDGELLM_VAULT_KEY_FILE=str(self.key_file))
+                   EDGELLM_CONFIG=str(self.config), EDGELLM_VAULT_KEY_FILE=str(self.key_file),
+                   **self.extra_env)
         return env
 
     def start(self) -> Daemon:

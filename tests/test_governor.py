@@ -80,13 +80,17 @@ def test_pressure_and_cgroup_files(tmp_path: Path) -> None:
     (unit / "memory.max").write_text(f"{2048 * 2**20}\n")
     (unit / "memory.high").write_text("max\n")
     (unit / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (unit / "memory.stat").write_text(f"anon {1200 * 2**20}\nfile {600 * 2**20}\n"
+                                      f"active_file {300 * 2**20}\n"
+                                      f"inactive_file {200 * 2**20}\n")
     (unit / "memory.pressure").write_text("some avg10=31.00 avg60=8 avg300=2 total=9\n"
                                           "full avg10=20.00 avg60=5 avg300=1 total=4\n")
     version, where = cgroup_dir("0::/system.slice/edgellm.service\n", root=tmp_path)
     assert (version, where) == (2, unit)
     assert read_cgroup_memory(2, where) == {
-        "cgroup_memory_current_mb": 1800.0, "cgroup_memory_max_mb": 2048.0,
-        "cgroup_memory_high_mb": None, "cgroup_memory_used_pct": pytest.approx(87.890625),
+        "cgroup_memory_current_mb": 1800.0, "cgroup_memory_working_set_mb": 1600.0,
+        "cgroup_memory_max_mb": 2048.0, "cgroup_memory_high_mb": None,
+        "cgroup_memory_used_pct": pytest.approx(78.125),  # the working set: less the cache
         "cgroup_oom_kills": 1.0, "cgroup_psi_memory_some_avg10": 31.0}
 
 

@@ -43,8 +43,10 @@ def serve(socket: str | None, state_dir: str | None, config_file: str | None,
           default_model: str | None, log_level: str | None, no_pull: bool,
           governor_trace: str | None) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
+    from edgellm.runtime import failpoints
     from edgellm.server.daemon import serve as run
 
+    failpoints.configure(os.environ.get("EDGELLM_FAILPOINTS"))  # a rehearsal of faults
     if governor_trace:
         from edgellm.governor.trace import load_trace
 

@@ -8,8 +8,10 @@
     critical   new requests shed with 503 naming the reason; the newest running
                generation cancelled at each poll; every idle unpinned model unloaded
 
-It runs on its own thread. The runtime is reached only through ``apply_limits``,
-``unload_idle``, ``cancel_newest``, ``loaded`` and ``stalled_models``.
+Each poll also runs the stability watch (watch.py): stuck or dead engines recovered,
+suspected leaks reported. It runs on its own thread. The runtime is reached only
+through ``apply_limits``, ``unload_idle``, ``cancel_newest``, ``stalled_models``,
+``recover``, ``model_changes`` and ``failures``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from edgellm.errors import InvalidRequest
 from edgellm.governor.policy import LEVELS, Policy, Signal, Verdict, temperature_signal
 from edgellm.governor.sensors import Readings
 from edgellm.governor.trace import TraceSensors
+from edgellm.governor.watch import StabilityWatch
 from edgellm.runtime.types import Limits
 
 log = logging.getLogger("edgellm.governor")
@@ -61,6 +64,7 @@ class Governor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.watch = StabilityWatch(settings, runtime, self._event)
 
     # --- the signals ---------------------------------------------------------------------
     def signals(self, readings: Readings) -> dict[str, Signal]:
@@ -96,6 +100,7 @@ class Governor:
         if changed:
             self._event("level", level=LEVELS[level], reason=reason)
         self._act(level, reason, verdict, readings)
+        self.watch.check(readings, now)
         with self._lock:
             self.level, self.reason = level, reason
             self.readings, self.verdict, self.polls = readings, verdict, self.polls + 1
@@ -115,8 +120,8 @@ class Governor:
         if _without_memory(limits) != _without_memory(self.limits):
             self._event("limits", **{k: v for k, v in asdict(limits).items()
                                      if k != "available_mb"})
-        self.limits = limits
         self.runtime.apply_limits(limits)
+        self.limits = limits  # shown once in force
         if level >= 1:
             idle_for = 0.0 if level >= 3 else g.elevated_idle_unload
             for name in self.runtime.unload_idle(idle_for):
@@ -129,7 +134,8 @@ class Governor:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": kind,
                  **detail}
         self.history.append(entry)
-        log.log(logging.WARNING if kind == "level" else logging.INFO, "event=governor_%s %s",
+        log.log(logging.WARNING if kind in ("level", "stuck", "leak") else logging.INFO,
+                "event=governor_%s %s",
                 kind, " ".join(f"{k}={v!r}" for k, v in detail.items()))
         if self.record is not None:
             try:
@@ -194,6 +200,8 @@ class Governor:
             "pinned": None if pinned is None else LEVELS[pinned],
             "source": f"trace {self.sensors.path}" if isinstance(self.sensors, TraceSensors)
             else "sensors",
+            "trace_seconds": round(self.sensors.elapsed(), 3)
+            if isinstance(self.sensors, TraceSensors) else None,
             "sensors": dict(self.sensors.status),
             "signals": verdict.signals,
             "readings": {k: round(v, 2) if isinstance(v, float) else v
@@ -202,6 +210,7 @@ class Governor:
             "poll_interval": self.settings.poll_interval,
             "polls": self.polls,
             "cancelled": self.cancelled,
+            "stability": self.watch.snapshot(),
             "history": list(self.history)[-20:],
         }
 
@@ -210,7 +219,8 @@ def _available_mb(readings: Readings) -> float | None:
     """Free memory as the governor sees it: the system's or the cgroup's, whichever
     is less."""
     options = [readings.get("mem_available_mb")]
-    limit, current = readings.get("cgroup_memory_max_mb"), readings.get("cgroup_memory_current_mb")
+    limit = readings.get("cgroup_memory_max_mb")
+    current = readings.get("cgroup_memory_working_set_mb", readings.get("cgroup_memory_current_mb"))
     if limit is not None and current is not None:
         options.append(limit - current)
     found = [o for o in options if o is not None]

@@ -83,13 +83,22 @@ def read_cgroup_memory(version: int, where: Path) -> Readings:
         if control.exists():
             oom = float(dict(line.split() for line in control.read_text().splitlines())
                         .get("oom_kill", 0))
+    # The working set, as kubelet counts it: usage less inactive file cache, which the
+    # kernel reclaims before it would OOM-kill anything (reading a model fills the cache).
+    stat_file = where / "memory.stat"
+    stat = dict(line.split()[:2] for line in stat_file.read_text().splitlines()) \
+        if stat_file.exists() else {}
+    inactive = stat.get("inactive_file" if version == 2 else "total_inactive_file",
+                        stat.get("inactive_file", "0"))
+    working = None if current is None else max(0, current - int(inactive))
     bound = min(b for b in (limit, high, float("inf")) if b is not None)
     return {
         "cgroup_memory_current_mb": None if current is None else current / MB,
+        "cgroup_memory_working_set_mb": None if working is None else working / MB,
         "cgroup_memory_max_mb": None if limit is None else limit / MB,
         "cgroup_memory_high_mb": None if high is None else high / MB,
-        "cgroup_memory_used_pct": None if current is None or bound == float("inf")
-        else 100.0 * current / bound,
+        "cgroup_memory_used_pct": None if working is None or bound == float("inf")
+        else 100.0 * working / bound,
         "cgroup_oom_kills": oom,
         "cgroup_psi_memory_some_avg10": pressure.get("some_avg10"),
     }
@@ -127,6 +136,17 @@ def hottest(sensors: list[dict[str, Any]]) -> Readings:
             "temp_critical_c": worst["critical"]}
 
 
+def _rss_anon_mb(status: Path = Path("/proc/self/status")) -> float | None:
+    """Anonymous resident memory (heap, KV caches), without mapped model files."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class SystemSensors:
     """The real device. ``read()`` returns every reading and notes each source's
     status in ``status``."""
@@ -160,7 +180,7 @@ class SystemSensors:
         return {"mem_available_mb": vm.available / MB, "mem_total_mb": vm.total / MB,
                 "mem_available_pct": 100.0 * vm.available / vm.total,
                 "swap_used_pct": swap.percent if swap.total else None,
-                "rss_mb": self.process.memory_info().rss / MB}
+                "rss_mb": self.process.memory_info().rss / MB, "rss_anon_mb": _rss_anon_mb()}
 
     def _cgroup(self) -> Readings:
         version, where = cgroup_dir(Path("/proc/self/cgroup").read_text())

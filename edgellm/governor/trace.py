@@ -49,6 +49,10 @@ class TraceSensors:
         self.started = clock()
         self.status = {"trace": "ok"}
 
+    def elapsed(self) -> float:
+        """Seconds into the trace (its ``t``)."""
+        return self.clock() - self.started
+
     def read(self) -> Readings:
         elapsed = self.clock() - self.started
         out: Readings = {}

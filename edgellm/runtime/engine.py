@@ -16,6 +16,10 @@ decode steps carry one token per sequence, and each slot has its own KV stream
 so output does not depend on what else runs. Cancellation and deadlines are
 checked every turn: a cancelled or disconnected request frees its slot within one
 decode step.
+
+If the thread dies, the runtime is told first (so nothing more is sent here), then
+every request it holds fails with the reason. An engine stuck inside llama.cpp
+cannot run this loop: ``abandon`` fails its requests from the outside instead.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from edgellm.config import ModelSettings
-from edgellm.errors import ContextOverflow, EdgeError, InternalError, ModelLoadFailed
+from edgellm.errors import ContextOverflow, EdgeError, EngineFailed, InternalError, ModelLoadFailed
+from edgellm.runtime import failpoints
 from edgellm.runtime.llama_backend import LlamaBackend
 from edgellm.runtime.slots import Slot, reusable
 from edgellm.runtime.source import ModelRecord
@@ -54,7 +60,7 @@ class EngineStats:
 
 class LlamaEngine:
     def __init__(self, record: ModelRecord, model_path: str, settings: ModelSettings,
-                 on_request_done: Any = None) -> None:
+                 on_request_done: Any = None, on_died: Any = None) -> None:
         self.record = record
         self.name = record.name
         self.model_path = model_path
@@ -74,6 +80,8 @@ class LlamaEngine:
         self.tokens_per_second_cap = 0.0  # a duty cycle, so a hot device cools
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
         self._on_request_done = on_request_done
+        self._on_died = on_died  # called with (engine, reason) if the engine thread dies
+        self.failure: str | None = None
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -81,6 +89,7 @@ class LlamaEngine:
         self._llm: LlamaBackend | None = None
         self._thread = threading.Thread(target=self._main, name=f"engine-{self.name}", daemon=True)
         self.last_progress = time.monotonic()
+        self.busy_since = time.monotonic()  # when it last went from idle to busy
 
     # --- called from other threads -----------------------------------------------
     def start(self, timeout: float = 600.0) -> None:
@@ -93,7 +102,39 @@ class LlamaEngine:
             raise ModelLoadFailed(f"loading {self.name} took longer than {timeout:.0f}s")
 
     def submit(self, request: GenerationRequest) -> None:
+        if self.pending == 0 and self.busy_slots == 0:
+            self.busy_since = time.monotonic()
         self._queue.put(request)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds this engine has been busy without progress (0 when idle)."""
+        if self.busy_slots == 0 and self.pending == 0:
+            return 0.0
+        return now - max(self.last_progress, self.busy_since)
+
+    def abandon(self, error: EdgeError) -> None:
+        """Give up on an engine that makes no progress, from another thread: its
+        requests fail with ``error`` now; if its thread ever returns, it exits."""
+        self._stopping.set()
+        self._fail_requests(error)
+        self._queue.put(None)
+
+    def _fail_requests(self, error: EdgeError) -> None:
+        for slot in self.slots:
+            if (request := slot.request) is not None:
+                request.emit(Failed(error))
+        for request in self._drain_queue():
+            request.emit(Failed(error))
+
+    def _drain_queue(self) -> Iterator[GenerationRequest]:
+        """Take every request still waiting in the queue."""
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                yield request
 
     def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None,
                    tokens_per_second: float | None = None) -> None:
@@ -131,16 +172,11 @@ class LlamaEngine:
         for slot in self.slots:
             if slot.request is not None:
                 slot.request.cancel()
-        while True:
-            try:
-                req = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if req is not None:
-                req.cancel()
-                req.emit(Finished("cancelled", Usage(), 0.0, 0.0))
+        for request in self._drain_queue():
+            request.cancel()
+            request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
         self._stopping.set()
         self.cancel_all()
         self._queue.put(None)
@@ -162,16 +198,20 @@ class LlamaEngine:
             return
         try:
             self._loop()
-        except Exception:
+        except Exception as exc:
             log.exception("event=engine_died model=%s", self.name)
-            for slot in self.slots:
-                if slot.request is not None:
-                    self._finish(slot, Failed(InternalError(f"the engine of {self.name} failed")))
+            self.failure = f"its engine thread died: {type(exc).__name__}: {exc}"
+            if self._on_died is not None:  # first, so no one is sent here any more
+                self._on_died(self, self.failure)
+            self._fail_requests(EngineFailed(
+                f"{self.name} failed while generating ({self.failure}); it is reloaded "
+                f"on the next request", retry_after=1))
         finally:
-            self.cancel_all()
-            for slot in self.slots:
-                if slot.request is not None:
-                    self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
+            if self.failure is None:
+                self.cancel_all()
+                for slot in self.slots:
+                    if slot.request is not None:
+                        self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
             self._llm.close()
             self._llm = None
 
@@ -246,6 +286,7 @@ class LlamaEngine:
         slot.stops = StopMatcher(list(request.stop) + template_stops)
         slot.admitted = time.monotonic()
         request.state, request.prompt_tokens = "running", n
+        self.last_progress = time.monotonic()
         self.stats.reused_prompt_tokens += keep
 
     # --- stepping -----------------------------------------------------------------------
@@ -291,6 +332,7 @@ class LlamaEngine:
         assert llm is not None
         active = [s for s in self.slots if s.state == "generate"]
         t0 = time.monotonic()
+        failpoints.hit("engine.decode")
         code = llm.decode([(s.last_token, s.pos, s.index, True) for s in active])
         if code != 0:
             for s in active:

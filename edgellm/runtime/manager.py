@@ -16,6 +16,7 @@ from typing import Any
 from edgellm.config import Settings
 from edgellm.errors import (
     EdgeError,
+    EngineFailed,
     InsufficientMemory,
     ModelLoadFailed,
     QueueFull,
@@ -23,6 +24,7 @@ from edgellm.errors import (
     ShuttingDown,
 )
 from edgellm.runtime.engine import EngineStats, LlamaEngine
+from edgellm.runtime.failures import FailureBook
 from edgellm.runtime.memory import MB, estimate_bytes, headroom
 from edgellm.runtime.source import ModelSource
 from edgellm.runtime.types import Failed, Finished, GenerationRequest, Limits
@@ -67,7 +69,9 @@ class Runtime:
         self._closing = False
         self._wake = threading.Event()
         self._retired = EngineStats()  # counters of engines already unloaded
-        self.stats = {"loads": 0, "unloads": 0, "evictions": 0, "load_failures": 0}
+        self.stats = {"loads": 0, "unloads": 0, "evictions": 0, "load_failures": 0,
+                      "engine_failures": 0}
+        self.failures = FailureBook(settings.failure_backoff)
         self.limits = Limits()
         self._reaper = threading.Thread(target=self._reap_loop, name="keep-alive", daemon=True)
         self._reaper.start()
@@ -84,6 +88,8 @@ class Runtime:
             limits = self.limits
             if limits.shed:
                 raise Shedding(limits.shed, retry_after=limits.retry_after)
+            if request.model not in self._loaded:
+                self.failures.check(request.model)
             if limits.max_tokens and (request.max_tokens is None
                                       or request.max_tokens > limits.max_tokens):
                 request.max_tokens = limits.max_tokens
@@ -180,6 +186,7 @@ class Runtime:
                     loaded = self._loaded[name]
                     self._touch(loaded, keep_alive)
                     return loaded
+                self.failures.check(name)
             ms = self.settings.for_model(name)
             need = estimate_bytes(record, min(ms.n_ctx or 4096, record.context_length or 1 << 30),
                                   ms.n_parallel or 1)
@@ -187,7 +194,8 @@ class Runtime:
             t0 = time.monotonic()
             opened = self.source.open(name)
             path = opened.__enter__()
-            engine = LlamaEngine(record, path, ms, on_request_done=self._request_done)
+            engine = LlamaEngine(record, path, ms, on_request_done=self._request_done,
+                                 on_died=self._engine_died)
             try:
                 engine.start()
             except BaseException:
@@ -210,11 +218,17 @@ class Runtime:
     def _make_room(self, name: str, need: int) -> None:
         """Evict idle, unpinned models (least recently used first) until ``need`` fits."""
         s = self.settings
+        # The governor's reading of free memory predates our evictions until its next
+        # poll: count what we evicted since that reading as free again.
+        reading, freed = self.limits, 0
         while True:
             with self._lock:
+                if self.limits is not reading:
+                    reading, freed = self.limits, 0
                 used = sum(m.memory_bytes for m in self._loaded.values())
+                seen = reading.available_mb
                 room = headroom(s.memory_reserve_mb, s.memory_budget_mb, used,
-                                self.limits.available_mb)
+                                None if seen is None else seen + freed / MB)
                 too_many = len(self._loaded) >= s.max_loaded_models
                 if room.available >= need and not too_many:
                     return
@@ -234,7 +248,8 @@ class Runtime:
             victim = idle[0]
             log.info("event=evict model=%s for=%s", victim.name, name)
             self.stats["evictions"] += 1
-            self.unload(victim.name)
+            if self.unload(victim.name):
+                freed += victim.memory_bytes
 
     def unload(self, name: str) -> bool:
         with self._lock:
@@ -275,6 +290,7 @@ class Runtime:
                 log.info("event=idle_unload model=%s", name)
                 self.unload(name)
 
+    # --- failures: a dead or stuck engine ----------------------------------------------
     def stalled_models(self, after: float) -> list[str]:
         """Models whose engine is busy but has made no progress for ``after`` seconds
         (or whose engine thread has died)."""
@@ -282,7 +298,70 @@ class Runtime:
         with self._lock:
             models = list(self._loaded.values())
         return [m.name for m in models
-                if not m.engine.alive or (m.busy and now - m.engine.last_progress > after)]
+                if not m.engine.alive or m.engine.stalled_for(now) > after]
+
+    def recover(self, name: str, reason: str) -> bool:
+        """Give up on a model's engine (stuck, or dead): its requests fail with a clear
+        error, the model is unloaded, and the next request (or at once, if pinned)
+        loads it again, after a back-off if it keeps failing."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        if loaded is None:
+            return False
+        loaded.engine.abandon(EngineFailed(
+            f"{name} {reason}; its requests were ended and the model is reloaded",
+            retry_after=1))
+        return self._retire(loaded.engine, reason)
+
+    def _engine_died(self, engine: LlamaEngine, reason: str) -> None:
+        self._retire(engine, reason)
+
+    def _retire(self, engine: LlamaEngine, reason: str) -> bool:
+        with self._lock:
+            loaded = self._loaded.get(engine.name)
+            if loaded is None or loaded.engine is not engine:
+                return False
+            del self._loaded[engine.name]
+            failure = self.failures.record(engine.name, reason)
+            self.stats["engine_failures"] += 1
+            for key, value in vars(engine.stats).items():
+                setattr(self._retired, key, getattr(self._retired, key) + value)
+        log.error("event=engine_failed model=%s reason=%r failures=%d retry_in=%.0f",
+                  engine.name, reason, failure.count, failure.retry_at - time.monotonic())
+        threading.Thread(target=self._bury, args=(loaded,), name=f"bury-{engine.name}",
+                         daemon=True).start()
+        if loaded.pinned:
+            threading.Thread(target=self._reload_pinned, args=(engine.name, failure.retry_at),
+                             name=f"reload-{engine.name}", daemon=True).start()
+        return True
+
+    def _bury(self, loaded: LoadedModel) -> None:
+        """Close a failed engine's model file once its thread is gone. A thread stuck
+        inside llama.cpp cannot be stopped from Python: its memory stays held until it
+        returns or the daemon restarts, and the log says so."""
+        loaded.engine.stop(timeout=5)
+        if loaded.engine.alive:
+            log.warning("event=engine_abandoned model=%s note=\"its thread is stuck in "
+                        "llama.cpp; its memory is held until it returns or the daemon "
+                        "restarts\"", loaded.name)
+            loaded.engine.stop(timeout=None)
+        if loaded.opened is not None:
+            loaded.opened.__exit__(None, None, None)
+
+    def _reload_pinned(self, name: str, retry_at: float) -> None:
+        while not self._closing and time.monotonic() < retry_at:
+            time.sleep(min(1.0, retry_at - time.monotonic()))
+        if self._closing:
+            return
+        try:
+            self.load(name, keep_alive=-1.0)
+        except EdgeError as exc:
+            log.error("event=reload_failed model=%s error=%s", name, exc.message)
+
+    def model_changes(self) -> int:
+        """A counter that moves whenever the set of loaded models changes."""
+        with self._lock:
+            return self.stats["loads"] + self.stats["unloads"] + self.stats["engine_failures"]
 
     # --- limits (the governor's handle) ----------------------------------------------
     def set_limits(self, model: str | None = None, *, n_threads: int | None = None,

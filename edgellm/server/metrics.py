@@ -84,6 +84,10 @@ class GovernorCollector(Collector):
         yield readings
         yield CounterMetricFamily("edgellm_governor_cancelled", "Generations cancelled at "
                                   "the critical level.", value=g.cancelled)
+        yield CounterMetricFamily("edgellm_governor_recovered", "Stuck or dead engines "
+                                  "recovered by the stability watch.", value=g.watch.recovered)
+        yield CounterMetricFamily("edgellm_governor_suspected_leaks", "Memory growth reported "
+                                  "as a suspected leak.", value=g.watch.leaks)
 
 
 class Metrics:
