@@ -185,6 +185,13 @@ class Client:
     def whoami(self) -> dict[str, Any]:
         return self._json("GET", "/api/access/whoami")
 
+    def governor(self) -> dict[str, Any]:
+        return self._json("GET", "/api/governor")
+
+    def configure_governor(self, **change: Any) -> dict[str, Any]:
+        """``pin="throttled"``, ``unpin=True`` or ``thresholds={SIGNAL: {…}}``."""
+        return self._json("PUT", "/api/governor", json=change)
+
     def grants(self) -> list[dict[str, str]]:
         return self._json("GET", "/api/access/grants")["grants"]
 

@@ -6,12 +6,14 @@ directory and edgellm.toml, so tests can run several side by side.
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,31 @@ class Daemon:
         return subprocess.run([sys.executable, "-m", "edgellm", *args], env=self.env,
                               capture_output=True, text=True, timeout=timeout,
                               input=input if input is not None else "")
+
+
+def as_user(user: str, fn: Callable[[], Any]) -> Any:
+    """Run fn in a child process that has become ``user``; return what it returns."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to the user, then call
+        os.close(read)
+        try:
+            pw = pwd.getpwnam(user)
+            os.setgroups(os.getgrouplist(user, pw.pw_gid))
+            os.setgid(pw.pw_gid)
+            os.setuid(pw.pw_uid)
+            out = fn()
+        except BaseException as exc:
+            out = {"exception": repr(exc)}
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 1 << 16):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    return json.loads(data)
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:

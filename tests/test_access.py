@@ -4,7 +4,6 @@ and each client runs in a child process that has become that user."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import MODEL, Daemon, wait_for
+from conftest import MODEL, Daemon, as_user, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
@@ -48,31 +47,6 @@ def shared(users: None, tmp_path_factory: pytest.TempPathFactory, model_file: Pa
     d.start()
     yield d
     d.stop()
-
-
-def as_user(user: str, fn: Callable[[], Any]) -> Any:
-    """Run fn in a child process that has become ``user``; return what it returns."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to the user, then call
-        os.close(read)
-        try:
-            pw = pwd.getpwnam(user)
-            os.setgroups(os.getgrouplist(user, pw.pw_gid))
-            os.setgid(pw.pw_gid)
-            os.setuid(pw.pw_uid)
-            out = fn()
-        except BaseException as exc:
-            out = {"exception": repr(exc)}
-        os.write(write, json.dumps(out).encode())
-        os._exit(0)
-    os.close(write)
-    data = b""
-    while chunk := os.read(read, 1 << 16):
-        data += chunk
-    os.close(read)
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def call(d: Daemon, method: str, path: str, body: Any = None,

@@ -1,0 +1,1 @@
+"""The operator's terminal UI: a Textual app and a client of the socket like any other."""
