@@ -6,6 +6,7 @@ away are shown, not raised), snapshots pin down each screen, and one test runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -241,13 +242,16 @@ def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
     user = "edgt-viewer"
     if subprocess.run(["id", user], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", user], check=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(subprocess.run, ["userdel", user], capture_output=True)
         (tmp_path / "daemon").mkdir()
         d = Daemon(tmp_path / "daemon", model_file, socket_mode="0666")
         run_dir = Path(tempfile.mkdtemp(prefix="edgellm-tui-"))
         run_dir.chmod(0o755)  # the other user must reach the socket; the policy decides
+        stack.callback(shutil.rmtree, run_dir, True)
         d.socket = run_dir / "edgellm.sock"
         d.start()
+        stack.callback(d.stop)
         Client(d.socket).grant(f"user:{user}", "client", MODEL)
 
         def look() -> dict[str, Any]:
@@ -284,9 +288,6 @@ def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
         assert seen["requests"].startswith("0 in flight")  # only its own requests
         assert seen["access"].startswith("Access control is for admins")
         assert Client(d.socket).ps() == []  # nothing was loaded
-        d.stop()
-    finally:
-        subprocess.run(["userdel", user], capture_output=True)
 
 
 # --- snapshots ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class Playground(Pane):
         super().__init__(**kw)
         self.stream: ChatStream | None = None
         self.transcript = ""
+        self.models: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Select([], prompt="model (the daemon's default)", id="play-model")
@@ -35,12 +36,14 @@ class Playground(Pane):
         return [m["name"] for m in client.models()]
 
     def show(self, data: Any) -> None:
+        if data == self.models:
+            return
+        self.models = data
         select = self.query_one(Select)
-        if [str(v) for _, v in getattr(select, "_options", [])][1:] != data:
-            current = select.value
-            select.set_options([(name, name) for name in data])
-            if current in data:
-                select.value = current
+        current = select.value
+        select.set_options([(name, name) for name in data])
+        if current in data:
+            select.value = current
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
