@@ -124,9 +124,7 @@ def load_test(make_http: Any, system: str, clients: int, stream: bool, max_token
 def edgellm_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     daemon = EdgeDaemon(n_threads=args.threads, n_parallel=8, n_ctx=1024, max_queue=64)
     try:
-        def http() -> httpx.Client:
-            return httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)),
-                                base_url="http://edgellm", timeout=600)
+        http = daemon.http
         with http() as h:
             h.post(f"/api/models/{MODEL}/load").raise_for_status()
             one_request(h, 0, 8, False, {})  # warm-up
@@ -180,8 +178,7 @@ def prefix_reuse(args: argparse.Namespace) -> list[dict[str, Any]]:
         daemon = EdgeDaemon(n_threads=args.threads, n_parallel=2, n_ctx=2048,
                             prefix_cache=enabled)
         try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)),
-                              base_url="http://edgellm", timeout=600) as h:
+            with daemon.http() as h:
                 ttfts = []
                 for i in range(6):
                     body = {"messages": [{"role": "system", "content": system},

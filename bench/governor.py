@@ -34,6 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 from common import MODEL, EdgeDaemon, percentile, table  # noqa: E402
 
+from edgellm.governor.sensors import read_cgroup_memory  # noqa: E402
+
 HOT = {"temp_c": 97}
 COOL = {"temp_c": 50}
 
@@ -100,12 +102,8 @@ class Cgroup:
                 (self.path / "memory.memsw.limit_in_bytes").write_text(limit)
 
     def oom_kills(self) -> int:
-        name = "memory.events" if self.v2 else "memory.oom_control"
-        for line in (self.path / name).read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        """The kernel's own count, read as the governor reads it."""
+        return int(read_cgroup_memory(2 if self.v2 else 1, self.path)["cgroup_oom_kills"] or 0)
 
     def peak_mb(self) -> float | None:
         name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"

@@ -258,13 +258,17 @@ class Runtime:
             return False
         loaded.engine.stop()
         with self._lock:
-            for key, value in vars(loaded.engine.stats).items():
-                setattr(self._retired, key, getattr(self._retired, key) + value)
+            self._keep_counters(loaded.engine)
         if loaded.opened is not None:
             loaded.opened.__exit__(None, None, None)
         self.stats["unloads"] += 1
         log.info("event=model_unloaded model=%s", name)
         return True
+
+    def _keep_counters(self, engine: LlamaEngine) -> None:
+        """Roll a departing engine's counters into the daemon's totals (lock held)."""
+        for key, value in vars(engine.stats).items():
+            setattr(self._retired, key, getattr(self._retired, key) + value)
 
     def _touch(self, loaded: LoadedModel, keep_alive: float | None) -> None:
         loaded.last_used = time.monotonic()
@@ -324,8 +328,7 @@ class Runtime:
             del self._loaded[engine.name]
             failure = self.failures.record(engine.name, reason)
             self.stats["engine_failures"] += 1
-            for key, value in vars(engine.stats).items():
-                setattr(self._retired, key, getattr(self._retired, key) + value)
+            self._keep_counters(engine)
         log.error("event=engine_failed model=%s reason=%r failures=%d retry_in=%.0f",
                   engine.name, reason, failure.count, failure.retry_at - time.monotonic())
         threading.Thread(target=self._bury, args=(loaded,), name=f"bury-{engine.name}",
