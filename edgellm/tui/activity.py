@@ -80,13 +80,10 @@ class Audit(Pane):
                      ("resource", "Resource"), ("decision", "Decision"), ("status", "Status")],
                     id="audit-table")
 
+    filters: dict[str, str] = {}  # applied on Enter; read by the poll worker
+
     def fetch(self, client: Any) -> Any:
-        text = self.query_one("#audit-filter", Input).value
-        try:
-            filters = parse_filters(text)
-        except InvalidRequest:
-            filters = {}
-        return client.audit(limit=200, order="newest", **filters)
+        return client.audit(limit=200, order="newest", **self.filters)
 
     def show(self, data: Any) -> None:
         table = self.query_one(Table)
@@ -97,7 +94,7 @@ class Audit(Pane):
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         try:
-            parse_filters(event.value)
+            self.filters = parse_filters(event.value)
         except InvalidRequest as exc:
             self.notify(exc.message, severity="error")
             return
@@ -120,6 +117,7 @@ class Audit(Pane):
 
     def action_clear_filter(self) -> None:
         self.query_one("#audit-filter", Input).value = ""
+        self.filters = {}
         self.app.poll()  # type: ignore[attr-defined]
         self.query_one(Table).focus()
 

@@ -151,11 +151,10 @@ class EdgeApp(App[None]):
         self.poll()
 
     # --- actions ------------------------------------------------------------------------
-    def act(self, done: str, call: Callable[[Client], Any]) -> None:
-        self._act(done, call)
-
     @work(thread=True, group="act")
-    def _act(self, done: str, call: Callable[[Client], Any]) -> None:
+    def act(self, done: str, call: Callable[[Client], Any]) -> None:
+        """Run ``call(client)`` off the UI thread; say ``done`` (or what it returned)
+        or the daemon's reason for refusing."""
         try:
             result = call(self.client)
         except Exception as exc:  # the daemon's reason, as one line
