@@ -308,6 +308,7 @@ def _settled(*keys: str) -> Callable[[Pilot], Any]:
         await pilot.pause(0.5)  # drawn before anything covers it
         for key in keys:
             await pilot.press(key)
+        await app.workers.wait_for_complete()  # the tab's own fetch has come back
         await pilot.pause(1.0)
         await pilot.wait_for_scheduled_animations()
     return run_before

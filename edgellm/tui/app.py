@@ -57,7 +57,9 @@ class EdgeApp(App[None]):
     TITLE = "edgellm"
     CSS = """
     #banner { display: none; padding: 1 2; background: $error 30%; border: heavy $error; }
-    #banner.down { display: block; }
+    /* the tabs take what the banner and footer leave: the screen itself never
+       scrolls, so focusing a table cannot push the banner off the top */
+    TabbedContent, TabbedContent > ContentSwitcher { height: 1fr; }
     #health { padding: 0 1; background: $boost; }
     .gauges { height: 3; }
     Table { height: 1fr; }
@@ -127,7 +129,9 @@ class EdgeApp(App[None]):
 
     def show_snapshot(self, snapshot: Snapshot, pane: Pane, data: Any) -> None:
         self.snapshot, self.down = snapshot, None
-        self.main.query_one("#banner", Static).remove_class("down")
+        banner = self.main.query_one("#banner", Static)
+        banner.remove_class("down")
+        banner.display = False
         level = (snapshot.governor or {}).get("level", "unknown")
         for name in LEVEL_STYLES:
             self.main.set_class(name == level, f"level-{name}")
@@ -141,6 +145,7 @@ class EdgeApp(App[None]):
         banner.update(f"[b]The daemon cannot be used right now[/b]\n{message}\n"
                       f"[dim]retrying every {self.poll_interval:g}s…[/dim]")
         banner.add_class("down")
+        banner.display = True  # set, not only styled: the layout is redone at once
         self.down = message  # once it shows
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
