@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets import DataTable, Static, TabbedContent
+from textual.widgets import DataTable, Input, Static, TabbedContent
 
 from edgellm.client import Client
 from edgellm.tui.activity import parse_filters
@@ -303,13 +303,21 @@ def quiet_daemon(make_daemon: Any, tmp_path: Path) -> Daemon:
 
 def _settled(*keys: str) -> Callable[[Pilot], Any]:
     async def run_before(pilot: Pilot) -> None:
-        app = pilot.app
-        await until(pilot, lambda: app.snapshot.health or app.down)  # type: ignore[attr-defined]
+        app: EdgeApp = pilot.app  # type: ignore[assignment]
+        await until(pilot, lambda: app.polls_shown)
+        for field in app.query(Input):
+            field.cursor_blink = False  # a blinking cursor is a coin toss in a picture
         await pilot.pause(0.5)  # drawn before anything covers it
         for key in keys:
             await pilot.press(key)
-        await app.workers.wait_for_complete()  # the tab's own fetch has come back
-        await pilot.pause(1.0)
+        # one more poll once every key has taken effect, waited for by its outcome (not
+        # by time): a slow machine must not catch the tab before its data is in
+        await app.workers.wait_for_complete()
+        shown = app.polls_shown
+        app.poll()
+        await until(pilot, lambda: app.polls_shown > shown)
+        await app.workers.wait_for_complete()
+        await pilot.pause(0.5)
         await pilot.wait_for_scheduled_animations()
     return run_before
 

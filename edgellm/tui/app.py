@@ -83,6 +83,7 @@ class EdgeApp(App[None]):
         self.poll_interval = poll_interval
         self.snapshot = Snapshot()
         self.down: str | None = None  # why the daemon cannot be used, while it cannot
+        self.polls_shown = 0  # polls whose outcome is on screen (tests wait on it)
 
     def compose(self) -> ComposeResult:
         yield Static("", id="banner")
@@ -139,6 +140,7 @@ class EdgeApp(App[None]):
         for _, _, kind in TABS:
             self.main.query_one(kind).on_snapshot(snapshot)
         pane.show(data)
+        self.polls_shown += 1
 
     def show_problem(self, message: str) -> None:
         banner = self.main.query_one("#banner", Static)
@@ -147,6 +149,7 @@ class EdgeApp(App[None]):
         banner.add_class("down")
         banner.display = True  # set, not only styled: the layout is redone at once
         self.down = message  # once it shows
+        self.polls_shown += 1
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = self.active_pane()
