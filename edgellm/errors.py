@@ -112,6 +112,18 @@ class ModelBackingOff(Unavailable):
     code = "model_backing_off"
 
 
+class DeadlineExceeded(Unavailable):
+    """A request ran past its timeout and was stopped."""
+
+    code = "deadline_exceeded"
+
+
+class RequestCancelled(Conflict):
+    """A request was cancelled (DELETE /api/requests/{id}, or by the governor)."""
+
+    code = "request_cancelled"
+
+
 class IntegrityError(EdgeError):
     """A stored model does not match its recorded checksum."""
 

@@ -6,7 +6,15 @@ directly with the vault's key (offline mode). Exit codes: 0 success, 1 a user er
 with a one-line message, 2 a usage error.
 """
 
-from edgellm.cli import access, generate, models, service, tui, vault  # noqa: F401  (they register)
+from edgellm.cli import (  # noqa: F401  (they register)
+    access,
+    generate,
+    models,
+    onnx,
+    service,
+    tui,
+    vault,
+)
 from edgellm.cli.base import main
 
 __all__ = ["main"]

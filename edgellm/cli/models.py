@@ -79,28 +79,36 @@ def models_show(name: str, socket: str | None) -> None:
 @friendly
 def models_pull(name: str, socket: str | None, state_dir: str | None,
                 key_file: str | None = None) -> None:
-    """Fetch a catalog model, check its sha256 and store it."""
-    from edgellm.catalog import Catalog, fetch
+    """Fetch a catalog model, check its sha256 and store it (building it first if its
+    manifest says how, e.g. an ONNX graph from safetensors, quantized to INT8)."""
+    from edgellm.catalog import Catalog, prepare
 
     settings = load_settings(overrides={"state_dir": state_dir})
     manifest = Catalog(settings.catalog_dir).get(name)
     click.echo(f"fetching {name} from {manifest.describe_source()} "
                f"({manifest.size / 2**20:.0f} MB)…", err=True)
-    path = fetch(manifest, settings.cache_dir)
+    if manifest.convert:
+        steps = [manifest.convert["recipe"], manifest.convert.get("quantize", "")]
+        click.echo(f"building it ({', '.join(filter(None, steps))})…", err=True)
+    path = prepare(manifest, settings.cache_dir)
+    # a built model's bytes are ours: the checksum checked is its source's, at fetch
+    sha256 = None if manifest.convert else manifest.sha256
+    source = manifest.describe_source() + (f" (built: {manifest.convert['recipe']})"
+                                           if manifest.convert else "")
     c = daemon_or_none(socket)
     if c is not None:
         with c:
-            c.import_model(name, path, sha256=manifest.sha256, source=manifest.describe_source())
+            c.import_model(name, path, sha256=sha256, source=source)
     else:
-        offline_store(state_dir, key_file).add_file(path, name, expected_sha256=manifest.sha256,
-                                           info={"source": manifest.describe_source(),
+        offline_store(state_dir, key_file).add_file(path, name, expected_sha256=sha256,
+                                           info={"source": source,
                                                  "license": manifest.license,
                                                  "quantization": manifest.quantization})
     click.echo(f"pulled {name} (sha256 {manifest.sha256[:12]}… verified)")
 
 
 @models.command("add")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--name", help="Name to store it under (default: from the file name).")
 @socket_option
 @state_dir_option
@@ -108,21 +116,55 @@ def models_pull(name: str, socket: str | None, state_dir: str | None,
 @friendly
 def models_add(path: str, name: str | None, socket: str | None, state_dir: str | None,
                key_file: str | None = None) -> None:
-    """Add a local GGUF file (its header is checked before anything is stored)."""
-    from edgellm.runtime.gguf_meta import read_gguf_metadata
+    """Add a local model: a GGUF file, an .onnx file, or a directory holding model.onnx
+    (with tokenizer.json and edgellm.json, or a sentence-transformers layout). Each is
+    checked before anything is stored."""
     from edgellm.runtime.source import check_name
 
-    meta = read_gguf_metadata(path)  # refuse a non-GGUF file before sending a byte
-    name = check_name(name or Path(path).stem.lower().replace(" ", "-"))
+    where = Path(path)
+    name = check_name(name or where.stem.lower().replace(" ", "-"))
+    if where.is_dir() or where.suffix == ".onnx":
+        from edgellm.runtime.onnx import bundle
+
+        files = bundle.from_directory(where) if where.is_dir() else {bundle.MODEL:
+                                                                     where.read_bytes()}
+        data = bundle.pack(files)
+        info = bundle.describe(data, name)  # refuse an invalid model before sending it
+        summary = (f"onnx, {info['quantization']}, inputs "
+                   f"{', '.join(i['name'] for i in info['extra']['inputs'])}")
+    else:
+        from edgellm.runtime.gguf_meta import read_gguf_metadata
+
+        meta = read_gguf_metadata(path)  # refuse a non-GGUF file before sending a byte
+        data = None
+        summary = (f"{meta['architecture']}, {meta['quantization']}, "
+                   f"context {meta['context_length']}")
     c = daemon_or_none(socket)
     if c is not None:
         with c:
-            c.import_model(name, path, source=f"file:{Path(path).name}")
+            c.import_model(name, path, source=f"file:{where.name}")
     else:
-        offline_store(state_dir, key_file).add_file(Path(path), name,
-                                           info={"source": f"file:{Path(path).name}"})
-    click.echo(f"added {name} ({meta['architecture']}, {meta['quantization']}, "
-               f"context {meta['context_length']})")
+        store = offline_store(state_dir, key_file)
+        if data is not None:
+            store.add_stream(iter([data]), name, info={"source": f"file:{where.name}"})
+        else:
+            store.add_file(where, name, info={"source": f"file:{where.name}"})
+    click.echo(f"added {name} ({summary})")
+
+
+@models.command("quantize")
+@click.argument("name")
+@click.option("--to", "target", help="Name of the quantized model (default: NAME-int8).")
+@click.option("--exclude", multiple=True, help="A node to keep in float (repeatable).")
+@socket_option
+@friendly
+def models_quantize(name: str, target: str | None, exclude: tuple[str, ...],
+                    socket: str | None) -> None:
+    """Quantize an ONNX model to INT8 (dynamic, per channel), stored as a new model."""
+    with client(socket) as c:
+        m = c.quantize(name, target, list(exclude))
+    click.echo(f"quantized {name} into {m['name']} ({m['size'] / 2**20:.1f} MB, "
+               f"{m['quantization']})")
 
 
 @models.command("rm")

@@ -56,9 +56,125 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     decode_step_sequences: int = 0  # sum over steps of sequences decoded together
+    batches: int = 0  # ONNX runs
+    batch_items: int = 0  # rows (texts, tensors) over those runs
 
 
-class LlamaEngine:
+class EngineThread:
+    """What every engine shares: a thread that loads the model then serves a queue,
+    progress and busy times for the stability watch, and a recent-rate window."""
+
+    name: str
+    _queue: queue.Queue[Any]
+
+    def _init_thread(self) -> None:
+        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, items) per step
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._load_error: EdgeError | None = None
+        self._thread = threading.Thread(target=self._main, name=f"engine-{self.name}",
+                                        daemon=True)
+        self.last_progress = time.monotonic()
+        self.busy_since = time.monotonic()  # when it last went from idle to busy
+
+    activity = "running"  # what a failure message says it was doing
+    failure: str | None = None
+    _on_died: Any = None
+
+    # --- what each engine does ------------------------------------------------------------
+    def _load(self) -> None:
+        """Load the model (on the engine thread)."""
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        """Serve the queue until stopped."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Leave: end the requests still held (unless the engine died), free the model."""
+        raise NotImplementedError
+
+    def _fail_requests(self, error: EdgeError) -> None:
+        raise NotImplementedError
+
+    @property
+    def busy_slots(self) -> int:
+        raise NotImplementedError
+
+    def _main(self) -> None:
+        try:
+            self._load()
+        except EdgeError as exc:
+            self._load_error = exc
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            self._load_error = ModelLoadFailed(f"could not load {self.name}: {first}")
+        finally:
+            self._ready.set()
+        if self._load_error is not None:
+            return
+        try:
+            self._loop()
+        except Exception as exc:
+            log.exception("event=engine_died model=%s", self.name)
+            self.failure = f"its engine thread died: {type(exc).__name__}: {exc}"
+            if self._on_died is not None:  # first, so no one is sent here any more
+                self._on_died(self, self.failure)
+            self._fail_requests(EngineFailed(
+                f"{self.name} failed while {self.activity} ({self.failure}); it is reloaded "
+                f"on the next request", retry_after=1))
+        finally:
+            self._close()
+
+    def start(self, timeout: float = 600.0) -> None:
+        """Load the model on the engine thread; raise ModelLoadFailed if it cannot."""
+        self._thread.start()
+        self._ready.wait(timeout)
+        if self._load_error is not None:
+            raise self._load_error
+        if not self._ready.is_set():
+            raise ModelLoadFailed(f"loading {self.name} took longer than {timeout:.0f}s")
+
+    def _enqueue(self, request: Any) -> None:
+        if self.pending == 0 and self.busy_slots == 0:
+            self.busy_since = time.monotonic()
+        self._queue.put(request)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds this engine has been busy without progress (0 when idle)."""
+        if self.busy_slots == 0 and self.pending == 0:
+            return 0.0
+        return now - max(self.last_progress, self.busy_since)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _drain(self) -> Iterator[Any]:
+        """Take every request still waiting in the queue."""
+        while True:
+            try:
+                request = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if request is not None:
+                yield request
+
+    def rate(self, window: float = 5.0) -> float:
+        """Items (tokens, rows) per second over the last ``window`` seconds."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        if len(recent) < 2:
+            return 0.0
+        span = recent[-1][0] - recent[0][0]
+        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+
+
+class LlamaEngine(EngineThread):
     def __init__(self, record: ModelRecord, model_path: str, settings: ModelSettings,
                  on_request_done: Any = None, on_died: Any = None) -> None:
         self.record = record
@@ -69,6 +185,7 @@ class LlamaEngine:
         if record.context_length:
             self.n_ctx = min(self.n_ctx, record.context_length)
         self.slots = [Slot(i) for i in range(settings.n_parallel or 1)]
+        self.capacity = len(self.slots)  # requests it can run at once
         self.prefill_chunk = min(settings.prefill_chunk or 256, settings.n_batch or 512)
         self.prefix_cache = True if settings.prefix_cache is None else settings.prefix_cache
         self.stats = EngineStats()
@@ -78,39 +195,15 @@ class LlamaEngine:
         self.max_active = len(self.slots)
         self._applied_threads = self.n_threads
         self.tokens_per_second_cap = 0.0  # a duty cycle, so a hot device cools
-        self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, tokens) per step
         self._on_request_done = on_request_done
         self._on_died = on_died  # called with (engine, reason) if the engine thread dies
-        self.failure: str | None = None
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
-        self._ready = threading.Event()
-        self._stopping = threading.Event()
-        self._load_error: EdgeError | None = None
         self._llm: LlamaBackend | None = None
-        self._thread = threading.Thread(target=self._main, name=f"engine-{self.name}", daemon=True)
-        self.last_progress = time.monotonic()
-        self.busy_since = time.monotonic()  # when it last went from idle to busy
+        self._init_thread()
 
     # --- called from other threads -----------------------------------------------
-    def start(self, timeout: float = 600.0) -> None:
-        """Load the model on the engine thread; raise ModelLoadFailed if it cannot."""
-        self._thread.start()
-        self._ready.wait(timeout)
-        if self._load_error is not None:
-            raise self._load_error
-        if not self._ready.is_set():
-            raise ModelLoadFailed(f"loading {self.name} took longer than {timeout:.0f}s")
-
     def submit(self, request: GenerationRequest) -> None:
-        if self.pending == 0 and self.busy_slots == 0:
-            self.busy_since = time.monotonic()
-        self._queue.put(request)
-
-    def stalled_for(self, now: float) -> float:
-        """Seconds this engine has been busy without progress (0 when idle)."""
-        if self.busy_slots == 0 and self.pending == 0:
-            return 0.0
-        return now - max(self.last_progress, self.busy_since)
+        self._enqueue(request)
 
     def abandon(self, error: EdgeError) -> None:
         """Give up on an engine that makes no progress, from another thread: its
@@ -123,18 +216,8 @@ class LlamaEngine:
         for slot in self.slots:
             if (request := slot.request) is not None:
                 request.emit(Failed(error))
-        for request in self._drain_queue():
+        for request in self._drain():
             request.emit(Failed(error))
-
-    def _drain_queue(self) -> Iterator[GenerationRequest]:
-        """Take every request still waiting in the queue."""
-        while True:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if request is not None:
-                yield request
 
     def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None,
                    tokens_per_second: float | None = None) -> None:
@@ -149,30 +232,25 @@ class LlamaEngine:
             self.tokens_per_second_cap = max(0.0, tokens_per_second)
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    @property
     def busy_slots(self) -> int:
         return sum(1 for s in self.slots if s.busy)
 
+    def describe(self) -> dict[str, Any]:
+        """What /api/ps shows of this engine beyond what every engine has."""
+        st = self.stats
+        return {"format": "gguf", "n_gpu_layers": self.settings.n_gpu_layers or 0,
+                "tokens_per_second": round(self.tokens_per_second(), 1),
+                "mean_sequences_per_step": round(st.decode_step_sequences / st.decode_steps, 2)
+                if st.decode_steps else 0.0}
+
     def tokens_per_second(self, window: float = 5.0) -> float:
-        now = time.monotonic()
-        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
-        if len(recent) < 2:
-            return 0.0
-        span = recent[-1][0] - recent[0][0]
-        return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
+        return self.rate(window)
 
     def cancel_all(self) -> None:
         for slot in self.slots:
             if slot.request is not None:
                 slot.request.cancel()
-        for request in self._drain_queue():
+        for request in self._drain():
             request.cancel()
             request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
 
@@ -184,36 +262,21 @@ class LlamaEngine:
             self._thread.join(timeout)
 
     # --- the engine thread -----------------------------------------------------------
-    def _main(self) -> None:
-        try:
-            self._llm = LlamaBackend(self.model_path, self.settings, self.n_ctx, len(self.slots))
-            self.gpu_offload = self._llm.gpu_offload
-        except EdgeError as exc:
-            self._load_error = exc
-        except Exception as exc:
-            self._load_error = ModelLoadFailed(f"could not load {self.name}: {exc}")
-        finally:
-            self._ready.set()
-        if self._load_error is not None:
-            return
-        try:
-            self._loop()
-        except Exception as exc:
-            log.exception("event=engine_died model=%s", self.name)
-            self.failure = f"its engine thread died: {type(exc).__name__}: {exc}"
-            if self._on_died is not None:  # first, so no one is sent here any more
-                self._on_died(self, self.failure)
-            self._fail_requests(EngineFailed(
-                f"{self.name} failed while generating ({self.failure}); it is reloaded "
-                f"on the next request", retry_after=1))
-        finally:
-            if self.failure is None:
-                self.cancel_all()
-                for slot in self.slots:
-                    if slot.request is not None:
-                        self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
+    activity = "generating"
+
+    def _load(self) -> None:
+        self._llm = LlamaBackend(self.model_path, self.settings, self.n_ctx, len(self.slots))
+        self.gpu_offload = self._llm.gpu_offload
+
+    def _close(self) -> None:
+        if self.failure is None:
+            self.cancel_all()
+            for slot in self.slots:
+                if slot.request is not None:
+                    self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
+        if self._llm is not None:
             self._llm.close()
-            self._llm = None
+        self._llm = None
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -18,16 +18,18 @@ from edgellm.errors import (
     EdgeError,
     EngineFailed,
     InsufficientMemory,
+    InvalidRequest,
     ModelLoadFailed,
     QueueFull,
     Shedding,
     ShuttingDown,
 )
-from edgellm.runtime.engine import EngineStats, LlamaEngine
+from edgellm.runtime.engine import EngineStats
+from edgellm.runtime.engines import Engine, engine_for
 from edgellm.runtime.failures import FailureBook
-from edgellm.runtime.memory import MB, estimate_bytes, headroom
-from edgellm.runtime.source import ModelSource
-from edgellm.runtime.types import Failed, Finished, GenerationRequest, Limits
+from edgellm.runtime.memory import MB, estimate_bytes, headroom, rss_bytes
+from edgellm.runtime.source import ModelRecord, ModelSource
+from edgellm.runtime.types import Failed, Finished, GenerationRequest, Limits, Request, Result
 
 log = logging.getLogger("edgellm.runtime")
 
@@ -35,12 +37,18 @@ log = logging.getLogger("edgellm.runtime")
 @dataclass
 class LoadedModel:
     name: str
-    engine: LlamaEngine
-    memory_bytes: int
+    engine: Engine
+    estimate: int  # what the fit check counted on before loading
     keep_alive: float
+    load_growth: int = 0  # the process's RSS growth while it loaded (ONNX: measured)
     loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     opened: Any = None  # the source's context manager, kept open while loaded
+
+    @property
+    def memory_bytes(self) -> int:
+        """The estimate, or what was measured (load and the largest run) if more."""
+        return max(self.estimate, self.load_growth + getattr(self.engine, "working_bytes", 0))
 
     @property
     def pinned(self) -> bool:
@@ -63,9 +71,9 @@ class Runtime:
         self._lock = threading.RLock()
         self._load_lock = threading.Lock()  # one load at a time
         self._loaded: dict[str, LoadedModel] = {}
-        self._waiting: dict[str, list[GenerationRequest]] = {}  # lines for models loading
+        self._waiting: dict[str, list[Request]] = {}  # lines for models loading
         self._loading: set[str] = set()
-        self._requests: dict[str, GenerationRequest] = {}
+        self._requests: dict[str, Request] = {}
         self._closing = False
         self._wake = threading.Event()
         self._retired = EngineStats()  # counters of engines already unloaded
@@ -73,13 +81,16 @@ class Runtime:
                       "engine_failures": 0}
         self.failures = FailureBook(settings.failure_backoff)
         self.limits = Limits()
+        self._measured: dict[str, int] = {}  # ONNX models' memory, measured when last loaded
         self._reaper = threading.Thread(target=self._reap_loop, name="keep-alive", daemon=True)
         self._reaper.start()
 
     # --- requests ----------------------------------------------------------------------
-    def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; raises ModelNotFound, QueueFull or ShuttingDown at once."""
-        self.source.get(request.model)  # ModelNotFound before anything else
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises ModelNotFound, InvalidRequest (the model's format
+        does not take this kind of request), QueueFull or ShuttingDown at once."""
+        record = self.source.get(request.model)  # ModelNotFound before anything else
+        check_kind(record, request)
         if request.timeout is None:
             request.timeout = self.settings.request_timeout
         with self._lock:
@@ -90,8 +101,8 @@ class Runtime:
                 raise Shedding(limits.shed, retry_after=limits.retry_after)
             if request.model not in self._loaded:
                 self.failures.check(request.model)
-            if limits.max_tokens and (request.max_tokens is None
-                                      or request.max_tokens > limits.max_tokens):
+            if isinstance(request, GenerationRequest) and limits.max_tokens and (
+                    request.max_tokens is None or request.max_tokens > limits.max_tokens):
                 request.max_tokens = limits.max_tokens
             waiting = self.queue_depth()
             if waiting >= self.settings.max_queue and not self._has_free_slot(request.model):
@@ -104,7 +115,7 @@ class Runtime:
             inner_sink = request.sink
 
             def sink(event: Any, _inner: Any = inner_sink, _id: str = request.id) -> None:
-                if not isinstance(event, Failed | Finished):
+                if not isinstance(event, Failed | Finished | Result):
                     _inner(event)
                     return
                 with self._lock:
@@ -125,7 +136,7 @@ class Runtime:
                                  name=f"load-{request.model}", daemon=True).start()
 
     @staticmethod
-    def _beyond_slots(engine: LlamaEngine) -> int:
+    def _beyond_slots(engine: Engine) -> int:
         """Requests in an engine's queue that no free slot will take at its next turn."""
         return max(0, engine.pending - (engine.max_active - engine.busy_slots))
 
@@ -188,14 +199,14 @@ class Runtime:
                     return loaded
                 self.failures.check(name)
             ms = self.settings.for_model(name)
-            need = estimate_bytes(record, min(ms.n_ctx or 4096, record.context_length or 1 << 30),
-                                  ms.n_parallel or 1)
+            need = self._estimate(record)
             self._make_room(name, need)
             t0 = time.monotonic()
             opened = self.source.open(name)
             path = opened.__enter__()
-            engine = LlamaEngine(record, path, ms, on_request_done=self._request_done,
-                                 on_died=self._engine_died)
+            before = rss_bytes()
+            engine = engine_for(record, path, ms, on_request_done=self._request_done,
+                                on_died=self._engine_died)
             try:
                 engine.start()
             except BaseException:
@@ -204,7 +215,8 @@ class Runtime:
                 raise
             with self._lock:
                 loaded = LoadedModel(
-                    name=name, engine=engine, memory_bytes=need, opened=opened,
+                    name=name, engine=engine, estimate=need, opened=opened,
+                    load_growth=max(0, rss_bytes() - before) if record.format == "onnx" else 0,
                     keep_alive=self.settings.keep_alive if ms.keep_alive is None else ms.keep_alive,
                 )
                 self._touch(loaded, keep_alive)
@@ -214,6 +226,16 @@ class Runtime:
             log.info("event=model_loaded model=%s seconds=%.2f memory_mb=%d gpu=%s",
                      name, time.monotonic() - t0, need // MB, engine.gpu_offload)
             return loaded
+
+    def _estimate(self, record: ModelRecord) -> int:
+        """What a model will take once loaded: GGUF from its shape (weights, KV cache,
+        buffers); ONNX from what it took when last loaded, else twice its file (the
+        session's copy of the weights and its working buffers)."""
+        if record.format == "onnx":
+            return self._measured.get(record.name) or 2 * record.size + 32 * MB
+        ms = self.settings.for_model(record.name)
+        return estimate_bytes(record, min(ms.n_ctx or 4096, record.context_length or 1 << 30),
+                              ms.n_parallel or 1)
 
     def _make_room(self, name: str, need: int) -> None:
         """Evict idle, unpinned models (least recently used first) until ``need`` fits."""
@@ -258,15 +280,19 @@ class Runtime:
             return False
         loaded.engine.stop()
         with self._lock:
-            self._keep_counters(loaded.engine)
+            self._keep_counters(loaded)
         if loaded.opened is not None:
             loaded.opened.__exit__(None, None, None)
         self.stats["unloads"] += 1
         log.info("event=model_unloaded model=%s", name)
         return True
 
-    def _keep_counters(self, engine: LlamaEngine) -> None:
-        """Roll a departing engine's counters into the daemon's totals (lock held)."""
+    def _keep_counters(self, loaded: LoadedModel) -> None:
+        """Roll a departing engine's counters into the daemon's totals, and remember
+        what an ONNX model was measured to take (lock held)."""
+        engine = loaded.engine
+        if engine.record.format == "onnx":
+            self._measured[engine.name] = loaded.memory_bytes
         for key, value in vars(engine.stats).items():
             setattr(self._retired, key, getattr(self._retired, key) + value)
 
@@ -317,10 +343,10 @@ class Runtime:
             retry_after=1))
         return self._retire(loaded.engine, reason)
 
-    def _engine_died(self, engine: LlamaEngine, reason: str) -> None:
+    def _engine_died(self, engine: Engine, reason: str) -> None:
         self._retire(engine, reason)
 
-    def _retire(self, engine: LlamaEngine, reason: str) -> bool:
+    def _retire(self, engine: Engine, reason: str) -> bool:
         with self._lock:
             loaded = self._loaded.get(engine.name)
             if loaded is None or loaded.engine is not engine:
@@ -328,7 +354,7 @@ class Runtime:
             del self._loaded[engine.name]
             failure = self.failures.record(engine.name, reason)
             self.stats["engine_failures"] += 1
-            self._keep_counters(engine)
+            self._keep_counters(loaded)
         log.error("event=engine_failed model=%s reason=%r failures=%d retry_in=%.0f",
                   engine.name, reason, failure.count, failure.retry_at - time.monotonic())
         threading.Thread(target=self._bury, args=(loaded,), name=f"bury-{engine.name}",
@@ -387,7 +413,7 @@ class Runtime:
     def _limit(self, loaded: LoadedModel) -> None:
         ms, lim, engine = self.settings.for_model(loaded.name), self.limits, loaded.engine
         engine.set_limits(n_threads=max(1, int((ms.n_threads or 1) * lim.thread_fraction)),
-                          n_parallel=max(1, int(len(engine.slots) * lim.slot_fraction)),
+                          n_parallel=max(1, int(engine.capacity * lim.slot_fraction)),
                           tokens_per_second=lim.tokens_per_second or 0.0)
 
     def unload_idle(self, idle_for: float) -> list[str]:
@@ -422,7 +448,7 @@ class Runtime:
                 "name": m.name,
                 "memory_mb": round(m.memory_bytes / MB, 1),
                 "size_mb": round(e.record.size / MB, 1),
-                "slots": len(e.slots),
+                "slots": e.capacity,
                 "slots_busy": e.busy_slots,
                 "queued": e.pending,
                 "n_ctx": e.n_ctx,
@@ -431,13 +457,9 @@ class Runtime:
                 "expires_in_seconds": None if expires is None else round(expires, 1),
                 "idle_seconds": round(now - m.last_used, 1),
                 "device": "gpu" if e.gpu_offload else "cpu",
-                "n_gpu_layers": e.settings.n_gpu_layers or 0,
                 "slot_limit": e.max_active,
                 "n_threads": e.n_threads,
-                "tokens_per_second": round(e.tokens_per_second(), 1),
-                "mean_sequences_per_step": round(
-                    e.stats.decode_step_sequences / e.stats.decode_steps, 2)
-                if e.stats.decode_steps else 0.0,
+                **e.describe(),
             })
         return out
 
@@ -477,3 +499,15 @@ class Runtime:
         for name in list(self._loaded):
             self.unload(name)
         self._wake.set()
+
+
+def check_kind(record: ModelRecord, request: Request) -> None:
+    """GGUF models generate text; ONNX models run tensors (and embed texts)."""
+    if record.format == "onnx" and request.kind != "tensor":
+        raise InvalidRequest(f"{record.name} is an ONNX model: it answers /v1/embeddings "
+                             f"(if it embeds text) and /api/onnx/{record.name}/infer, not "
+                             "completions", param="model")
+    if record.format != "onnx" and request.kind == "tensor":
+        raise InvalidRequest(f"{record.name} is a {record.format.upper()} language model: it "
+                             "answers /v1/chat/completions and /v1/completions; embeddings "
+                             "and tensors come from ONNX models", param="model")

@@ -39,3 +39,11 @@ def headroom(reserve_mb: int, budget_mb: int, used_by_models: int,
         if budget < system:
             return Headroom(budget, f"memory budget of {budget_mb} MB")
     return Headroom(system, f"available system memory less a {reserve_mb} MB reserve")
+
+
+_process = psutil.Process()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    return int(_process.memory_info().rss)

@@ -72,20 +72,22 @@ Event = Delta | Finished | Failed
 
 
 @dataclass
-class GenerationRequest:
-    """One generation: either ``prompt`` (plain completion) or ``messages`` (chat).
+class Result:
+    """What a tensor request gives: named output arrays (numpy), in one piece."""
 
-    ``sink`` is called from the engine thread with each event, in order, ending with
-    exactly one Finished or Failed. It must not block.
-    """
+    outputs: dict[str, Any]
+    usage: Usage
+    seconds: float  # in the engine, batch included
+
+
+@dataclass
+class Request:
+    """What every request to the runtime has: its model, where its events go, its
+    limits and its progress. ``sink`` is called from the engine thread with each event,
+    in order, ending with exactly one Finished, Result or Failed. It must not block."""
 
     model: str
-    sink: Callable[[Event], None]
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    max_tokens: int | None = None
-    stop: list[str] = field(default_factory=list)
-    sampling: Sampling = field(default_factory=Sampling)
+    sink: Callable[[Any], None]
     keep_alive: float | None = None
     timeout: float | None = None
     principal: dict[str, Any] = field(default_factory=dict)
@@ -98,19 +100,24 @@ class GenerationRequest:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    on_cancel: Callable[[], None] | None = None  # set by an engine that can stop a run
     _done: bool = False
+
+    kind = "generation"  # which engines take it: "generation" (GGUF) or "tensor" (ONNX)
 
     def cancel(self) -> None:
         self.cancel_event.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def deadline(self) -> float | None:
         return None if self.timeout is None else self.started + self.timeout
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Any) -> None:
         if self._done:
             return
-        if isinstance(event, Finished | Failed):
+        if isinstance(event, Finished | Failed | Result):
             self._done = True
             self.state = "done"
         self.sink(event)
@@ -119,6 +126,7 @@ class GenerationRequest:
         return {
             "id": self.id,
             "model": self.model,
+            "kind": self.kind,
             "state": self.state,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
@@ -127,6 +135,30 @@ class GenerationRequest:
             "cancelled": self.cancel_event.is_set(),
             **{k: v for k, v in self.principal.items() if k in ("uid", "gid", "pid")},
         }
+
+
+@dataclass
+class GenerationRequest(Request):
+    """One generation: either ``prompt`` (plain completion) or ``messages`` (chat)."""
+
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass
+class TensorRequest(Request):
+    """One run of an ONNX model: named input arrays (numpy, already checked against
+    the model's inputs), or ``texts`` for an embedding model, which the engine
+    tokenizes. ``outputs`` names the outputs wanted (None: all)."""
+
+    inputs: dict[str, Any] = field(default_factory=dict)
+    texts: list[str] | None = None
+    outputs: list[str] | None = None
+
+    kind = "tensor"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from edgellm.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from edgellm.server import openai_routes, vault_routes
+from edgellm.server import onnx_routes, openai_routes, vault_routes
 from edgellm.server.context import State, body_chunks, read_json
 from edgellm.server.metrics import Metrics
 from edgellm.server.peer import peer_credentials
@@ -61,10 +61,12 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str | None] = {
     ("GET", "/api/governor"): "metrics.read",
     ("PUT", "/api/governor"): "governor.configure",
     **vault_routes.PERMISSIONS,
+    **onnx_routes.PERMISSIONS,
 }
 
 
-GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions"}  # they record the model
+# they record the model they use, and the outcome
+GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions", *onnx_routes.USE_ROUTES}
 
 
 async def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
@@ -173,7 +175,7 @@ async def ps(request: web.Request) -> web.Response:
     return web.json_response({"models": _state(request).runtime.loaded()})
 
 
-def _model_view(st: State, record: Any) -> dict[str, Any]:
+def model_view(st: State, record: Any) -> dict[str, Any]:
     return {**record.as_dict(), "state": st.runtime.model_state(record.name),
             "default": record.name == st.settings.default_model}
 
@@ -190,12 +192,12 @@ def visible_models(request: web.Request) -> list[Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     st = _state(request)
-    return web.json_response({"models": [_model_view(st, r) for r in visible_models(request)]})
+    return web.json_response({"models": [model_view(st, r) for r in visible_models(request)]})
 
 
 async def show_model(request: web.Request) -> web.Response:
     st = _state(request)
-    return web.json_response(_model_view(st, st.store.get(request.match_info["name"])))
+    return web.json_response(model_view(st, st.store.get(request.match_info["name"])))
 
 
 async def load_model(request: web.Request) -> web.Response:
@@ -237,7 +239,7 @@ async def import_model(request: web.Request) -> web.Response:
     record = await asyncio.get_running_loop().run_in_executor(None, lambda: st.store.add_stream(
         chunks, name, expected_sha256=expected, replace=request.query.get("replace") == "1",
         info={"source": request.headers.get("X-Model-Source", "upload")}))
-    return web.json_response(_model_view(st, record), status=201)
+    return web.json_response(model_view(st, record), status=201)
 
 
 async def remove_model(request: web.Request) -> web.Response:
@@ -342,4 +344,5 @@ def build_app(state: State) -> web.Application:
     r.add_get("/api/governor", governor_status)
     r.add_put("/api/governor", governor_configure)
     vault_routes.add_routes(r)
+    onnx_routes.add_routes(r)
     return app

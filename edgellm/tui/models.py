@@ -102,7 +102,8 @@ class Models(Pane):
             name = values["name"] or path.stem.lower()
             self.act(f"{name} imported from {path}", lambda c: c.import_model(name, path))
         self.app.push_screen(Form("Import a model", [
-            ("path", "Path to a .gguf file (read by this terminal, sent over the socket)", ""),
+            ("path", "Path to a .gguf or .onnx file, or an ONNX model directory (read by "
+             "this terminal, sent over the socket)", ""),
             ("name", "Name in the catalog (empty: from the file name)", "")]), submitted)
 
     def action_remove(self) -> None:

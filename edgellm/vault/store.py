@@ -53,6 +53,7 @@ from edgellm.vault.files import fsync_dir
 from edgellm.vault.keys import MasterKey, VaultLocked, VaultMeta
 
 HEAD_LIMIT = 64 * 1024 * 1024  # a GGUF's key/value section must fit in this much
+ONNX_LIMIT = 2 * 1024**3  # protobuf's limit: bigger models keep weights outside
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 DATA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
@@ -228,21 +229,37 @@ class VaultStore:
     def add_stream(self, chunks: Iterable[bytes], name: str, *,
                    expected_sha256: str | None = None, replace: bool = False,
                    info: dict[str, Any] | None = None) -> ModelRecord:
-        """Import a GGUF model (its header is checked before it becomes visible)."""
+        """Import a GGUF model (its header is checked) or an ONNX model or bundle (checked
+        with onnx.checker) before it becomes visible. An ONNX model is held in memory
+        while it is checked; GGUF files only their header."""
         check_name(name)
         head = bytearray()
 
         def check(sha: str, size: int) -> dict[str, Any]:
-            meta = read_gguf_metadata(bytes(head), name)
             extra = dict(info or {})
-            return ModelRecord(
-                name=name, format="gguf", sha256=sha, size=size,
-                quantization=extra.pop("quantization", None) or meta["quantization"],
-                license=extra.pop("license", None) or str(meta["license"] or ""),
-                source=extra.pop("source", "local file"), added=_now(), extra=extra,
-                **{k: meta[k] for k in ("architecture", "context_length", "n_layer", "n_embd",
-                                        "n_head", "n_head_kv", "head_dim", "n_vocab",
-                                        "has_chat_template")}).as_dict()
+            if bytes(head[:4]) == b"GGUF":
+                meta = read_gguf_metadata(bytes(head), name)
+                described = {k: meta[k] for k in (
+                    "architecture", "context_length", "n_layer", "n_embd", "n_head",
+                    "n_head_kv", "head_dim", "n_vocab", "has_chat_template", "quantization",
+                    "license")}
+                described["format"] = "gguf"
+                described["license"] = str(described["license"] or "")
+            else:
+                if size > ONNX_LIMIT:
+                    raise InvalidRequest(f"{name} is neither GGUF nor an ONNX model under "
+                                         f"{ONNX_LIMIT >> 30} GB (external data is not "
+                                         "supported)", param="name")
+                from edgellm.runtime.onnx.bundle import describe
+
+                described = describe(bytes(head), name)
+                extra = {**described.pop("extra"), **extra}
+            for key in ("quantization", "license"):
+                if extra.get(key):
+                    described[key] = extra.pop(key)
+            return ModelRecord(name=name, sha256=sha, size=size, added=_now(),
+                               source=extra.pop("source", "local file"), extra=extra,
+                               **described).as_dict()
 
         record = self._import(chunks, "model", name, check, head, expected_sha256, replace)
         return ModelRecord(**record)
@@ -271,8 +288,11 @@ class VaultStore:
             for chunk in chunks:
                 digest.update(chunk)
                 size += len(chunk)
-                if head is not None and len(head) < HEAD_LIMIT:
-                    head.extend(chunk[: HEAD_LIMIT - len(head)])
+                if head is not None:
+                    # a GGUF's header tells all; an ONNX model is checked whole
+                    limit = HEAD_LIMIT if head[:4] == b"GGUF" else ONNX_LIMIT + 1
+                    if len(head) < limit:
+                        head.extend(chunk[: limit - len(head)])
                 yield chunk
 
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=self.objects)

@@ -1,0 +1,231 @@
+"""ONNX models over the socket: /v1/embeddings (OpenAI-compatible), a model's inputs
+and outputs, inference on named tensors, and INT8 quantization into a new model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from typing import Any, Literal
+
+import numpy as np
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from edgellm.config import parse_duration
+from edgellm.errors import EdgeError, InvalidRequest
+from edgellm.runtime.source import ModelRecord, check_name
+from edgellm.runtime.types import Failed, Result, TensorRequest
+from edgellm.server.context import State, read_json
+from edgellm.server.schemas import parse
+
+log = logging.getLogger("edgellm.requests")
+MAX_INPUTS = 2048  # texts in one embeddings request, as OpenAI allows
+
+
+class _Run(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timeout: float | None = Field(default=None, gt=0)  # seconds; capped by request_timeout
+    keep_alive: float | str | None = None
+
+    _ka = field_validator("keep_alive")(lambda v: None if v is None else parse_duration(v))
+
+
+class EmbeddingsBody(_Run):
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and not all(isinstance(t, str) for t in v):
+            raise ValueError("input must be a string or a list of strings (token ids are "
+                             "not taken: send the text)")
+        return v
+
+
+class InferBody(_Run):
+    inputs: dict[str, Any]
+    outputs: list[str] | None = None
+    encoding: Literal["json", "npy"] = "json"
+
+
+def _state(request: web.Request) -> State:
+    return request.app["state"]
+
+
+def _onnx_record(st: State, name: str) -> ModelRecord:
+    record = st.store.get(name)
+    if record.format != "onnx":
+        raise InvalidRequest(f"{name} is a {record.format.upper()} model; only ONNX models "
+                             "take tensors", param="model")
+    return record
+
+
+def _replaced(event: Any) -> None:
+    """A request's sink until ``_run`` gives it the real one."""
+
+
+async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
+               prompt: str | None = None) -> Result:
+    """Access, audit (before and after), the runtime, and the result or its error."""
+    st = _state(request)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+    tensor.sink = lambda ev: loop.call_soon_threadsafe(
+        lambda: done.done() or done.set_result(ev))
+    tensor.keep_alive = body.keep_alive
+    tensor.timeout = min(body.timeout or st.settings.request_timeout,
+                         st.settings.request_timeout)
+    tensor.principal = request.get("principal", {})
+    request["request_id"] = tensor.id
+    if st.access is not None:
+        st.access.require(request["who"], "models.use", tensor.model)
+    st.check_accepting()
+    prompt_hmac = st.audit.prompt_hash(prompt) if st.audit and prompt is not None else None
+    await st.record(request, request_id=tensor.id, action="models.use", resource=tensor.model,
+                    decision="allow", prompt_hmac=prompt_hmac)
+    status, event = 499, None
+    try:
+        st.runtime.submit(tensor)
+        event = await done
+        if isinstance(event, Failed):
+            raise event.error
+        status = 200
+        return event
+    except EdgeError as exc:
+        status = exc.status
+        raise
+    finally:
+        if event is None:
+            tensor.cancel()  # the client went away: stop its run
+        try:
+            await st.record(request, request_id=tensor.id, action="models.use",
+                            resource=tensor.model, decision="outcome", status=status,
+                            prompt_tokens=tensor.prompt_tokens, completion_tokens=0,
+                            latency_ms=round((time.monotonic() - tensor.started) * 1000, 1),
+                            finish_reason="stop" if status == 200 else "error",
+                            prompt_hmac=prompt_hmac)
+        except EdgeError:
+            log.error("event=audit_failed decision=outcome id=%s", tensor.id)
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    st = _state(request)
+    body = parse(EmbeddingsBody, await read_json(request))
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or len(texts) > MAX_INPUTS:
+        raise InvalidRequest(f"input must hold 1 to {MAX_INPUTS} texts", param="input")
+    if any(not t for t in texts):
+        raise InvalidRequest("input must not hold empty strings", param="input")
+    name = body.model or st.settings.default_embedding_model
+    record = _onnx_record(st, name)
+    if "embedding" not in record.extra:
+        raise InvalidRequest(f"{name} is not an embedding model (its bundle has no tokenizer "
+                             f"and embedding config); run it with /api/onnx/{name}/infer",
+                             param="model")
+    if body.dimensions is not None and body.dimensions != record.n_embd:
+        raise InvalidRequest(f"{name} gives {record.n_embd} dimensions and cannot shorten "
+                             f"them; leave out dimensions or ask for {record.n_embd}",
+                             param="dimensions")
+    result = await _run(request, TensorRequest(model=name, sink=_replaced, texts=texts), body,
+                        prompt="\n".join(texts))
+    vectors = result.outputs["embeddings"]
+    if body.encoding_format == "base64":
+        data: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        data = [v.tolist() for v in vectors]
+    tokens = result.usage.prompt_tokens
+    return web.json_response({
+        "object": "list", "model": name,
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+        headers={"X-Request-Id": request["request_id"]})
+
+
+async def signature(request: web.Request) -> web.Response:
+    record = _onnx_record(_state(request), request.match_info["name"])
+    extra = record.extra
+    return web.json_response({"name": record.name, "inputs": extra["inputs"],
+                              "outputs": extra["outputs"], "task": extra.get("task", "tensor"),
+                              "embedding": extra.get("embedding"), "opset": extra.get("opset"),
+                              "quantization": record.quantization})
+
+
+async def infer(request: web.Request) -> web.Response:
+    from edgellm.runtime.onnx import tensors
+
+    st = _state(request)
+    name = request.match_info["name"]
+    body = parse(InferBody, await read_json(request))
+    record = _onnx_record(st, name)
+    signature = record.extra["inputs"]
+    known = {s["name"]: s["dtype"] for s in signature}
+    unknown = [n for n in body.inputs if n not in known]
+    if unknown:
+        raise InvalidRequest(f"{name} has no input {unknown[0]!r}; its inputs are "
+                             f"{', '.join(known)}", param=f"inputs.{unknown[0]}")
+    arrays = {n: tensors.decode(n, spec, known[n]) for n, spec in body.inputs.items()}
+    tensors.check(arrays, signature, name)
+    outputs = [o["name"] for o in record.extra["outputs"]]
+    for wanted in body.outputs or []:
+        if wanted not in outputs:
+            raise InvalidRequest(f"{name} has no output {wanted!r}; its outputs are "
+                                 f"{', '.join(outputs)}", param="outputs")
+    result = await _run(request, TensorRequest(model=name, sink=_replaced, inputs=arrays,
+                                               outputs=body.outputs or None), body)
+    as_npy = body.encoding == "npy"
+    return web.json_response({
+        "model": name, "id": request["request_id"],
+        "outputs": {k: tensors.encode(np.asarray(v), as_npy) for k, v in result.outputs.items()},
+        "seconds": round(result.seconds, 4)}, headers={"X-Request-Id": request["request_id"]},
+        dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+async def quantize(request: web.Request) -> web.Response:
+    """POST /api/models/{name}/quantize ``{"target": NAME, "exclude": [NODE…]}``: dynamic
+    INT8 of an ONNX model, stored as a new model (its plaintext only in memory)."""
+    from edgellm.runtime.onnx.quantize import quantize_in_memory
+    from edgellm.server.app import model_view
+
+    st = _state(request)
+    name = request.match_info["name"]
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict) or set(body) - {"target", "exclude"}:
+        raise InvalidRequest("send {\"target\": NAME, \"exclude\": [NODE, …]} (both optional)")
+    record = _onnx_record(st, name)
+    target = check_name(str(body.get("target") or f"{name}-int8"))
+    exclude = body.get("exclude") or []
+    if not isinstance(exclude, list) or not all(isinstance(n, str) for n in exclude):
+        raise InvalidRequest("exclude must be a list of node names", param="exclude")
+
+    def work() -> Any:
+        with st.store.open(name) as path, open(path, "rb") as f:
+            quantized = quantize_in_memory(f.read(), exclude)
+        return st.store.add_stream(iter([quantized]), target, info={
+            "source": f"quantized from {name} ({record.sha256[:12]}), dynamic int8",
+            "quantization": "int8"})
+
+    new = await asyncio.get_running_loop().run_in_executor(None, work)
+    return web.json_response(model_view(st, new), status=201)
+
+
+def add_routes(r: web.UrlDispatcher) -> None:
+    r.add_post("/v1/embeddings", embeddings)
+    r.add_get("/api/onnx/{name}", signature)
+    r.add_post("/api/onnx/{name}/infer", infer)
+    r.add_post("/api/models/{name}/quantize", quantize)
+
+
+PERMISSIONS: dict[tuple[str, str], Any] = {
+    ("POST", "/v1/embeddings"): "models.use",  # and the model, once the body names it
+    ("GET", "/api/onnx/{name}"): "models.list",
+    ("POST", "/api/onnx/{name}/infer"): ("models.use", "name"),
+    ("POST", "/api/models/{name}/quantize"): "models.manage",
+}
+USE_ROUTES = {"/v1/embeddings", "/api/onnx/{name}/infer"}  # audited with their outcome
