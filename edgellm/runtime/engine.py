@@ -29,6 +29,7 @@ import queue
 import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,7 +61,7 @@ class EngineStats:
     batch_items: int = 0  # rows (texts, tensors) over those runs
 
 
-class EngineThread:
+class EngineThread(ABC):
     """What every engine shares: a thread that loads the model then serves a queue,
     progress and busy times for the stability watch, and a recent-rate window."""
 
@@ -82,24 +83,26 @@ class EngineThread:
     _on_died: Any = None
 
     # --- what each engine does ------------------------------------------------------------
+    @abstractmethod
     def _load(self) -> None:
         """Load the model (on the engine thread)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _loop(self) -> None:
         """Serve the queue until stopped."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _close(self) -> None:
         """Leave: end the requests still held (unless the engine died), free the model."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _fail_requests(self, error: EdgeError) -> None:
-        raise NotImplementedError
+        """End every request the engine holds, running or queued, with ``error``."""
 
     @property
+    @abstractmethod
     def busy_slots(self) -> int:
-        raise NotImplementedError
+        """Requests running now."""
 
     def _main(self) -> None:
         try:
