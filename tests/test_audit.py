@@ -4,11 +4,14 @@ and refusing to serve when a row cannot be written."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from typing import Any
 
 import pytest
 
-from conftest import MODEL, Daemon
+from edgellm.vault.audit import AuditLog, AuditUnavailable
+
+from conftest import MODEL, Daemon, wait_for
 
 CHAT = {"messages": [{"role": "user", "content": "The secret word is PARSNIP."}],
         "max_tokens": 3, "ignore_eos": True}
@@ -119,3 +122,49 @@ def test_no_row_no_service(d: Daemon) -> None:
     with d.client() as c:
         assert c.audit_verify()["ok"] is True
         assert c.ps()  # the unload was refused, the model is still loaded
+
+
+def test_rows_that_arrive_during_a_commit_share_the_next_one(tmp_path: Any) -> None:
+    """Group commit: writers that queue while one commit is under way are written
+    together, in one transaction, each still chained and numbered in order."""
+    log = AuditLog(tmp_path / "audit.db", key=b"k" * 32)
+    commits: list[str] = []
+    log._conn.set_trace_callback(lambda sql: sql == "COMMIT" and commits.append(sql))
+    log.append(action="first", decision="allow")
+    seqs: list[int] = []
+    with log._lock:  # a commit under way: the next eight writers queue behind it
+        threads = [threading.Thread(target=lambda i=i: seqs.append(
+            log.append(action=f"a{i}", decision="allow"))) for i in range(8)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(log._pending) == 8)
+    for t in threads:
+        t.join()
+    assert len(commits) == 2  # the first row's, then all eight in one
+    assert sorted(seqs) == list(range(2, 10))
+    assert [r["action"] for r in log.rows()][0] == "first"
+    assert log.verify() == {"ok": True, "rows": 9, "first_bad": None, "problem": None,
+                            "checkpoint": None}
+
+
+def test_a_failed_group_commit_fails_every_row_in_it(tmp_path: Any) -> None:
+    log = AuditLog(tmp_path / "audit.db", key=b"k" * 32, busy_timeout=0.1)
+    blocker = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    errors: list[str] = []
+
+    def write(i: int) -> None:
+        try:
+            log.append(action=f"a{i}", decision="allow")
+        except AuditUnavailable as exc:
+            errors.append(exc.message)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    blocker.execute("ROLLBACK")
+    assert len(errors) == 4 and all("audit log cannot be written" in e for e in errors)
+    assert log.append(action="after", decision="allow") == 1  # nothing half-written
+    assert log.verify()["ok"] is True

@@ -306,3 +306,34 @@ def test_a_dead_onnx_engine_fails_its_request_and_is_reloaded(make_daemon: Any,
         assert "failpoint engine.onnx_run fired" in error_of(r)["message"]
         r = h.post("/api/onnx/affine/infer", json=body)  # reloaded at once
         assert r.status_code == 200 and r.json()["outputs"]["y"]["data"] == [[1, -1, 0.5]]
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_gpu_provider_that_does_not_start_is_not_passed_off_as_running(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, named: bool) -> None:
+    """onnxruntime-gpu without working CUDA libraries lists CUDA as available, then runs
+    on the CPU without a word. Only the list is simulated here (there is no GPU build
+    on this machine); the session and its fallback are onnxruntime's own."""
+    import onnxruntime as ort
+
+    from edgellm.config import ModelSettings
+    from edgellm.errors import ModelLoadFailed
+    from edgellm.runtime.onnx.engine import OnnxEngine
+    from edgellm.runtime.source import ModelRecord
+
+    cpu_only = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", *cpu_only])
+    record = ModelRecord(name="affine", format="onnx", sha256="", size=0)
+    settings = ModelSettings(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+                             if named else [])
+    engine = OnnxEngine(record, "/dev/null", settings)
+    if named:
+        with pytest.raises(ModelLoadFailed, match="CUDAExecutionProvider did not start"):
+            engine._build(onnx_models.affine(), 1)
+    else:
+        session = engine._build(onnx_models.affine(), 1)
+        assert engine.providers == ["CPUExecutionProvider"] and not engine.gpu_offload
+        assert "providers_dropped" in caplog.text and "CUDAExecutionProvider" in caplog.text
+        x = np.ones((2, 3), dtype=np.float32)
+        assert np.allclose(session.run(None, {"x": x})[0], onnx_models.affine_expected(x))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from edgellm.errors import Conflict, IntegrityError, InvalidRequest, ModelNotFound
-from edgellm.vault.keys import MasterKey, WrongKey, create_key_file
+from edgellm.vault.keys import MasterKey, WrongKey, create_key_file, read_key_file
 from edgellm.vault.store import VaultStore
 
 from conftest import MODEL, Daemon
@@ -47,6 +47,24 @@ def test_import_list_open_and_remove(vault: VaultStore, model_file: Path) -> Non
     assert vault.list() == [] and list(vault.objects.iterdir()) == []
     with pytest.raises(ModelNotFound):
         vault.get("smol")
+
+
+def test_records_are_read_fresh_after_a_change_by_another_process(
+        vault: VaultStore, model_file: Path, tmp_path: Path) -> None:
+    """Records are kept in memory between catalog changes; a change made through
+    another connection (another process: `edgellm vault` commands) is seen at once."""
+    vault.add_file(model_file, "smol", info={"source": "first"})
+    assert vault.get("smol").source == "first"
+    assert vault.get("smol") is vault.get("smol")  # kept, not re-read
+    other = VaultStore(vault.root, read_key_file(tmp_path / "vault.key"))
+    other.remove("smol")
+    with pytest.raises(ModelNotFound):
+        vault.get("smol")
+    other.add_file(model_file, "smol", info={"source": "second"})
+    assert vault.get("smol").source == "second"
+    vault.remove("smol")  # and its own changes
+    with pytest.raises(ModelNotFound):
+        other.get("smol")
 
 
 def test_bad_imports_leave_nothing(vault: VaultStore, model_file: Path, tmp_path: Path) -> None:

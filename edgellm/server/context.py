@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,9 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from edgellm.config import Settings
-from edgellm.errors import InvalidRequest, PayloadTooLarge, ShuttingDown
+from edgellm.errors import EdgeError, InvalidRequest, PayloadTooLarge, ShuttingDown
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
+
+log = logging.getLogger("edgellm.requests")
 
 
 @dataclass
@@ -26,6 +29,7 @@ class State:
     draining: bool = False
     load_failures: dict[str, str] = field(default_factory=dict)
     governor: Any = None
+    _unwritten: set[asyncio.Future[None]] = field(default_factory=set)
 
     @property
     def vault(self) -> Any:
@@ -46,12 +50,12 @@ class State:
         if self.draining:
             raise ShuttingDown("the daemon is shutting down; retry once it is back", retry_after=5)
 
-    async def record(self, request: Any, **fields: Any) -> None:
-        """One audit row about this request's caller (raises AuditUnavailable). The
-        write is a SQLite commit that may wait on a lock: it runs off the event loop."""
+    def audit_row(self, request: Any, **fields: Any) -> dict[str, Any] | None:
+        """The audit row about this request's caller; None with no vault. Raises
+        VaultLocked while the vault is locked: nothing is done that cannot be audited."""
         if self.vault is None:
-            return
-        if self.vault.locked:  # nothing is done that cannot be audited
+            return None
+        if self.vault.locked:
             from edgellm.vault.keys import VaultLocked
 
             raise VaultLocked()
@@ -59,9 +63,50 @@ class State:
 
         creds, who = request.get("principal", {}), request.get("who")
         user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")
-        row = dict(uid=creds.get("uid"), pid=creds.get("pid"), user=user,
-                   exe=executable(creds.get("pid")), **fields)
-        await asyncio.get_running_loop().run_in_executor(None, lambda: self.audit.append(**row))
+        return dict(uid=creds.get("uid"), pid=creds.get("pid"), user=user,
+                    exe=executable(creds.get("pid")), **fields)
+
+    async def write_audit(self, row: dict[str, Any] | None) -> None:
+        """Write a row (raises AuditUnavailable). The write is a SQLite commit that may
+        wait on a lock or share a commit with other requests': it runs off the loop."""
+        if row is not None:
+            audit = self.vault.audit
+            await asyncio.get_running_loop().run_in_executor(None, lambda: audit.append(**row))
+
+    async def record(self, request: Any, **fields: Any) -> None:
+        """One audit row about this request's caller, written before going on."""
+        await self.write_audit(self.audit_row(request, **fields))
+
+    def record_soon(self, request: Any, after: asyncio.Future[None] | None = None,
+                    **fields: Any) -> None:
+        """A row that nothing waits for (a request's outcome, once its answer is sent),
+        written in the background after ``after`` (the request's allow row), so the
+        two stay in order; a failure is logged. ``settle_records`` waits for every
+        such row, so a reader of the audit log sees them all."""
+        try:
+            row = self.audit_row(request, **fields)
+        except EdgeError:
+            log.error("event=audit_failed decision=%s id=%s", fields.get("decision"),
+                      fields.get("request_id"))
+            return
+
+        async def write() -> None:
+            if after is not None:
+                await asyncio.gather(after, return_exceptions=True)
+            await self.write_audit(row)
+
+        task = asyncio.ensure_future(write())
+        self._unwritten.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Future[None]) -> None:
+        self._unwritten.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event=audit_failed decision=outcome error=%r", str(task.exception()))
+
+    async def settle_records(self) -> None:
+        while self._unwritten:
+            await asyncio.gather(*list(self._unwritten), return_exceptions=True)
 
 
 def body_chunks(request: web.Request) -> Iterator[bytes]:

@@ -128,6 +128,7 @@ async def _serve(settings: Settings, store: ModelStore,
         state.governor.stop()
     await loop.run_in_executor(None, runtime.close, state.settings.shutdown_grace)
     await runner.cleanup()
+    await state.settle_records()
     if inode is not None:
         remove_socket(Path(settings.socket), inode)
     notifier.close()

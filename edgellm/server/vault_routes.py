@@ -233,6 +233,7 @@ def _whole(q: Any, name: str) -> int | None:
 
 async def audit_rows(request: web.Request) -> web.Response:
     q = request.query
+    await _state(request).settle_records()  # outcome rows still being written
     rows = _state(request).vault.audit.rows(
         since=q.get("since"), until=q.get("until"), user=q.get("user"),
         action=q.get("action"), decision=q.get("decision"), model=q.get("model"),
@@ -241,6 +242,7 @@ async def audit_rows(request: web.Request) -> web.Response:
 
 
 async def audit_verify(request: web.Request) -> web.Response:
+    await _state(request).settle_records()
     return web.json_response(await _run(_state(request).vault.audit.verify))
 
 
@@ -252,6 +254,7 @@ async def audit_prune(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or not {"older_than_days", "keep_rows"} & set(body):
         raise InvalidRequest("send {\"older_than_days\": N} and/or {\"keep_rows\": N}")
     days, keep = _whole(body, "older_than_days"), _whole(body, "keep_rows")
+    await _state(request).settle_records()
     audit = _state(request).vault.audit
     gone = await _run(lambda: audit.prune(before=cutoff(days) if days is not None else None,
                                           keep_rows=keep))

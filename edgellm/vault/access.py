@@ -18,6 +18,7 @@ import os
 import pwd
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,22 +69,41 @@ class Principal:
 def resolve(creds: dict[str, Any]) -> Principal:
     uid = creds.get("uid")
     principal = Principal(uid=uid, gid=creds.get("gid"), pid=creds.get("pid"))
-    if uid is None:
-        return principal
+    if uid is not None:
+        principal.user, groups = _account(uid, creds.get("gid"))
+        principal.groups = list(groups)
+    return principal
+
+
+ACCOUNT_TTL = 2.0  # seconds a uid's name and groups are reused: a change applies after it
+_accounts: dict[tuple[int, int | None], tuple[float, str, tuple[str, ...]]] = {}
+
+
+def _account(uid: int, gid: int | None) -> tuple[str, tuple[str, ...]]:
+    """A uid's name and groups from the system's user database (NSS), asked at most
+    every ACCOUNT_TTL seconds: every request needs them, and a lookup reads files."""
+    now = time.monotonic()
+    cached = _accounts.get((uid, gid))
+    if cached is not None and cached[0] > now:
+        return cached[1], cached[2]
+    user = ""
     try:
         entry = pwd.getpwuid(uid)
-        principal.user = entry.pw_name
+        user = entry.pw_name
         gids = os.getgrouplist(entry.pw_name, entry.pw_gid)
     except KeyError:  # a uid with no passwd entry (a container, a deleted user)
-        gids = [creds["gid"]] if creds.get("gid") is not None else []
+        gids = [gid] if gid is not None else []
     names = []
     for g in gids:
         try:
             names.append(grp.getgrgid(g).gr_name)
         except KeyError:
             names.append(str(g))
-    principal.groups = sorted(set(names))
-    return principal
+    groups = tuple(sorted(set(names)))
+    if len(_accounts) > 1024:
+        _accounts.clear()
+    _accounts[(uid, gid)] = (now + ACCOUNT_TTL, user, groups)
+    return user, groups
 
 
 def check_subject(subject: str) -> str:
@@ -146,8 +166,8 @@ class AccessPolicy:
             return None
         digest = _hash(token)
         with self._lock:
-            rows = list(self.db["tokens"].rows)
-        return next((r["name"] for r in rows if hmac.compare_digest(r["hash"], digest)), None)
+            rows = self.db.conn.execute("SELECT name, hash FROM tokens").fetchall()
+        return next((name for name, h in rows if hmac.compare_digest(h, digest)), None)
 
     # --- decisions -----------------------------------------------------------------------
     def roles(self, p: Principal) -> dict[str, set[str]]:
@@ -158,11 +178,12 @@ class AccessPolicy:
         if not subjects:
             return {}
         marks = ",".join("?" * len(subjects))
-        with self._lock:
-            rows = list(self.db["grants"].rows_where(f"subject in ({marks})", subjects))
+        with self._lock:  # plain SQL: asked on every request
+            rows = self.db.conn.execute(
+                f"SELECT role, scope FROM grants WHERE subject IN ({marks})", subjects).fetchall()
         held: dict[str, set[str]] = {}
-        for r in rows:
-            held.setdefault(r["role"], set()).add(r["scope"])
+        for role, scope in rows:
+            held.setdefault(role, set()).add(scope)
         return held
 
     def allowed(self, p: Principal, permission: str, resource: str | None = None) -> bool:

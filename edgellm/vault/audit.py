@@ -70,6 +70,16 @@ def checkpoint_mac(key: bytes, cp: dict[str, Any]) -> str:
     return hmac.new(key, b"checkpoint\x00" + body.encode(), hashlib.sha256).hexdigest()
 
 
+class _Pending:
+    """A row waiting for a commit, and what became of it."""
+
+    __slots__ = ("fields", "seq", "error", "done")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields, self.seq, self.done = fields, 0, False
+        self.error: Exception | None = None
+
+
 class AuditLog:
     def __init__(self, path: Any, key: bytes | None = None, busy_timeout: float = 2.0) -> None:
         self._key = key
@@ -81,7 +91,9 @@ class AuditLog:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self.db = sqlite_utils.Database(self._conn)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection, and the one writer at a time
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Pending] = []  # rows waiting for the next commit
         if "audit" not in self.db.table_names():
             columns: dict[str, Any] = {f: str for f in FIELDS}
             columns.update(seq=int, uid=int, pid=int, status=int, prompt_tokens=int,
@@ -104,34 +116,63 @@ class AuditLog:
         return mac.hexdigest()[:32]
 
     def append(self, **fields: Any) -> int:
-        """Write one row, chained to the last; raise AuditUnavailable if it cannot be."""
+        """Write one row, chained to the last, and return its number once it is durable;
+        raise AuditUnavailable if it cannot be written.
+
+        Group commit: rows that arrive while a commit is under way wait for it, and the
+        next writer commits all of them in one transaction (one fsync), so concurrent
+        requests share the cost of durability instead of queueing for one fsync each."""
         key = self._need_key()
+        mine = _Pending(fields)
+        with self._pending_lock:
+            self._pending.append(mine)
         with self._lock:
+            if not mine.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit(key, batch)
+        if mine.error is not None:
+            raise mine.error
+        return mine.seq
+
+    def _commit(self, key: bytes, batch: list[_Pending]) -> None:
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    last = self._conn.execute(
-                        "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                last = self._conn.execute(
+                    "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                if last is None:
                     cp = self.checkpoint()
-                    start = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
-                    seq = (last[0] + 1) if last else start[0] + 1
-                    previous = bytes.fromhex(last[1] if last else start[1])
-                    row = {f: fields.get(f) for f in FIELDS}
-                    row.update(seq=seq, time=time.strftime("%Y-%m-%dT%H:%M:%S",
-                                                           time.gmtime()) + "Z")
-                    row["mac"] = chain_mac(key, previous, row).hex()
-                    cols = ", ".join(row)
-                    self._conn.execute(f"INSERT INTO audit ({cols}) VALUES "
-                                       f"({', '.join('?' * len(row))})", list(row.values()))
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise AuditUnavailable(f"the audit log cannot be written ({exc}); refusing "
-                                       "the request rather than serving it unaudited",
-                                       retry_after=5) from None
-            return seq
+                    last = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
+                seq, previous = last[0], bytes.fromhex(last[1])
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+                rows = []
+                for pending in batch:
+                    seq += 1
+                    row = {f: pending.fields.get(f) for f in FIELDS}
+                    row.update(seq=seq, time=stamp)
+                    mac = chain_mac(key, previous, row)
+                    row["mac"], previous = mac.hex(), mac
+                    rows.append(row)
+                cols = ", ".join(rows[0])
+                self._conn.executemany(f"INSERT INTO audit ({cols}) VALUES "
+                                       f"({', '.join('?' * len(rows[0]))})",
+                                       [list(r.values()) for r in rows])
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            for pending, row in zip(batch, rows, strict=True):
+                pending.seq = row["seq"]
+        except Exception as exc:  # every row of the batch shares the commit's fate
+            error = AuditUnavailable(f"the audit log cannot be written ({exc}); refusing "
+                                     "the request rather than serving it unaudited",
+                                     retry_after=5) if isinstance(exc, sqlite3.Error) else exc
+            for pending in batch:
+                pending.error = error
+        finally:
+            for pending in batch:
+                pending.done = True
 
     def rows(self, since: str | None = None, until: str | None = None, user: str | None = None,
              action: str | None = None, decision: str | None = None, model: str | None = None,

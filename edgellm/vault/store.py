@@ -91,6 +91,9 @@ class VaultStore:
         self._key_id = b""
         self.key_source = ""
         self.db = sqlite_utils.Database(conn)
+        self._records: dict[str, ModelRecord] = {}  # parsed, while the catalog is unchanged
+        self._records_version: int | None = None
+        self._generation = 0
         table = self.db["objects"]
         if "objects" not in self.db.table_names():
             table.create({"kind": str, "name": str, "file": str, "sha256": str, "size": int,
@@ -169,8 +172,11 @@ class VaultStore:
 
     # --- reading -----------------------------------------------------------------------
     def _row(self, name: str, kind: str = "model") -> dict[str, Any]:
-        with self._lock:
-            rows = list(self.db["objects"].rows_where("kind = ? and name = ?", [kind, name]))
+        with self._lock:  # plain SQL: every request reads its model's row
+            cursor = self.db.conn.execute(
+                "SELECT * FROM objects WHERE kind = ? AND name = ?", [kind, name])
+            columns = [c[0] for c in cursor.description]
+            rows = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
         if not rows:
             if kind == "data":
                 raise DataNotFound(f"no data object named {name!r}", param="name")
@@ -178,9 +184,28 @@ class VaultStore:
         return rows[0]
 
     def get(self, name: str) -> ModelRecord:
+        """A model's record; every request asks, so parsed records are kept until the
+        catalog changes (a write here, or a commit by another process, which SQLite's
+        data_version tells). Records are shared: callers read them, never change them."""
+        with self._lock:
+            version = self.db.conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._records_version:
+                self._records, self._records_version = {}, version
+            record, generation = self._records.get(name), self._generation
+        if record is not None:
+            return record
         data = json.loads(self._row(name)["record"])
         known = {f.name for f in fields(ModelRecord)}
-        return ModelRecord(**{k: v for k, v in data.items() if k in known})
+        record = ModelRecord(**{k: v for k, v in data.items() if k in known})
+        with self._lock:
+            if generation == self._generation:  # no write here since the row was read
+                self._records[name] = record
+        return record
+
+    def _changed(self) -> None:
+        """Called with the lock held after a write to the catalog's objects."""
+        self._generation += 1
+        self._records = {}
 
     def list(self) -> list[ModelRecord]:
         with self._lock:
@@ -336,12 +361,14 @@ class VaultStore:
             self.db["objects"].upsert({"kind": kind, "name": name, "file": file, "sha256": sha,
                                        "size": size, "record": json.dumps(record),
                                        "added": record.get("added", "")}, pk=("kind", "name"))
+            self._changed()
         return old[0] if old else None
 
     def _delete(self, kind: str, name: str) -> None:
         row = self._row(name, kind)
         with self._keylock, self._lock:
             self.db["objects"].delete((kind, name))
+            self._changed()
         (self.objects / row["file"]).unlink(missing_ok=True)
 
     def remove(self, name: str) -> ModelRecord:

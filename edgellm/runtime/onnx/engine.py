@@ -45,6 +45,10 @@ from edgellm.runtime.types import Failed, Result, TensorRequest, Usage
 log = logging.getLogger("edgellm.engine")
 LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# not chosen unless asked for: TensorRT compiles an engine per shape on first use (minutes);
+# Azure runs models remotely
+AUTO_SKIPPED = ("TensorrtExecutionProvider", "AzureExecutionProvider")
 
 
 class OnnxEngine(EngineThread):
@@ -179,18 +183,34 @@ class OnnxEngine(EngineThread):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # onnxruntime's threads spin while they wait for work by default: on a device
+        # whose few cores also run the daemon and its clients that burns CPU (and heat)
+        # between requests, for no throughput measured here (README, Performance)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, LEVELS[self.settings.graph_optimization or "all"])
         available = ort.get_available_providers()
         wanted = self.settings.providers or [p for p in available
-                                             if p != "TensorrtExecutionProvider"]
+                                             if p not in AUTO_SKIPPED]
         missing = [p for p in wanted if p not in available]
         if missing:
             raise ModelLoadFailed(f"cannot load {self.name}: execution provider "
                                   f"{', '.join(missing)} is not in this onnxruntime (it has "
                                   f"{', '.join(available)})")
+        if any(p in GPU_PROVIDERS for p in wanted) and hasattr(ort, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* wheels only if asked
+            ort.preload_dlls()
         session = ort.InferenceSession(model, sess_options=options, providers=wanted)
         self.providers = session.get_providers()
+        dropped = [p for p in wanted if p not in self.providers]
+        if dropped and self.settings.providers:
+            raise ModelLoadFailed(f"cannot load {self.name}: execution provider "
+                                  f"{', '.join(dropped)} did not start (onnxruntime fell back "
+                                  f"to {', '.join(self.providers)}; its libraries, e.g. CUDA "
+                                  "and cuDNN, are missing or do not match)")
+        if dropped:
+            log.warning("event=providers_dropped model=%s dropped=%s using=%s", self.name,
+                        ",".join(dropped), ",".join(self.providers))
         self.gpu_offload = self.providers[0] != "CPUExecutionProvider"
         return session
 
