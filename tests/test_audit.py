@@ -168,3 +168,22 @@ def test_a_failed_group_commit_fails_every_row_in_it(tmp_path: Any) -> None:
     assert len(errors) == 4 and all("audit log cannot be written" in e for e in errors)
     assert log.append(action="after", decision="allow") == 1  # nothing half-written
     assert log.verify()["ok"] is True
+
+
+def test_a_deferred_row_rides_the_next_commit_or_is_flushed_alone(tmp_path: Any) -> None:
+    """An outcome row nobody waits on joins the next writer's transaction; ``flush``
+    commits it alone when no writer comes, and commits nothing when none is queued."""
+    log = AuditLog(tmp_path / "audit.db", key=b"k" * 32)
+    commits: list[str] = []
+    log._conn.set_trace_callback(lambda sql: sql == "COMMIT" and commits.append(sql))
+    outcome = log.defer(action="outcome", decision="ok")
+    assert not outcome.done and log.rows() == []
+    assert log.append(action="next", decision="allow") == 2  # the deferred row is first
+    assert outcome.done and outcome.error is None and len(commits) == 1
+    log.flush()
+    assert len(commits) == 1  # nothing was queued
+    alone = log.defer(action="alone", decision="ok")
+    log.flush()
+    assert alone.done and len(commits) == 2
+    assert [r["action"] for r in log.rows()] == ["outcome", "next", "alone"]
+    assert log.verify()["ok"] is True

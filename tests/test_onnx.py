@@ -309,6 +309,8 @@ def test_a_dead_onnx_engine_fails_its_request_and_is_reloaded(make_daemon: Any,
 
 
 @pytest.mark.parametrize("named", [True, False])
+# the CPU build's warning that it has no CUDA provider: only the simulated list claims one
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_a_gpu_provider_that_does_not_start_is_not_passed_off_as_running(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, named: bool) -> None:
     """onnxruntime-gpu without working CUDA libraries lists CUDA as available, then runs
@@ -337,3 +339,39 @@ def test_a_gpu_provider_that_does_not_start_is_not_passed_off_as_running(
         assert "providers_dropped" in caplog.text and "CUDAExecutionProvider" in caplog.text
         x = np.ones((2, 3), dtype=np.float32)
         assert np.allclose(session.run(None, {"x": x})[0], onnx_models.affine_expected(x))
+
+
+def test_every_tensor_request_is_audited_and_none_is_served_unaudited(
+        onnx_daemon: Daemon) -> None:
+    """The allow row is committed while the model runs and the outcome row after the
+    answer; a reader of the log sees both at once, in order. If the allow row cannot
+    be written, the answer is withheld (503), and the daemon serves once it can."""
+    import sqlite3
+
+    with onnx_daemon.http() as h:
+        ok = h.post("/v1/embeddings", json={"model": "tiny-embed", "input": "edge device"})
+        assert ok.status_code == 200
+        rid = ok.headers["X-Request-Id"]
+        rows = [r for r in h.get("/api/audit").json()["rows"] if r["request_id"] == rid]
+        assert [(r["decision"], r["status"]) for r in rows] == [("allow", None),
+                                                                 ("outcome", 200)]
+        assert rows[0]["seq"] < rows[1]["seq"] and rows[1]["prompt_tokens"] == 2
+        assert rows[0]["action"] == "models.use" and rows[0]["resource"] == "tiny-embed"
+        assert rows[0]["exe"] and rows[0]["prompt_hmac"]  # who, and a keyed hash of what
+        blocker = sqlite3.connect(onnx_daemon.state_dir / "vault" / "audit.db",
+                                  isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            refused = h.post("/api/onnx/affine/infer", json={"inputs": {"x": [[1, 2, 3]]}})
+            assert refused.status_code == 503 and "Retry-After" in refused.headers
+            assert "audit log cannot be written" in error_of(refused)["message"]
+            assert "outputs" not in refused.json()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        again = h.post("/api/onnx/affine/infer", json={"inputs": {"x": [[1, 2, 3]]}})
+        assert again.status_code == 200
+        np.testing.assert_allclose(again.json()["outputs"]["y"]["data"],
+                                   onnx_models.affine_expected(np.array([[1, 2, 3]],
+                                                                        dtype=np.float32)))
+        assert h.get("/api/audit/verify").json()["ok"] is True

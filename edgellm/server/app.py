@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -77,9 +78,24 @@ async def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
         log.error("event=audit_failed decision=deny path=%s", request.path)
 
 
+# a connection's peer, as the kernel recorded it when the peer connected, and the
+# executable it was running then: looked up once per connection, not per request
+_peers: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _peer(request: web.Request) -> dict[str, Any]:
+    transport = request.transport
+    if transport is None:
+        return {}
+    creds = _peers.get(transport)
+    if creds is None:
+        creds = peer_credentials(transport.get_extra_info("socket"))
+        _peers[transport] = creds
+    return creds
+
+
 def _identify(request: web.Request) -> Principal:
-    creds = peer_credentials(request.transport.get_extra_info("socket")
-                             if request.transport else None)
+    creds = _peer(request)
     request["principal"] = creds
     principal = resolve(creds)
     auth = request.headers.get("Authorization", "")

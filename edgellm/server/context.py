@@ -18,6 +18,8 @@ from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
 
 log = logging.getLogger("edgellm.requests")
+# how long an outcome row waits for another commit to join before it makes its own
+OUTCOME_DELAY = 0.005
 
 
 @dataclass
@@ -59,12 +61,10 @@ class State:
             from edgellm.vault.keys import VaultLocked
 
             raise VaultLocked()
-        from edgellm.vault.audit import executable
-
         creds, who = request.get("principal", {}), request.get("who")
         user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")
         return dict(uid=creds.get("uid"), pid=creds.get("pid"), user=user,
-                    exe=executable(creds.get("pid")), **fields)
+                    exe=creds.get("exe", ""), **fields)
 
     async def write_audit(self, row: dict[str, Any] | None) -> None:
         """Write a row (raises AuditUnavailable). The write is a SQLite commit that may
@@ -80,9 +80,10 @@ class State:
     def record_soon(self, request: Any, after: asyncio.Future[None] | None = None,
                     **fields: Any) -> None:
         """A row that nothing waits for (a request's outcome, once its answer is sent),
-        written in the background after ``after`` (the request's allow row), so the
-        two stay in order; a failure is logged. ``settle_records`` waits for every
-        such row, so a reader of the audit log sees them all."""
+        queued after ``after`` (the request's allow row), so the two stay in order. It
+        joins the next commit, usually the next request's allow row, or is committed
+        on its own after OUTCOME_DELAY; a failure is logged. ``settle_records`` waits
+        for every such row, so a reader of the audit log sees them all."""
         try:
             row = self.audit_row(request, **fields)
         except EdgeError:
@@ -93,7 +94,13 @@ class State:
         async def write() -> None:
             if after is not None:
                 await asyncio.gather(after, return_exceptions=True)
-            await self.write_audit(row)
+            audit = self.vault.audit
+            pending = audit.defer(**row)
+            await asyncio.sleep(OUTCOME_DELAY)
+            if not pending.done:
+                await asyncio.get_running_loop().run_in_executor(None, audit.flush)
+            if pending.error is not None:
+                raise pending.error
 
         task = asyncio.ensure_future(write())
         self._unwritten.add(task)

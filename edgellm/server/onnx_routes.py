@@ -71,7 +71,7 @@ def _replaced(event: Any) -> None:
     """A request's sink until ``_run`` gives it the real one."""
 
 
-async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
+async def _run(request: web.Request, record: ModelRecord, tensor: TensorRequest, body: _Run,
                prompt: str | None = None) -> Result:
     """Access, audit (before and after), the runtime, and the result or its error.
 
@@ -98,7 +98,7 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
         decision="allow", prompt_hmac=prompt_hmac)))
     status, event = 499, None
     try:
-        st.runtime.submit(tensor)
+        st.runtime.submit(tensor, record)
         await asyncio.shield(allow)
         event = await done
         if isinstance(event, Failed):
@@ -137,8 +137,8 @@ async def embeddings(request: web.Request) -> web.Response:
         raise InvalidRequest(f"{name} gives {record.n_embd} dimensions and cannot shorten "
                              f"them; leave out dimensions or ask for {record.n_embd}",
                              param="dimensions")
-    result = await _run(request, TensorRequest(model=name, sink=_replaced, texts=texts), body,
-                        prompt="\n".join(texts))
+    tensor = TensorRequest(model=name, sink=_replaced, texts=texts)
+    result = await _run(request, record, tensor, body, prompt="\n".join(texts))
     vectors = result.outputs["embeddings"]
     if body.encoding_format == "base64":
         data: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
@@ -181,8 +181,9 @@ async def infer(request: web.Request) -> web.Response:
         if wanted not in outputs:
             raise InvalidRequest(f"{name} has no output {wanted!r}; its outputs are "
                                  f"{', '.join(outputs)}", param="outputs")
-    result = await _run(request, TensorRequest(model=name, sink=_replaced, inputs=arrays,
-                                               outputs=body.outputs or None), body)
+    tensor = TensorRequest(model=name, sink=_replaced, inputs=arrays,
+                           outputs=body.outputs or None)
+    result = await _run(request, record, tensor, body)
     as_npy = body.encoding == "npy"
     return web.json_response({
         "model": name, "id": request["request_id"],

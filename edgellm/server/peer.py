@@ -1,7 +1,9 @@
-"""Who is on the other end of a Unix-socket connection, as the kernel says (SO_PEERCRED)."""
+"""Who is on the other end of a Unix-socket connection, as the kernel says (SO_PEERCRED),
+and the executable that process runs."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from typing import Any
@@ -17,4 +19,11 @@ def peer_credentials(sock: socket.socket | None) -> dict[str, Any]:
     except OSError:
         return {}
     pid, uid, gid = _CRED.unpack(raw)
-    return {"pid": pid, "uid": uid, "gid": gid}
+    return {"pid": pid, "uid": uid, "gid": gid, "exe": executable(pid)}
+
+
+def executable(pid: int | None) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe") if pid else ""
+    except OSError:
+        return ""

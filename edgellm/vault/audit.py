@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -46,13 +45,6 @@ def canonical(row: dict[str, Any]) -> bytes:
 
 def chain_mac(key: bytes, previous: bytes, row: dict[str, Any]) -> bytes:
     return hmac.new(key, previous + canonical(row), hashlib.sha256).digest()
-
-
-def executable(pid: int | None) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe") if pid else ""
-    except OSError:
-        return ""
 
 
 def cutoff(days: float) -> str:
@@ -134,6 +126,24 @@ class AuditLog:
         if mine.error is not None:
             raise mine.error
         return mine.seq
+
+    def defer(self, **fields: Any) -> _Pending:
+        """Queue a row that nothing waits on for the next commit, whoever makes it (an
+        ``append`` or ``flush``); its ``done`` and ``error`` tell what became of it."""
+        self._need_key()
+        pending = _Pending(fields)
+        with self._pending_lock:
+            self._pending.append(pending)
+        return pending
+
+    def flush(self) -> None:
+        """Commit the rows queued by ``defer`` now, if no commit has taken them yet."""
+        key = self._need_key()
+        with self._lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                self._commit(key, batch)
 
     def _commit(self, key: bytes, batch: list[_Pending]) -> None:
         try:
