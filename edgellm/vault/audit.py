@@ -120,9 +120,7 @@ class AuditLog:
             self._pending.append(mine)
         with self._lock:
             if not mine.done:
-                with self._pending_lock:
-                    batch, self._pending = self._pending, []
-                self._commit(key, batch)
+                self._commit_queued(key)
         if mine.error is not None:
             raise mine.error
         return mine.seq
@@ -140,10 +138,14 @@ class AuditLog:
         """Commit the rows queued by ``defer`` now, if no commit has taken them yet."""
         key = self._need_key()
         with self._lock:
-            with self._pending_lock:
-                batch, self._pending = self._pending, []
-            if batch:
-                self._commit(key, batch)
+            self._commit_queued(key)
+
+    def _commit_queued(self, key: bytes) -> None:
+        """Commit every queued row (called with the writer's lock held)."""
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._commit(key, batch)
 
     def _commit(self, key: bytes, batch: list[_Pending]) -> None:
         try:
