@@ -86,12 +86,10 @@ class Runtime:
         self._reaper.start()
 
     # --- requests ----------------------------------------------------------------------
-    def submit(self, request: Request, record: ModelRecord | None = None) -> None:
+    def submit(self, request: Request) -> None:
         """Queue a request; raises ModelNotFound, InvalidRequest (the model's format
-        does not take this kind of request), QueueFull or ShuttingDown at once.
-        ``record``: the model's record, if the caller has just read it."""
-        if record is None or record.name != request.model:
-            record = self.source.get(request.model)  # ModelNotFound before anything else
+        does not take this kind of request), QueueFull or ShuttingDown at once."""
+        record = self.source.get(request.model)  # ModelNotFound before anything else
         check_kind(record, request)
         if request.timeout is None:
             request.timeout = self.settings.request_timeout

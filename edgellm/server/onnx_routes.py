@@ -71,7 +71,7 @@ def _replaced(event: Any) -> None:
     """A request's sink until ``_run`` gives it the real one."""
 
 
-async def _run(request: web.Request, record: ModelRecord, tensor: TensorRequest, body: _Run,
+async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
                prompt: str | None = None) -> Result:
     """Access, audit (before and after), the runtime, and the result or its error.
 
@@ -98,7 +98,7 @@ async def _run(request: web.Request, record: ModelRecord, tensor: TensorRequest,
         decision="allow", prompt_hmac=prompt_hmac)))
     status, event = 499, None
     try:
-        st.runtime.submit(tensor, record)
+        st.runtime.submit(tensor)
         await asyncio.shield(allow)
         event = await done
         if isinstance(event, Failed):
@@ -138,7 +138,7 @@ async def embeddings(request: web.Request) -> web.Response:
                              f"them; leave out dimensions or ask for {record.n_embd}",
                              param="dimensions")
     tensor = TensorRequest(model=name, sink=_replaced, texts=texts)
-    result = await _run(request, record, tensor, body, prompt="\n".join(texts))
+    result = await _run(request, tensor, body, prompt="\n".join(texts))
     vectors = result.outputs["embeddings"]
     if body.encoding_format == "base64":
         data: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
@@ -183,7 +183,7 @@ async def infer(request: web.Request) -> web.Response:
                                  f"{', '.join(outputs)}", param="outputs")
     tensor = TensorRequest(model=name, sink=_replaced, inputs=arrays,
                            outputs=body.outputs or None)
-    result = await _run(request, record, tensor, body)
+    result = await _run(request, tensor, body)
     as_npy = body.encoding == "npy"
     return web.json_response({
         "model": name, "id": request["request_id"],
