@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from edgellm.errors import (
 from edgellm.server import onnx_routes, openai_routes, vault_routes
 from edgellm.server.context import State, body_chunks, read_json
 from edgellm.server.metrics import Metrics
-from edgellm.server.peer import peer_credentials
+from edgellm.server.peer import connection_peer
 from edgellm.server.schemas import LoadRequest, parse
 from edgellm.vault.access import Principal, resolve
 
@@ -78,24 +77,8 @@ async def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
         log.error("event=audit_failed decision=deny path=%s", request.path)
 
 
-# a connection's peer, as the kernel recorded it when the peer connected, and the
-# executable it was running then: looked up once per connection, not per request
-_peers: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def _peer(request: web.Request) -> dict[str, Any]:
-    transport = request.transport
-    if transport is None:
-        return {}
-    creds = _peers.get(transport)
-    if creds is None:
-        creds = peer_credentials(transport.get_extra_info("socket"))
-        _peers[transport] = creds
-    return creds
-
-
 def _identify(request: web.Request) -> Principal:
-    creds = _peer(request)
+    creds = connection_peer(request.transport)
     request["principal"] = creds
     principal = resolve(creds)
     auth = request.headers.get("Authorization", "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import weakref
 from typing import Any
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -27,3 +28,18 @@ def executable(pid: int | None) -> str:
         return os.readlink(f"/proc/{pid}/exe") if pid else ""
     except OSError:
         return ""
+
+
+# a connection's peer, as the kernel recorded it when the peer connected, and the
+# executable it was running then: looked up once per connection, not per request
+_peers: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def connection_peer(transport: Any) -> dict[str, Any]:
+    """The peer of an asyncio transport (empty when there is none or it is not Unix)."""
+    if transport is None:
+        return {}
+    creds = _peers.get(transport)
+    if creds is None:
+        creds = _peers[transport] = peer_credentials(transport.get_extra_info("socket"))
+    return creds
