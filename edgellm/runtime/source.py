@@ -28,7 +28,7 @@ def check_name(name: str) -> str:
     return name
 
 
-@dataclass
+@dataclass(frozen=True)  # shared: the store keeps one per model for every reader
 class ModelRecord:
     name: str
     format: str  # "gguf" | "onnx"
