@@ -38,7 +38,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def onnx_daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path,
                 models_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("onnx"), model_file,
+    # room in the queue for the eight concurrent clients of the batching test, however
+    # the scheduler spreads them (with the default 4 for tests, one could be refused)
+    d = Daemon(tmp_path_factory.mktemp("onnx"), model_file, max_queue=8,
                model_settings={"affine-batched": {"batch_wait_ms": BATCH_WAIT_MS}}).start()
     for name, path in [("affine", "affine.onnx"), ("affine-batched", "affine.onnx"),
                        ("spin", "spin.onnx"), ("tiny-embed", "tiny-embed")]:
