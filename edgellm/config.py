@@ -52,6 +52,8 @@ class ModelSettings(BaseModel):
     use_mmap: bool | None = None
     use_mlock: bool | None = None
     keep_alive: float | None = None
+    # longest a chat template may take to render one request (seconds)
+    template_timeout: float | None = Field(default=None, gt=0, le=60)
     # ONNX models (onnxruntime)
     providers: list[str] | None = None  # execution providers, in order of preference
     graph_optimization: Literal["disable", "basic", "extended", "all"] | None = None
@@ -147,6 +149,13 @@ class Settings(BaseModel):
 
     # the socket API
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # connections: open at once, in all and from one peer (a uid on the socket); a new
+    # connection's first request headers must arrive within header_timeout, and an idle
+    # keep-alive connection (or slow headers after it) is closed after idle_timeout
+    max_connections: int = Field(default=512, ge=1)
+    max_connections_per_peer: int = Field(default=128, ge=1)
+    header_timeout: float = Field(default=10.0, gt=0)
+    idle_timeout: float = Field(default=60.0, gt=0)
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
 
@@ -199,7 +208,7 @@ class Settings(BaseModel):
         return v
 
     @field_validator("keep_alive", "shutdown_grace", "request_timeout", "failure_backoff",
-                     mode="before")
+                     "header_timeout", "idle_timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return parse_duration(v)

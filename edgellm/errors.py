@@ -14,6 +14,7 @@ class EdgeError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
+    retryable: bool | None = None  # False: tell SDKs not to retry (x-should-retry)
 
     def __init__(
         self,
@@ -65,6 +66,12 @@ class Conflict(EdgeError):
     status, type, code = 409, "invalid_request_error", "conflict"
 
 
+class BodyTimeout(EdgeError):
+    """The request's body did not arrive in time (a client that stalls mid-body)."""
+
+    status, type, code = 408, "invalid_request_error", "body_timeout"
+
+
 class PayloadTooLarge(EdgeError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
 
@@ -92,6 +99,14 @@ class ShuttingDown(Unavailable):
 
 class ModelLoadFailed(Unavailable):
     code = "model_load_failed"
+
+
+class ModelUnusable(Conflict):
+    """The model's file cannot be loaded (llama.cpp or onnxruntime said why): retrying
+    will not help until it is replaced, or an operator loads it again by hand."""
+
+    code = "model_unusable"
+    retryable = False
 
 
 class Shedding(Unavailable):

@@ -10,11 +10,15 @@ import click
 from edgellm.cli.base import (
     EdgeError,
     client,
+    daemon_or_none,
     emit,
     friendly,
     json_option,
+    key_file_option,
     main,
+    offline_store,
     socket_option,
+    state_dir_option,
     table,
 )
 
@@ -177,11 +181,23 @@ def audit_export(socket: str | None) -> None:
 
 @audit.command("verify")
 @socket_option
+@state_dir_option
+@key_file_option
+@click.option("--offline", is_flag=True,
+              help="Read the state directory here, with the key, even if a daemon runs.")
 @friendly
-def audit_verify(socket: str | None) -> None:
-    """Check the whole HMAC chain; name the first row that was tampered with."""
-    with client(socket) as c:
-        result = c.audit_verify()
+def audit_verify(socket: str | None, state_dir: str | None, key_file: str | None,
+                 offline: bool) -> None:
+    """Check the whole HMAC chain and the signed head; name the first row that was
+    tampered with, or the rows deleted from the end. Through the daemon when one runs;
+    otherwise (or with --offline) on a state directory, a copied one too, with its key."""
+    c = None if offline else daemon_or_none(socket)
+    if c is not None:
+        with c:
+            result = c.audit_verify()
+    else:
+        result = offline_store(state_dir, key_file, create=False, upgrade=False) \
+            .audit.verify()
     if not result["ok"]:
         where = f" at row {result['first_bad']}" if result["first_bad"] else ""
         raise EdgeError(f"audit chain broken{where}: {result['problem']}")

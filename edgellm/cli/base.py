@@ -9,6 +9,7 @@ from functools import wraps
 from typing import Any
 
 import click
+import httpx
 
 from edgellm.client import Client, DaemonUnavailable
 from edgellm.config import load_settings
@@ -32,6 +33,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OSError as exc:
             click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
                        err=True)
+            sys.exit(1)
+        except httpx.HTTPError as exc:  # a daemon that stopped answering mid-way
+            click.echo(f"error: the daemon did not answer ({type(exc).__name__}: "
+                       f"{exc or 'no reply'}); see `edgellm status` and its log", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             sys.exit(130)
@@ -69,20 +74,24 @@ def ask_passphrase(prompt: str = "vault passphrase", new: bool = False) -> str:
                         sys.stdin.isatty())
 
 
-def offline_store(state_dir: str | None, key_file: str | None = None) -> Any:
+def offline_store(state_dir: str | None, key_file: str | None = None, create: bool = True,
+                  upgrade: bool = True) -> Any:
     """The vault opened here, with no daemon: by its key file, or by its passphrase
-    (asked for)."""
+    (asked for). ``create=False, upgrade=False`` reads a vault as it is (an auditor's
+    copy): none is created, and an older one is not migrated."""
     from edgellm.vault.keys import NoKey
     from edgellm.vault.open import open_vault
 
     settings = load_settings(overrides={"state_dir": state_dir, "vault_key_file": key_file})
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return open_vault(settings)
+        return open_vault(settings, create=create, upgrade=upgrade)
     except NoKey as exc:
         if "passphrase" not in exc.message:
             raise
-        return open_vault(settings, passphrase=ask_passphrase())
+        return open_vault(settings, create=create, upgrade=upgrade,
+                          passphrase=ask_passphrase())
 
 
 def daemon_or_none(socket: str | None) -> Client | None:

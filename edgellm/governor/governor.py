@@ -169,9 +169,14 @@ class Governor:
                   thresholds: dict[str, dict[str, float]] | None = None) -> None:
         """Pin a level (maintenance), unpin, or change thresholds; takes effect at
         the next poll."""
+        if thresholds is not None and not (isinstance(thresholds, dict) and all(
+                isinstance(v, dict) for v in thresholds.values())):
+            raise InvalidRequest("thresholds must be an object of signals, each an object "
+                                 "of levels: {\"memory\": {\"elevated\": 0.8, …}}",
+                                 param="thresholds")
         with self._lock:
             if pin is not None:
-                if pin not in LEVELS:
+                if not isinstance(pin, str) or pin not in LEVELS:
                     raise InvalidRequest(f"unknown level {pin!r}: one of {', '.join(LEVELS)}",
                                          param="pin")
                 self.pinned = LEVELS.index(pin)

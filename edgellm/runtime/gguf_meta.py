@@ -33,6 +33,19 @@ _FILE_TYPES = {
 }
 
 
+# ggml tensor types: (elements per block, bytes per block), from ggml.h / ggml.c
+_TENSOR_TYPES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
+    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
+    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1),
+    25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54),
+    35: (256, 66), 39: (32, 17),
+}
+_MAX_TENSORS = 1 << 16
+_MAX_DIMS = 4
+
+
 class _Bad(Exception):
     pass
 
@@ -73,13 +86,18 @@ class _Reader:
 
 
 def _parse_kv(buf: Any) -> dict[str, Any]:
+    return _parse(buf)[0]
+
+
+def _parse(buf: Any) -> tuple[dict[str, Any], _Reader, int]:
+    """The key/value section, the reader left after it, and the tensor count."""
     r = _Reader(buf)
     if bytes(r.take(4)) != b"GGUF":
         raise _Bad("no GGUF magic number")
     version = r.scalar("<I", 4)
     if version not in (2, 3):
         raise _Bad(f"unsupported GGUF version {version}")
-    r.scalar("<Q", 8)  # tensor count
+    n_tensors = r.scalar("<Q", 8)
     n_kv = r.scalar("<Q", 8)
     if n_kv > _MAX_KV:
         raise _Bad(f"implausible key count {n_kv}")
@@ -87,7 +105,50 @@ def _parse_kv(buf: Any) -> dict[str, Any]:
     for _ in range(n_kv):
         key = r.string()
         kv[key] = r.value(r.scalar("<I", 4))
-    return kv
+    return kv, r, n_tensors
+
+
+def check_gguf_tensors(head: bytes | bytearray, file_size: int, name: str) -> None:
+    """Check the tensor-info section against the file, as llama.cpp will read it: a
+    sane count, known types and shapes, and every tensor's data inside the file. An
+    import that would fail only at load (a file cut short, a count of 2^63, an offset
+    past the end) is refused here, naming the problem."""
+    try:
+        with memoryview(head) as view:
+            kv, r, n_tensors = _parse(view)
+            if n_tensors == 0 or n_tensors > _MAX_TENSORS:
+                raise _Bad(f"implausible tensor count {n_tensors}")
+            align = kv.get("general.alignment", 32)
+            if not isinstance(align, int) or align <= 0 or align & (align - 1):
+                raise _Bad(f"invalid general.alignment {align!r}")
+            tensors = []
+            for _ in range(n_tensors):
+                tname = r.string()
+                n_dims = r.scalar("<I", 4)
+                if not 1 <= n_dims <= _MAX_DIMS:
+                    raise _Bad(f"tensor {tname!r} has {n_dims} dimensions")
+                dims = [r.scalar("<Q", 8) for _ in range(n_dims)]
+                ttype, offset = r.scalar("<I", 4), r.scalar("<Q", 8)
+                tensors.append((tname, dims, ttype, offset))
+            data_start = (r.pos + align - 1) // align * align
+    except (_Bad, struct.error) as exc:
+        raise InvalidRequest(f"{name} is not a valid GGUF file ({exc}; or its tensor list "
+                             f"is longer than the {len(head) >> 20} MB edgellm reads)"
+                             ) from None
+    for tname, dims, ttype, offset in tensors:
+        if ttype not in _TENSOR_TYPES:
+            raise InvalidRequest(f"{name}: tensor {tname!r} has unknown type {ttype}")
+        per_block, block_bytes = _TENSOR_TYPES[ttype]
+        count = 1
+        for d in dims:
+            count *= d
+        if count == 0 or dims[0] % per_block:
+            raise InvalidRequest(f"{name}: tensor {tname!r} has an invalid shape {dims}")
+        end = data_start + offset + count // per_block * block_bytes
+        if offset % align or end > file_size:
+            raise InvalidRequest(
+                f"{name} is truncated or corrupt: tensor {tname!r} lies at bytes "
+                f"{data_start + offset}–{end} of a {file_size}-byte file")
 
 
 def read_gguf_kv(source: str | Path | bytes | bytearray, name: str | None = None

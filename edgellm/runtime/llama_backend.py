@@ -9,21 +9,64 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 from edgellm.config import ModelSettings
 from edgellm.errors import InvalidRequest, ModelLoadFailed
+from edgellm.runtime.chat_template import TemplateRenderer
 
 log = logging.getLogger("edgellm.engine")
+
+
+_errors: deque[str] = deque(maxlen=8)  # llama.cpp's latest error lines, for messages
+_log_callback: Any = None
+
+
+def _capture_llama_log(llama_cpp: Any) -> None:
+    """Route llama.cpp's own log through ours: errors are kept (a failed load's message
+    names their reason, where llama-cpp-python says only "Failed to load model from
+    file") and logged one line each; its chatter is dropped."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    partial: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (a continuation)
+        if level not in (4, 5):
+            partial.clear()
+            return
+        if level == 5 and not partial:
+            return
+        partial.append(text.decode("utf-8", "replace"))
+        if partial[-1].endswith("\n"):
+            line = "".join(partial).strip()
+            partial.clear()
+            if line:
+                _errors.append(line)
+                log.warning("event=llama_cpp_error message=%r", line)
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _reason(default: str) -> str:
+    """What llama.cpp said last, in words: its error lines, without the function names."""
+    lines = [line.split(": ", 1)[-1] for line in _errors]
+    _errors.clear()
+    return "; ".join(dict.fromkeys(lines)) or default
 
 
 class LlamaBackend:
     def __init__(self, path: str, settings: ModelSettings, n_ctx: int, n_seq: int) -> None:
         import llama_cpp
-        from llama_cpp import _internals, _logger, llama_chat_format
+        from llama_cpp import _internals, _logger
 
         _logger.set_verbose(False)  # llama.cpp's own chatter: errors only
+        _capture_llama_log(llama_cpp)
         self._c = llama_cpp
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
@@ -36,10 +79,12 @@ class LlamaBackend:
             values = settings.tensor_split[: llama_cpp.LLAMA_MAX_DEVICES]
             self._tensor_split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*values)
             mp.tensor_split = self._tensor_split
+        _errors.clear()
         try:
             self.model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
         except ValueError as exc:
-            raise ModelLoadFailed(f"llama.cpp could not load the model: {exc}") from None
+            raise ModelLoadFailed(f"llama.cpp could not load the model: "
+                                  f"{_reason(str(exc))}") from None
         self.n_batch = max(settings.n_batch or 512, n_seq)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq
@@ -54,7 +99,8 @@ class LlamaBackend:
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
         except ValueError as exc:
-            raise ModelLoadFailed(f"llama.cpp could not create a context: {exc}") from None
+            raise ModelLoadFailed(f"llama.cpp could not create a context: "
+                                  f"{_reason(str(exc))}") from None
         self._mem = self.ctx.memory
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab = self.model.vocab
@@ -67,16 +113,26 @@ class LlamaBackend:
                            if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         meta = self.model.metadata()
         template = meta.get("tokenizer.chat_template")
-        self.chat = None
+        self.chat: TemplateRenderer | None = None
+        self._eos_text = ""
         if template:
             def text(tok: int) -> str:
                 return self.model.token_get_text(tok) if tok != -1 else ""
 
-            self.chat = llama_chat_format.Jinja2ChatFormatter(
-                template=template, eos_token=text(self.eos),
-                bos_token=text(self.model.token_bos()))
+            self._eos_text = text(self.eos)
+            self.chat = TemplateRenderer(template, bos=text(self.model.token_bos()),
+                                         eos=self._eos_text,
+                                         timeout=settings.template_timeout or 2.0)
+            try:
+                self.chat.start()
+            except InvalidRequest as exc:
+                log.warning("event=chat_template_unusable problem=%r", exc.message)
+                self.chat = None
+                self._template_problem = exc.message
 
     def close(self) -> None:
+        if self.chat is not None:
+            self.chat.close()
         if self.batch is not None:
             self._c.llama_batch_free(self.batch)
             self.batch = None
@@ -89,15 +145,13 @@ class LlamaBackend:
         if messages is None:
             return self.model.tokenize((prompt or "").encode(), True, True), []
         if self.chat is None:
-            raise InvalidRequest("this model has no chat template; use /v1/completions",
-                                 param="model")
-        try:
-            formatted = self.chat(messages=messages)
-        except Exception as exc:  # templates raise_exception() on roles they do not take
-            raise InvalidRequest(f"the chat template rejected the messages: {exc}",
-                                 param="messages") from None
-        tokens = self.model.tokenize(formatted.prompt.encode(), not formatted.added_special, True)
-        return tokens, [s for s in formatted.stop or [] if isinstance(s, str)]
+            why = getattr(self, "_template_problem", "this model has no chat template")
+            raise InvalidRequest(f"{why}; use /v1/completions", param="model")
+        # bounded in time, memory and output, in a worker (chat_template.py); raises
+        # InvalidRequest for a template that rejects the messages or overruns
+        prompt = self.chat.render(messages)
+        tokens = self.model.tokenize(prompt.encode(), False, True)
+        return tokens, [self._eos_text] if self._eos_text else []
 
     def piece(self, token: int) -> bytes:
         """The bytes of one token (memoised: the vocabulary does not change)."""

@@ -20,6 +20,7 @@ from edgellm.errors import (
     InsufficientMemory,
     InvalidRequest,
     ModelLoadFailed,
+    ModelUnusable,
     QueueFull,
     Shedding,
     ShuttingDown,
@@ -80,6 +81,8 @@ class Runtime:
         self.stats = {"loads": 0, "unloads": 0, "evictions": 0, "load_failures": 0,
                       "engine_failures": 0}
         self.failures = FailureBook(settings.failure_backoff)
+        # models whose file failed to load: (its sha256, the error every request gets)
+        self._unusable: dict[str, tuple[str, ModelUnusable]] = {}
         self.limits = Limits()
         self._measured: dict[str, int] = {}  # ONNX models' memory, measured when last loaded
         self._reaper = threading.Thread(target=self._reap_loop, name="keep-alive", daemon=True)
@@ -100,6 +103,7 @@ class Runtime:
             if limits.shed:
                 raise Shedding(limits.shed, retry_after=limits.retry_after)
             if request.model not in self._loaded:
+                self._check_usable(record)
                 self.failures.check(request.model)
             if isinstance(request, GenerationRequest) and limits.max_tokens and (
                     request.max_tokens is None or request.max_tokens > limits.max_tokens):
@@ -209,10 +213,19 @@ class Runtime:
                                 on_died=self._engine_died)
             try:
                 engine.start()
-            except BaseException:
+            except BaseException as exc:
                 self.stats["load_failures"] += 1
                 opened.__exit__(None, None, None)
+                if isinstance(exc, ModelLoadFailed):  # the file itself: not retried
+                    with self._lock:
+                        self._unusable[name] = (record.sha256, ModelUnusable(
+                            f"{exc.message}; it is not loaded again until it is replaced "
+                            f"or loaded by hand (edgellm models load {name})"))
+                    log.error("event=model_unusable model=%s reason=%r", name, exc.message)
+                    raise self._unusable[name][1] from None
                 raise
+            with self._lock:
+                self._unusable.pop(name, None)
             with self._lock:
                 loaded = LoadedModel(
                     name=name, engine=engine, estimate=need, opened=opened,
@@ -469,7 +482,18 @@ class Runtime:
                 return "loaded"
             if name in self._loading:
                 return "loading"
+            if name in self._unusable:
+                return "failed"
         return "available"
+
+    def _check_usable(self, record: ModelRecord) -> None:
+        """Raise ModelUnusable for a model whose file failed to load (lock held); a new
+        file under the same name (another sha256) is tried afresh."""
+        known = self._unusable.get(record.name)
+        if known is not None:
+            if known[0] == record.sha256:
+                raise known[1]
+            del self._unusable[record.name]
 
     def totals(self) -> EngineStats:
         """Counters over the daemon's life, models since unloaded included."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -12,12 +11,9 @@ from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
-_ids = itertools.count(1)
-_prefix = os.urandom(3).hex()
-
-
 def new_request_id() -> str:
-    return f"req-{_prefix}{next(_ids):06d}"
+    """Unguessable: knowing one's own ids tells nothing about another caller's."""
+    return f"req-{secrets.token_hex(12)}"
 
 
 @dataclass

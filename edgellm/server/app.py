@@ -21,7 +21,14 @@ from edgellm.errors import (
     PermissionDenied,
 )
 from edgellm.server import onnx_routes, openai_routes, vault_routes
-from edgellm.server.context import State, body_chunks, read_json
+from edgellm.server.context import (
+    State,
+    body_chunks,
+    check_text,
+    may_see,
+    read_json,
+    visible_record,
+)
 from edgellm.server.metrics import Metrics
 from edgellm.server.peer import connection_peer
 from edgellm.server.schemas import LoadRequest, parse
@@ -37,6 +44,8 @@ def error_response(exc: EdgeError, request_id: str | None = None) -> web.Respons
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
     if request_id:
         headers["X-Request-Id"] = request_id
+    if exc.retryable is False:  # the openai SDK retries 409 and 5xx unless told not to
+        headers["x-should-retry"] = "false"
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
@@ -81,13 +90,34 @@ def _identify(request: web.Request) -> Principal:
     creds = connection_peer(request.transport)
     request["principal"] = creds
     principal = resolve(creds)
+    request["who"] = principal
     auth = request.headers.get("Authorization", "")
     policy = _state(request).access
     if auth.startswith("Bearer ") and policy is not None:
+        token = auth[7:].strip()
+        if not token.isascii():  # aiohttp hands undecodable bytes on as surrogates
+            raise InvalidRequest("the Authorization header's bearer token is not ASCII; "
+                                 "tokens are edg_ followed by URL-safe characters",
+                                 param="Authorization")
         # an unknown token adds nothing (the openai SDK always sends one)
-        principal.token = policy.token_name(auth[7:].strip())
-    request["who"] = principal
+        principal.token = policy.token_name(token)
     return principal
+
+
+def route_permission(request: web.Request) -> str | tuple[str, str] | None:
+    """The permission a matched route declares. HEAD is GET without the body, so it
+    needs what GET needs; a matched route with no declaration is refused (fail closed),
+    so a route added without a policy cannot be reached."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None  # unmatched: aiohttp answers 404 or 405
+    method = "GET" if request.method == "HEAD" else request.method
+    key = (method, resource.canonical)
+    if key not in ROUTE_PERMISSIONS:
+        log.error("event=route_without_policy method=%s route=%s", method, key[1])
+        raise PermissionDenied(f"{method} {key[1]} has no declared access policy; "
+                               "refused", param="policy")
+    return ROUTE_PERMISSIONS[key]
 
 
 @web.middleware
@@ -98,7 +128,11 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
     t0 = time.monotonic()
     try:
         principal = _identify(request)
-        permission = ROUTE_PERMISSIONS.get((request.method, route))
+        # a path or query that is not Unicode text (percent-encoded stray bytes or lone
+        # surrogates) is refused here, before it meets SQLite, a file name or a log
+        check_text(dict(request.match_info), "path")
+        check_text({k: v for k, v in request.query.items()}, "query")
+        permission = route_permission(request)
         resource = None
         if isinstance(permission, tuple):
             permission, param = permission
@@ -106,7 +140,7 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         st = _state(request)
         if permission is not None and st.access is not None:
             st.access.require(principal, permission, resource)
-        changes = request.method != "GET" and route not in GENERATION_ROUTES | \
+        changes = request.method not in ("GET", "HEAD") and route not in GENERATION_ROUTES | \
             vault_routes.RECORDED_BY_HANDLER
         if route != "unmatched" and (changes or route in vault_routes.AUDITED_READS):
             # state changes are recorded before they happen: no row, no action
@@ -151,9 +185,9 @@ def _state(request: web.Request) -> State:
 
 async def health(request: web.Request) -> web.Response:
     st = _state(request)
-    models = {r.name: st.runtime.model_state(r.name) for r in st.store.list()}
+    models = {r.name: st.runtime.model_state(r.name) for r in visible_models(request)}
     for name in st.load_failures:
-        if models.get(name) == "available":
+        if name in models and models[name] == "available":
             models[name] = "failed"
     if st.draining:
         status = "degraded"
@@ -171,7 +205,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ps(request: web.Request) -> web.Response:
-    return web.json_response({"models": _state(request).runtime.loaded()})
+    names = {r.name for r in visible_models(request)}
+    return web.json_response({"models": [m for m in _state(request).runtime.loaded()
+                                         if m["name"] in names]})
 
 
 def model_view(st: State, record: Any) -> dict[str, Any]:
@@ -182,11 +218,7 @@ def model_view(st: State, record: Any) -> dict[str, Any]:
 def visible_models(request: web.Request) -> list[Any]:
     """The models this caller may use (all of them for operators and admins)."""
     st = _state(request)
-    records = st.store.list()
-    policy, who = st.access, request.get("who")
-    if policy is None or who is None or policy.allowed(who, "models.load"):
-        return records
-    return [r for r in records if policy.allowed(who, "models.use", r.name)]
+    return [r for r in st.store.list() if may_see(request, r.name)]
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -196,7 +228,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def show_model(request: web.Request) -> web.Response:
     st = _state(request)
-    return web.json_response(model_view(st, st.store.get(request.match_info["name"])))
+    return web.json_response(model_view(st, visible_record(request, request.match_info["name"])))
 
 
 async def load_model(request: web.Request) -> web.Response:
@@ -272,9 +304,10 @@ async def cancel_request(request: web.Request) -> web.Response:
     st = _state(request)
     owner = next((r.get("uid") for r in st.runtime.requests() if r["id"] == request_id), None)
     mine = owner is not None and owner == request["principal"].get("uid")
-    if owner is not None and not mine and not _sees_all_requests(request, "requests.cancel_any"):
-        st.access.require(request["who"], "requests.cancel_any")  # raises, naming it
-    if not st.runtime.cancel(request_id):
+    # another caller's request is answered as unknown: ids cannot be probed
+    hidden = owner is not None and not mine and \
+        not _sees_all_requests(request, "requests.cancel_any")
+    if hidden or not st.runtime.cancel(request_id):
         raise NotFound(f"no request {request_id!r} is in flight", param="id")
     return web.json_response({"id": request_id, "cancelled": True})
 
@@ -325,7 +358,12 @@ def build_app(state: State) -> web.Application:
                           client_max_size=state.settings.max_body_bytes)
     app["state"] = state
     app["metrics"] = Metrics(state.runtime, state.governor)
-    r = app.router
+    add_routes(app.router)
+    return app
+
+
+def add_routes(r: web.UrlDispatcher) -> None:
+    """Every route of the API (each one's permission is in ROUTE_PERMISSIONS)."""
     r.add_post("/v1/chat/completions", openai_routes.chat_completions)
     r.add_post("/v1/completions", openai_routes.completions)
     r.add_get("/v1/models", openai_models)
@@ -344,4 +382,3 @@ def build_app(state: State) -> web.Application:
     r.add_put("/api/governor", governor_configure)
     vault_routes.add_routes(r)
     onnx_routes.add_routes(r)
-    return app

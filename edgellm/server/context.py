@@ -13,7 +13,15 @@ from typing import Any
 from aiohttp import web
 
 from edgellm.config import Settings
-from edgellm.errors import EdgeError, InvalidRequest, PayloadTooLarge, ShuttingDown
+from edgellm.errors import (
+    BodyTimeout,
+    EdgeError,
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ShuttingDown,
+)
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
 
@@ -31,7 +39,28 @@ class State:
     draining: bool = False
     load_failures: dict[str, str] = field(default_factory=dict)
     governor: Any = None
+    locking: bool = False  # the vault is being locked: no new audited work starts
     _unwritten: set[asyncio.Future[None]] = field(default_factory=set)
+    _open: int = 0  # audited requests between their allow row and their outcome row
+    _settled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def opened(self) -> None:
+        self._open += 1
+        self._settled.clear()
+
+    def closed(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._settled.set()
+
+    async def requests_settled(self, timeout: float) -> None:
+        """Wait until every audited request has written its outcome row (a vault lock
+        waits for them, so none loses its outcome to the forgotten key)."""
+        if self._open:
+            try:
+                await asyncio.wait_for(self._settled.wait(), timeout)
+            except TimeoutError:
+                log.error("event=outcomes_unsettled open=%d", self._open)
 
     @property
     def vault(self) -> Any:
@@ -57,7 +86,7 @@ class State:
         VaultLocked while the vault is locked: nothing is done that cannot be audited."""
         if self.vault is None:
             return None
-        if self.vault.locked:
+        if self.vault.locked or (self.locking and fields.get("decision") == "allow"):
             from edgellm.vault.keys import VaultLocked
 
             raise VaultLocked()
@@ -116,14 +145,55 @@ class State:
             await asyncio.gather(*list(self._unwritten), return_exceptions=True)
 
 
+def may_see(request: web.Request, name: str) -> bool:
+    """Whether this caller may know that model ``name`` exists: a model outside its
+    grants is answered as unknown, so names cannot be probed."""
+    st: State = request.app["state"]
+    policy, who = st.access, request.get("who")
+    return policy is None or who is None or policy.allowed(who, "models.load") or \
+        policy.allowed(who, "models.use", name)
+
+
+def visible_record(request: web.Request, name: str) -> Any:
+    """A model's record, or ModelNotFound (the same answer) when the caller may not see it."""
+    if not may_see(request, name):
+        raise ModelNotFound(f"model {name!r} not found", param="model")
+    return request.app["state"].store.get(name)
+
+
+def check_keep_alive(request: web.Request, model: str, keep_alive: float | None) -> None:
+    """A client may shorten how long its model stays loaded, not pin it (-1) nor keep
+    it longer than the operator configured: that takes models.load, as loading does."""
+    st: State = request.app["state"]
+    if keep_alive is None or st.access is None:
+        return
+    configured = st.settings.for_model(model).keep_alive
+    limit = st.settings.keep_alive if configured is None else configured
+    beyond = limit >= 0 and (keep_alive < 0 or keep_alive > limit)
+    if beyond and not st.access.allowed(request["who"], "models.load"):
+        what = "pins the model (-1)" if keep_alive < 0 else \
+            f"is longer than the configured {limit:g}s"
+        raise PermissionDenied(f"permission denied: keep_alive {keep_alive:g} {what}, "
+                               "which needs models.load; ask an operator, or leave "
+                               "keep_alive out", param="models.load")
+
+
 def body_chunks(request: web.Request) -> Iterator[bytes]:
     """The request body in 1 MiB pieces, for a worker thread to consume (an import
     streams to the vault without holding the body in memory)."""
     loop = asyncio.get_running_loop()
 
+    idle = request.app["state"].settings.idle_timeout
+
+    async def piece() -> bytes:
+        try:
+            return await asyncio.wait_for(request.content.read(1 << 20), idle)
+        except TimeoutError:
+            raise BodyTimeout(f"the upload stalled: no data for {idle:g}s "
+                              "(idle_timeout)") from None
+
     def chunks() -> Iterator[bytes]:
-        while data := asyncio.run_coroutine_threadsafe(
-                request.content.read(1 << 20), loop).result():
+        while data := asyncio.run_coroutine_threadsafe(piece(), loop).result():
             yield data
 
     return chunks()
@@ -134,13 +204,54 @@ async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit} bytes")
+    idle = request.app["state"].settings.idle_timeout
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), idle)
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {idle:g}s (idle_timeout; "
+                          f"Content-Length said {request.content_length} bytes)") from None
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest("the request body is nested more deeply than edgellm parses "
+                             "(arrays and objects within each other)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except ValueError as exc:  # Python's limit on digits in an integer
+        raise InvalidRequest(f"the request body has a number edgellm cannot read: {exc}") \
+            from None
+    if b"\\ud" in raw or b"\\uD" in raw:  # the only way JSON spells a lone surrogate
+        check_text(data)
+    return data
+
+
+def check_text(value: Any, path: str = "body") -> None:
+    """Refuse strings that are not Unicode text (lone surrogates, which JSON can spell
+    but UTF-8 cannot encode): they would fail later, deep in an engine or the audit log."""
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if not _encodable(item):
+                raise InvalidRequest(f"{where} holds text that is not valid Unicode (a lone "
+                                     "surrogate such as \\ud800)", param=where)
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if not _encodable(k):
+                    raise InvalidRequest(f"a key in {where} is not valid Unicode (a lone "
+                                         "surrogate such as \\ud800)", param=where)
+                stack.append((v, f"{where}.{k}"))
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

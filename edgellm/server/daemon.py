@@ -22,6 +22,13 @@ from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
 from edgellm.server.app import build_app
 from edgellm.server.context import State
+from edgellm.server.listener import (
+    BadHttpLines,
+    ConnectionGuard,
+    GuardedSockSite,
+    quiet_exhaustion,
+    raise_file_limit,
+)
 from edgellm.server.systemd import Notifier, Watchdog, listen_socket, watchdog_interval
 from edgellm.server.unix import bind_unix_socket, remove_socket
 
@@ -32,6 +39,7 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(BadHttpLines())
 
 
 def open_store(settings: Settings) -> ModelStore:
@@ -62,7 +70,8 @@ def ensure_default_model(settings: Settings, store: ModelStore) -> None:
 
 # settings a SIGHUP cannot change: they name things the running daemon holds
 RESTART_ONLY = ("socket", "socket_mode", "state_dir", "cache_dir", "catalog_dir",
-                "max_body_bytes")
+                "max_body_bytes", "max_connections", "max_connections_per_peer",
+                "header_timeout", "idle_timeout")
 
 
 def serve(settings: Settings, *, pull_default: bool = True,
@@ -88,8 +97,11 @@ async def _serve(settings: Settings, store: ModelStore,
     runtime = Runtime(settings, store)
     state = State(settings=settings, runtime=runtime, store=store)
     state.governor = start_governor(state)
+    raise_file_limit(settings.max_connections + 256)
+    quiet_exhaustion(loop)
     runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace + 5)
+                           shutdown_timeout=settings.shutdown_grace + 5,
+                           keepalive_timeout=settings.idle_timeout)
     await runner.setup()
     # pinned models load before we accept: connections wait in the listen backlog
     for name in settings.preload:
@@ -97,7 +109,9 @@ async def _serve(settings: Settings, store: ModelStore,
             log.warning("event=preload_skipped model=%s reason=\"the vault is locked\"", name)
             continue
         await loop.run_in_executor(None, runtime.load, name, -1.0)
-    site = web.SockSite(runner, sock)
+    site = GuardedSockSite(runner, sock, lambda server: ConnectionGuard(
+        server, settings.max_connections, settings.max_connections_per_peer,
+        settings.header_timeout))
     await site.start()
 
     stop = asyncio.Event()

@@ -18,7 +18,7 @@ from edgellm.config import parse_duration
 from edgellm.errors import EdgeError, InvalidRequest
 from edgellm.runtime.source import ModelRecord, check_name
 from edgellm.runtime.types import Failed, Result, TensorRequest
-from edgellm.server.context import State, read_json
+from edgellm.server.context import State, check_keep_alive, read_json, visible_record
 from edgellm.server.schemas import parse
 
 log = logging.getLogger("edgellm.requests")
@@ -91,6 +91,7 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
     request["request_id"] = tensor.id
     if st.access is not None:
         st.access.require(request["who"], "models.use", tensor.model)
+    check_keep_alive(request, tensor.model, tensor.keep_alive)
     st.check_accepting()
     prompt_hmac = st.audit.prompt_hash(prompt) if st.audit and prompt is not None else None
     allow = asyncio.ensure_future(st.write_audit(st.audit_row(
@@ -153,6 +154,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def signature(request: web.Request) -> web.Response:
+    visible_record(request, request.match_info["name"])
     record = _onnx_record(_state(request), request.match_info["name"])
     extra = record.extra
     return web.json_response({"name": record.name, "inputs": extra["inputs"],

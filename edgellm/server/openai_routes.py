@@ -12,7 +12,7 @@ from aiohttp import web
 
 from edgellm.errors import EdgeError
 from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest
-from edgellm.server.context import State, read_json
+from edgellm.server.context import State, check_keep_alive, read_json
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 
 log = logging.getLogger("edgellm.requests")
@@ -77,12 +77,14 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
     request["request_id"] = gen.id
     if state.access is not None:
         state.access.require(request["who"], "models.use", gen.model)
+    check_keep_alive(request, gen.model, gen.keep_alive)
     state.check_accepting()
     prompt_text = prompt if prompt is not None else json.dumps(messages, sort_keys=True)
     prompt_hmac = state.audit.prompt_hash(prompt_text) if state.audit else None
     await state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
                        decision="allow", prompt_hmac=prompt_hmac)  # no row, no service
     finished = False
+    state.opened()
     try:
         try:
             state.runtime.submit(gen)  # EdgeErrors (unknown model, queue full) answer at once
@@ -108,7 +110,10 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
     finally:
         if not finished:  # the client went away, or writing to it failed
             gen.cancel()
-        await _record_outcome(state, request, gen, prompt_hmac)
+        try:
+            await _record_outcome(state, request, gen, prompt_hmac)
+        finally:
+            state.closed()
 
 
 async def _collect(request: web.Request, gen: GenerationRequest, base: dict[str, Any],

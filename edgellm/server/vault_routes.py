@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
@@ -103,10 +104,16 @@ async def vault_unlock(request: web.Request) -> web.Response:
 async def vault_lock(request: web.Request) -> web.Response:
     """Unload every model (their requests end) and forget the key."""
     st = _state(request)
-    unloaded = [m["name"] for m in st.runtime.loaded()]
-    for name in unloaded:
-        await _run(st.runtime.unload, name)
-    st.vault.lock()
+    st.locking = True  # new requests are refused as if locked; running ones end
+    try:
+        unloaded = [m["name"] for m in st.runtime.loaded()]
+        for name in unloaded:
+            await _run(st.runtime.unload, name)
+        await st.requests_settled(timeout=st.settings.shutdown_grace + 5)
+        await st.settle_records()  # their outcome rows, under the key still held
+        st.vault.lock()
+    finally:
+        st.locking = False
     log.info("event=vault_locked unloaded=%s", ",".join(unloaded) or "-")
     return web.json_response({"state": "locked", "unloaded": unloaded})
 
@@ -154,8 +161,10 @@ async def get_data(request: web.Request) -> web.StreamResponse:
     opened = vault.open(name, "data")
     path = await _run(opened.__enter__)
     try:
+        # the object's own length: checked against the catalog's sha256 on opening
         response = web.StreamResponse(headers={
-            "Content-Type": "application/octet-stream", "Content-Length": str(info["size"]),
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(os.path.getsize(path)),
             "X-Content-Sha256": info["sha256"]})
         await response.prepare(request)
         with open(path, "rb") as f:  # a memory file: reading it does not block
@@ -226,9 +235,13 @@ def _whole(q: Any, name: str) -> int | None:
     value = q.get(name)
     if value is None:
         return None
-    if not str(value).isdigit():
+    text = str(value)
+    # ASCII digits only: "²".isdigit() holds, and int() refuses it
+    if isinstance(value, bool) or not (text.isascii() and text.isdigit()):
         raise InvalidRequest(f"{name} must be a whole number", param=name)
-    return int(value)
+    if len(text) > 18:  # what SQLite's 64-bit integers hold, with room
+        raise InvalidRequest(f"{name} is too large (at most 18 digits)", param=name)
+    return int(text)
 
 
 async def audit_rows(request: web.Request) -> web.Response:

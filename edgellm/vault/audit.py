@@ -17,9 +17,11 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import sqlite_utils
@@ -36,6 +38,36 @@ log = logging.getLogger("edgellm.vault")
 
 class AuditUnavailable(Unavailable):
     code = "audit_unavailable"
+
+
+INT64 = 1 << 63
+
+
+def clean(value: Any) -> Any:
+    """A field as the log keeps it, never failing: text that UTF-8 cannot encode (an
+    executable's path with stray bytes, a lone surrogate) is escaped, not dropped —
+    its bytes as ``\\xNN`` — and integers beyond SQLite's 64 bits are kept as text."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raw = value.encode("utf-8", "surrogateescape" if _escaped_bytes(value)
+                               else "surrogatepass")
+            return raw.decode("utf-8", "backslashreplace")
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value if -INT64 <= value < INT64 else str(value)
+    if value is None or isinstance(value, float):
+        return value
+    return clean(str(value))
+
+
+def _escaped_bytes(text: str) -> bool:
+    """Whether every surrogate is one of Python's escaped bytes (U+DC80–U+DCFF), as
+    os.readlink and aiohttp give undecodable bytes."""
+    return all("\udc80" <= c <= "\udcff" for c in text if "\ud800" <= c <= "\udfff")
 
 
 def canonical(row: dict[str, Any]) -> bytes:
@@ -57,6 +89,11 @@ def _locked() -> Exception:
                        "until `edgellm vault unlock`")
 
 
+def head_mac(key: bytes, head: dict[str, Any]) -> str:
+    body = json.dumps([head["seq"], head["mac"], head.get("tampered")], separators=(",", ":"))
+    return hmac.new(key, b"head\x00" + body.encode(), hashlib.sha256).hexdigest()
+
+
 def checkpoint_mac(key: bytes, cp: dict[str, Any]) -> str:
     body = json.dumps([cp["seq"], cp["mac"], cp["time"], cp["pruned"]], separators=(",", ":"))
     return hmac.new(key, b"checkpoint\x00" + body.encode(), hashlib.sha256).hexdigest()
@@ -73,8 +110,13 @@ class _Pending:
 
 
 class AuditLog:
-    def __init__(self, path: Any, key: bytes | None = None, busy_timeout: float = 2.0) -> None:
+    def __init__(self, path: Any, key: bytes | None = None, busy_timeout: float = 2.0,
+                 head: Path | None = None) -> None:
         self._key = key
+        # the signed head: the newest row's number and MAC, outside the database, so
+        # rows deleted from its end (or the database itself) are detected (HEAD below)
+        self.head_path = head
+        self.head_required = False
         # its own connection: a slow or locked audit write must not hold the catalog's
         self._conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False,
                                      isolation_level=None)
@@ -95,8 +137,85 @@ class AuditLog:
             self.db["checkpoint"].create({"id": int, "seq": int, "mac": str, "time": str,
                                           "pruned": int, "sig": str}, pk="id")
 
-    def set_key(self, key: bytes | None) -> None:
+    def set_key(self, key: bytes | None, head_required: bool | None = None) -> None:
         self._key = key
+        if head_required is not None:
+            self.head_required = head_required
+
+    # --- the signed head -------------------------------------------------------------
+    def read_head(self, key: bytes) -> tuple[dict[str, Any] | None, str | None]:
+        """The head and what is wrong with it (None: nothing)."""
+        if self.head_path is None:
+            return None, None
+        try:
+            head = json.loads(self.head_path.read_text())
+            good = hmac.compare_digest(str(head.get("sig")), head_mac(key, head))
+        except FileNotFoundError:
+            return None, ("the signed audit head is missing (audit.head was deleted, or "
+                          "the log replaced)") if self.head_required else None
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            return None, "the signed audit head is unreadable"
+        if not good:
+            return None, "the signed audit head was altered (its signature does not match)"
+        return head, None
+
+    def _head_problem(self, key: bytes, last_seq: int, mac_at: Any
+                      ) -> tuple[dict[str, Any] | None, str | None]:
+        """Compare the head with the log: the row it names must be there, with its MAC
+        (the log may be ahead of the head, if a crash came between commit and head)."""
+        head, problem = self.read_head(key)
+        if head is None or problem:
+            return head, problem
+        if head["seq"] > last_seq:
+            return head, (f"rows {last_seq + 1}–{head['seq']} were deleted from the end of "
+                          f"the log (the signed head says it reached row {head['seq']})")
+        if mac_at(head["seq"]) != head["mac"]:
+            return head, (f"row {head['seq']} is not the row the signed head names: the log "
+                          "was rolled back or replaced")
+        return head, None
+
+    def _mac_at(self, seq: int) -> str | None:
+        if seq == 0:
+            return GENESIS.hex()
+        row = self._conn.execute("SELECT mac FROM audit WHERE seq = ?", [seq]).fetchone()
+        if row is not None:
+            return row[0]
+        cp = self.checkpoint()
+        return cp["mac"] if cp and cp["seq"] == seq else None
+
+    def _check_head(self, key: bytes, last_seq: int, last_mac: str) -> dict[str, Any] | None:
+        """Before a commit: what the new head carries on (a tamper finding stays in
+        every later head, signed, so writing on does not erase the evidence)."""
+        if self.head_path is None:
+            return None
+        head, problem = self._head_problem(key, last_seq, self._mac_at)
+        carried = head.get("tampered") if head else None
+        if problem and not carried:
+            log.error("event=audit_tampered problem=%r", problem)
+        return {"tampered": carried or problem}
+
+    def _write_head(self, key: bytes, seq: int, mac: str, base: dict[str, Any] | None) -> None:
+        if self.head_path is None:
+            return
+        head = {"seq": seq, "mac": mac, "tampered": (base or {}).get("tampered")}
+        head["sig"] = head_mac(key, head)
+        # no fsync: the commit before it is durable, so after a crash the head is at
+        # worst behind the log, never ahead of it (which is what verify allows)
+        tmp = self.head_path.with_name(f".tmp-{self.head_path.name}")
+        tmp.write_text(json.dumps(head))
+        os.replace(tmp, self.head_path)
+
+    def start_head(self) -> None:
+        """Write the head from the log as it is (a new vault, or one from before heads:
+        the log is taken as it stands then, and guarded from there on)."""
+        key = self._need_key()
+        with self._lock:
+            last = self._conn.execute(
+                "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:
+                cp = self.checkpoint()
+                last = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
+            self._write_head(key, last[0], last[1], None)
 
     def _need_key(self) -> bytes:
         if self._key is None:
@@ -158,30 +277,42 @@ class AuditLog:
                     last = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
                 seq, previous = last[0], bytes.fromhex(last[1])
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
-                rows = []
+                head = self._check_head(key, seq, previous.hex())
+                rows, written = [], []
                 for pending in batch:
+                    try:  # one row that cannot be made fails alone, never its neighbours
+                        row = {f: clean(pending.fields.get(f)) for f in FIELDS}
+                        row.update(seq=seq + 1, time=stamp)
+                        mac = chain_mac(key, previous, row)
+                    except Exception as exc:
+                        log.error("event=audit_row_refused error=%r", str(exc))
+                        pending.error = AuditUnavailable(
+                            f"this request's audit row cannot be written ({exc})")
+                        continue
                     seq += 1
-                    row = {f: pending.fields.get(f) for f in FIELDS}
-                    row.update(seq=seq, time=stamp)
-                    mac = chain_mac(key, previous, row)
                     row["mac"], previous = mac.hex(), mac
                     rows.append(row)
-                cols = ", ".join(rows[0])
-                self._conn.executemany(f"INSERT INTO audit ({cols}) VALUES "
-                                       f"({', '.join('?' * len(rows[0]))})",
-                                       [list(r.values()) for r in rows])
+                    written.append(pending)
+                if rows:
+                    cols = ", ".join(rows[0])
+                    self._conn.executemany(f"INSERT INTO audit ({cols}) VALUES "
+                                           f"({', '.join('?' * len(rows[0]))})",
+                                           [list(r.values()) for r in rows])
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            for pending, row in zip(batch, rows, strict=True):
+            for pending, row in zip(written, rows, strict=True):
                 pending.seq = row["seq"]
+            if rows:
+                self._write_head(key, seq, previous.hex(), head)
         except Exception as exc:  # every row of the batch shares the commit's fate
             error = AuditUnavailable(f"the audit log cannot be written ({exc}); refusing "
                                      "the request rather than serving it unaudited",
                                      retry_after=5) if isinstance(exc, sqlite3.Error) else exc
             for pending in batch:
-                pending.error = error
+                if pending.error is None:
+                    pending.error = error
         finally:
             for pending in batch:
                 pending.done = True
@@ -282,4 +413,10 @@ class AuditLog:
                         "problem": f"row {row['seq']} was changed, inserted or moved "
                                    "(its MAC does not match)"}
             previous, expected_seq = bytes.fromhex(row["mac"]), expected_seq + 1
+        with self._lock:  # the chain holds: its end must be the row the signed head names
+            head, problem = self._head_problem(key, expected_seq - 1, self._mac_at)
+        if problem is None and head is not None and head.get("tampered"):
+            problem = "earlier: " + head["tampered"]
+        if problem:
+            return {"ok": False, "rows": count, "first_bad": None, **base, "problem": problem}
         return {"ok": True, "rows": count, "first_bad": None, "problem": None, **base}

@@ -19,7 +19,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"EDGVLT"
-VERSION = 1
+VERSION = 2  # 2: the DEK's seal also authenticates the object's identity (FORMAT.md)
+VERSIONS = (1, 2)
 ALG_AES256GCM = 1
 TAG = 16
 PREFIX = 7
@@ -39,20 +40,30 @@ class IntegrityError(Exception):
         self.segment = segment
 
 
+def identity(kind: str, name: str, sha256: str) -> bytes:
+    """What an object is, as the catalog says: bound into its header's seal, so an
+    object moved, swapped or repointed to another row fails authentication."""
+    return b"\x00".join([b"edgellm-object", kind.encode(), name.encode(), sha256.encode()])
+
+
 @dataclass(frozen=True)
 class Header:
     segment_shift: int
     prefix: bytes
     key_id: bytes
     wrapped_dek: bytes
+    version: int = VERSION
 
     @property
     def segment_size(self) -> int:
         return 1 << self.segment_shift
 
     def fixed(self) -> bytes:
-        return _FIXED.pack(MAGIC, VERSION, ALG_AES256GCM, self.segment_shift, 0, self.prefix,
-                           self.key_id)
+        return _FIXED.pack(MAGIC, self.version, ALG_AES256GCM, self.segment_shift, 0,
+                           self.prefix, self.key_id)
+
+    def aad(self, ident: bytes) -> bytes:
+        return self.fixed() if self.version == 1 else self.fixed() + ident
 
     def encode(self) -> bytes:
         return self.fixed() + self.wrapped_dek
@@ -64,26 +75,27 @@ class Header:
         magic, version, alg, shift, flags, prefix, key_id = _FIXED.unpack(raw[: _FIXED.size])
         if magic != MAGIC:
             raise IntegrityError("not a vault object (bad magic)")
-        if version != VERSION or alg != ALG_AES256GCM or flags != 0 or not 10 <= shift <= 30:
+        if version not in VERSIONS or alg != ALG_AES256GCM or flags != 0 or not 10 <= shift <= 30:
             raise IntegrityError(f"unsupported object (version {version}, algorithm {alg}, "
                                  f"segment shift {shift}, flags {flags})")
-        return cls(shift, prefix, key_id, raw[_FIXED.size : HEADER_LEN])
+        return cls(shift, prefix, key_id, raw[_FIXED.size : HEADER_LEN], version)
 
 
-def wrap_dek(wrapping_key: bytes, header_fixed: bytes, dek: bytes) -> bytes:
-    """Seal the DEK under the wrapping key; the header's fixed part is the AAD, so
-    it cannot be changed without the wrapping key either."""
+def wrap_dek(wrapping_key: bytes, aad: bytes, dek: bytes) -> bytes:
+    """Seal the DEK under the wrapping key; the header's fixed part (and, from version
+    2, the object's identity) is the AAD, so neither can change without the key."""
     nonce = os.urandom(12)
-    return nonce + AESGCM(wrapping_key).encrypt(nonce, dek, header_fixed)
+    return nonce + AESGCM(wrapping_key).encrypt(nonce, dek, aad)
 
 
-def unwrap_dek(wrapping_key: bytes, header: Header) -> bytes:
+def unwrap_dek(wrapping_key: bytes, header: Header, ident: bytes = b"") -> bytes:
     nonce, sealed = header.wrapped_dek[:12], header.wrapped_dek[12:]
     try:
-        return AESGCM(wrapping_key).decrypt(nonce, sealed, header.fixed())
+        return AESGCM(wrapping_key).decrypt(nonce, sealed, header.aad(ident))
     except InvalidTag:
-        raise IntegrityError("header authentication failed (wrong key, or the header "
-                             "was changed)") from None
+        raise IntegrityError("header authentication failed (wrong key, the header was "
+                             "changed, or the object is not the one its catalog row names)"
+                             ) from None
 
 
 def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
@@ -93,22 +105,25 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
 
 
 def new_header(wrapping_key: bytes, key_id: bytes,
-               segment_shift: int = DEFAULT_SHIFT) -> tuple[Header, bytes]:
+               segment_shift: int = DEFAULT_SHIFT, ident: bytes = b"") -> tuple[Header, bytes]:
     """A fresh header and its (plaintext) DEK."""
     dek = os.urandom(32)
     draft = Header(segment_shift, os.urandom(PREFIX), key_id, b"")
     return Header(segment_shift, draft.prefix, key_id,
-                  wrap_dek(wrapping_key, draft.fixed(), dek)), dek
+                  wrap_dek(wrapping_key, draft.aad(ident), dek)), dek
 
 
-def rewrap(raw_header: bytes, old_key: bytes, new_key: bytes, new_key_id: bytes) -> bytes:
-    """The same object's header with its DEK wrapped under another key (payload
-    untouched: key rotation rewrites 85 bytes per object)."""
+def rewrap(raw_header: bytes, old_key: bytes, new_key: bytes, new_key_id: bytes,
+           ident: bytes = b"", new_ident: bytes | None = None) -> bytes:
+    """The same object's header with its DEK wrapped under another key, or bound to
+    another identity (payload untouched: it rewrites 85 bytes per object). A version 1
+    header becomes version 2."""
     old = Header.decode(raw_header)
-    dek = unwrap_dek(old_key, old)
+    dek = unwrap_dek(old_key, old, ident)
     draft = Header(old.segment_shift, old.prefix, new_key_id, b"")
+    bound = ident if new_ident is None else new_ident
     return Header(old.segment_shift, old.prefix, new_key_id,
-                  wrap_dek(new_key, draft.fixed(), dek)).encode()
+                  wrap_dek(new_key, draft.aad(bound), dek)).encode()
 
 
 def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
@@ -133,11 +148,18 @@ def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
     yield aead.encrypt(_nonce(header.prefix, index, True), bytes(buf), None)
 
 
-def open_object(f: BinaryIO, wrapping_key: bytes) -> tuple[Header, AESGCM]:
+def open_object(f: BinaryIO, wrapping_key: bytes, ident: bytes = b"",
+                allow_v1: bool = True) -> tuple[Header, AESGCM]:
     """Read and authenticate the header, and unwrap the DEK: the only step that needs
-    the wrapping key (so a key rotation need only be held off for this long)."""
+    the wrapping key (so a key rotation need only be held off for this long). A vault
+    past its migration to version 2 refuses version 1 objects (``allow_v1``): an old
+    copy cannot be slipped in to dodge the identity check."""
     header = Header.decode(f.read(HEADER_LEN))
-    return header, AESGCM(unwrap_dek(wrapping_key, header))
+    if header.version == 1 and not allow_v1:
+        raise IntegrityError("a version 1 object in a version 2 vault (an old copy put in "
+                             "its place, or one that failed its checksum when the vault "
+                             "was migrated)")
+    return header, AESGCM(unwrap_dek(wrapping_key, header, ident))
 
 
 def decrypt_segments(f: BinaryIO, header: Header, aead: AESGCM) -> Iterator[bytes]:
@@ -165,8 +187,8 @@ def decrypt_segments(f: BinaryIO, header: Header, aead: AESGCM) -> Iterator[byte
         current, index = following, index + 1
 
 
-def decrypt_stream(f: BinaryIO, wrapping_key: bytes) -> Iterator[bytes]:
-    header, aead = open_object(f, wrapping_key)
+def decrypt_stream(f: BinaryIO, wrapping_key: bytes, ident: bytes = b"") -> Iterator[bytes]:
+    header, aead = open_object(f, wrapping_key, ident)
     yield from decrypt_segments(f, header, aead)
 
 

@@ -33,7 +33,7 @@ def pending_key_file(key_file: Path) -> Path:
 
 
 def open_vault(settings: Settings, create: bool = True, passphrase: str | None = None,
-               allow_locked: bool = False) -> VaultStore:
+               allow_locked: bool = False, upgrade: bool = True) -> VaultStore:
     """The vault in the state directory, unlocked with the first key source found
     (systemd credential, key file, passphrase). On first use, with no vault and no key
     file yet, both are created and the key file's place is logged. With no key at
@@ -61,7 +61,7 @@ def open_vault(settings: Settings, create: bool = True, passphrase: str | None =
         log.warning("event=vault_locked path=%s note=\"no key found; requests that need "
                     "the vault get 503 until `edgellm vault unlock`\"", root)
         return store
-    store.unlock(key)
+    store.unlock(key, upgrade=upgrade)
     return store
 
 

@@ -30,14 +30,16 @@ from edgellm.vault.keys import MasterKey, VaultMeta
 JOURNAL = "rotate.journal"
 
 
-def rotate(root: Path, files: list[str], old_wrap: bytes, new_key: MasterKey,
+def rotate(root: Path, files: list[tuple[str, bytes]], old_wrap: bytes, new_key: MasterKey,
            kdf: dict[str, object] | None, audit_key: bytes) -> int:
+    """``files``: each object's file and identity (fmt.identity), which its new header
+    stays bound to."""
     new_wrap = new_key.derive("object-wrap")
     headers = {}
-    for file in files:
+    for file, ident in files:
         with open(root / "objects" / file, "rb") as f:
             raw = f.read(fmt.HEADER_LEN)
-        headers[file] = fmt.rewrap(raw, old_wrap, new_wrap, new_key.key_id).hex()
+        headers[file] = fmt.rewrap(raw, old_wrap, new_wrap, new_key.key_id, ident).hex()
     meta = VaultMeta.for_key(new_key, kdf, audit_key=audit_key)
     _write_journal(root, {"key_id": meta.key_id, "headers": headers})
     meta.save(root / "vault.json")  # the commit point

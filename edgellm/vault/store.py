@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -43,7 +45,7 @@ from edgellm.errors import (
     ModelNotFound,
     NotFound,
 )
-from edgellm.runtime.gguf_meta import read_gguf_metadata
+from edgellm.runtime.gguf_meta import check_gguf_tensors, read_gguf_metadata
 from edgellm.runtime.source import ModelRecord, check_name
 from edgellm.vault import format as fmt
 from edgellm.vault import rotation
@@ -52,6 +54,7 @@ from edgellm.vault.audit import AuditLog
 from edgellm.vault.files import fsync_dir
 from edgellm.vault.keys import MasterKey, VaultLocked, VaultMeta
 
+log = logging.getLogger("edgellm.vault")
 HEAD_LIMIT = 64 * 1024 * 1024  # a GGUF's key/value section must fit in this much
 ONNX_LIMIT = 2 * 1024**3  # protobuf's limit: bigger models keep weights outside
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
@@ -87,6 +90,7 @@ class VaultStore:
         # sees every committed object, and no import commits under a stale key
         self._keylock = threading.RLock()
         self._wrap: bytes | None = None
+        self._format = fmt.VERSION  # vault.json's version, read at unlock
         self._master: MasterKey | None = None
         self._key_id = b""
         self.key_source = ""
@@ -102,7 +106,7 @@ class VaultStore:
             table.transform(pk=("kind", "name"))
         self.remove_leftovers()
         self.access = AccessPolicy(self.db, self._lock)
-        self.audit = AuditLog(self.root / "audit.db")
+        self.audit = AuditLog(self.root / "audit.db", head=self.root / "audit.head")
         if key is not None:
             self.unlock(key)
 
@@ -118,7 +122,9 @@ class VaultStore:
             raise Conflict(f"a vault already exists in {root}")
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         VaultMeta.for_key(key, kdf).save(root / "vault.json")
-        return cls(root, key)
+        store = cls(root, key)
+        store.audit.start_head()
+        return store
 
     # --- the key -----------------------------------------------------------------------
     @property
@@ -129,16 +135,34 @@ class VaultStore:
     def locked(self) -> bool:
         return self._wrap is None
 
-    def unlock(self, key: MasterKey) -> None:
+    def unlock(self, key: MasterKey, upgrade: bool = True) -> None:
         """Check the key against the vault (WrongKey if it is not this vault's) and
-        keep what is derived from it."""
+        keep what is derived from it; a vault of an older format is migrated unless
+        ``upgrade`` is false (reading an auditor's copy as it is)."""
         with self._keylock:
             meta = self.meta
             meta.verify(key)
             self._wrap, self._key_id, self.key_source = (key.derive("object-wrap"),
                                                          key.key_id, key.source)
             self._master = key
-            self.audit.set_key(meta.audit_key_for(key))
+            self._format = meta.version
+            audit_key = meta.audit_key_for(key)
+            self.audit.set_key(audit_key, head_required=meta.version >= fmt.VERSION)
+            if meta.version < fmt.VERSION and upgrade:
+                self._upgrade(key, meta, audit_key)
+
+    def _upgrade(self, key: MasterKey, meta: VaultMeta, audit_key: bytes) -> None:
+        """A vault from before format 2: bind every object to its identity, start the
+        audit log's signed head from the log as it stands, then save vault.json as
+        version 2 (the commit point: from then on both are required)."""
+        bad = self.migrate()
+        for label, problem in bad:
+            log.error("event=vault_migration_refused object=%s problem=%r", label, problem)
+        self.audit.start_head()
+        VaultMeta.for_key(key, meta.kdf, audit_key=audit_key).save(self.root / "vault.json")
+        self._format = fmt.VERSION
+        self.audit.set_key(audit_key, head_required=True)
+        log.info("event=vault_migrated version=%d objects_refused=%d", fmt.VERSION, len(bad))
 
     def lock(self) -> None:
         """Forget the key: nothing encrypted can be read or written until unlock."""
@@ -157,7 +181,8 @@ class VaultStore:
         with self._keylock:
             old_wrap, _ = self._keys()
             with self._lock:
-                files = [r["file"] for r in self.db["objects"].rows]
+                files = [(r["file"], fmt.identity(r["kind"], r["name"], r["sha256"]))
+                         for r in self.db["objects"].rows]
             audit_key = self.meta.audit_key_for(self._master)
             count = rotation.rotate(self.root, files, old_wrap, new_key, kdf, audit_key)
             self.unlock(new_key)
@@ -226,25 +251,70 @@ class VaultStore:
     @contextmanager
     def open(self, name: str, kind: str = "model") -> Iterator[str]:
         """The object's plaintext in a sealed memory file, as a path (llama.cpp opens
-        it; the data API reads it). Every segment is authenticated before the path is
-        given out."""
+        it; the data API reads it). Every segment is authenticated, and the whole
+        checked against the catalog's sha256, before the path is given out."""
         row = self._row(name, kind)
         fd = os.memfd_create(f"edgellm:{name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            with open(self.objects / row["file"], "rb") as f:
-                try:
-                    with self._keylock:
-                        header, aead = fmt.open_object(f, self._keys()[0])
-                    for piece in fmt.decrypt_segments(f, header, aead):
-                        os.write(fd, piece)
-                except fmt.IntegrityError as exc:
-                    where = "header" if exc.segment is None else f"segment {exc.segment}"
-                    raise IntegrityError(f"integrity check failed for {name} ({where})") \
-                        from None
+            try:
+                self._read_object(row, lambda piece: os.write(fd, piece))
+            except fmt.IntegrityError as exc:
+                where = f"segment {exc.segment}" if exc.segment is not None else \
+                    str(exc) if str(exc).startswith("its plaintext") else "header"
+                raise IntegrityError(f"integrity check failed for {name} ({where})") from None
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
+
+    def _read_object(self, row: dict[str, Any], sink: Any, allow_v1: bool | None = None
+                     ) -> None:
+        """Decrypt one object to ``sink``, piece by piece: its header authenticated with
+        the identity its catalog row gives, each segment as it comes, and the plaintext's
+        sha256 against the row's at the end (fmt.IntegrityError otherwise)."""
+        ident = fmt.identity(row["kind"], row["name"], row["sha256"])
+        recorded = json.loads(row["record"] or "{}").get("sha256", row["sha256"])
+        if allow_v1 is None:
+            allow_v1 = self._format < fmt.VERSION
+        digest = hashlib.sha256()
+        with open(self.objects / row["file"], "rb") as f:
+            with self._keylock:
+                header, aead = fmt.open_object(f, self._keys()[0], ident, allow_v1)
+            for piece in fmt.decrypt_segments(f, header, aead):
+                digest.update(piece)
+                sink(piece)
+        if not hmac.compare_digest(digest.hexdigest(), row["sha256"]) or \
+                recorded != row["sha256"]:
+            raise fmt.IntegrityError("its plaintext does not match the catalog's sha256: "
+                                     "the object was swapped or its catalog row changed")
+
+    def migrate(self) -> list[tuple[str, str]]:
+        """Bring a version 1 vault to version 2: each object whose plaintext matches its
+        catalog row gets a header bound to that row's identity (85 bytes rewritten);
+        one that does not is left as it was, and a version 2 vault refuses it, so a swap
+        made before the migration is caught too. Returns (name, problem) for those."""
+        bad = []
+        with self._lock:
+            rows = list(self.db["objects"].rows)
+        wrap, key_id = self._keys()
+        for row in rows:
+            label = row["name"] if row["kind"] == "model" else f"data:{row['name']}"
+            path = self.objects / row["file"]
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read(fmt.HEADER_LEN)
+                if fmt.Header.decode(raw).version >= fmt.VERSION:
+                    continue  # migrated before a crash cut the last run short
+                self._read_object({**row, "sha256": row["sha256"]}, lambda _: None, True)
+                ident = fmt.identity(row["kind"], row["name"], row["sha256"])
+                new = fmt.rewrap(raw, wrap, wrap, key_id, b"", ident)
+                with open(path, "r+b") as f:
+                    f.write(new)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except (OSError, fmt.IntegrityError) as exc:
+                bad.append((label, str(exc)))
+        return bad
 
     # --- writing -----------------------------------------------------------------------
     def add_file(self, path: Path, name: str, **kw: Any) -> ModelRecord:
@@ -264,6 +334,7 @@ class VaultStore:
             extra = dict(info or {})
             if bytes(head[:4]) == b"GGUF":
                 meta = read_gguf_metadata(bytes(head), name)
+                check_gguf_tensors(head, size, name)
                 described = {k: meta[k] for k in (
                     "architecture", "context_length", "n_layer", "n_embd", "n_head",
                     "n_head_kv", "head_dim", "n_vocab", "has_chat_template", "quantization",
@@ -332,12 +403,15 @@ class VaultStore:
                                          f"{expected_sha256}, got {sha}; it was not stored")
                 record = describe(sha, size)
                 with self._keylock:
+                    # bind the header to what the catalog row will say (its kind, name
+                    # and sha256), under the key of now: it may have been rotated
+                    # while we encrypted
                     current_wrap, current_id = self._keys()
-                    if current_id != key_id:  # the key was rotated while we encrypted
-                        out.seek(0)
-                        raw = out.read(fmt.HEADER_LEN)
-                        out.seek(0)
-                        out.write(fmt.rewrap(raw, wrap, current_wrap, current_id))
+                    out.seek(0)
+                    raw = out.read(fmt.HEADER_LEN)
+                    out.seek(0)
+                    out.write(fmt.rewrap(raw, wrap, current_wrap, current_id, b"",
+                                         fmt.identity(kind, name, sha)))
                     out.flush()
                     os.fsync(out.fileno())
                     file = f"{os.urandom(12).hex()}.edgv"
@@ -390,11 +464,7 @@ class VaultStore:
         for row in rows:
             label = row["name"] if row["kind"] == "model" else f"data:{row['name']}"
             try:
-                with open(self.objects / row["file"], "rb") as f:
-                    with self._keylock:
-                        header, aead = fmt.open_object(f, self._keys()[0])
-                    for _ in fmt.decrypt_segments(f, header, aead):
-                        pass
+                self._read_object(row, lambda _: None)
             except FileNotFoundError:
                 bad.append((label, "its object file is missing"))
             except fmt.IntegrityError as exc:

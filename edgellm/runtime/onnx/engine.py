@@ -222,7 +222,9 @@ class OnnxEngine(EngineThread):
             if not batch:
                 continue
             for group in self._groups(batch):
+                self._in_hand -= len(group)
                 self._run_group(group)
+            self._in_hand = 0
             self.last_progress = time.monotonic()
             if self._on_request_done:
                 self._on_request_done(self.name)
@@ -244,6 +246,7 @@ class OnnxEngine(EngineThread):
         if first is None:
             return batch
         batch.append(first)
+        self._in_hand = len(batch)  # taken from the queue, not yet running: still pending
         size = _rows(first)
         until = time.monotonic() + self.batch_wait
         while size < self.max_active:
@@ -255,6 +258,7 @@ class OnnxEngine(EngineThread):
             if more is None:
                 break
             batch.append(more)
+            self._in_hand = len(batch)
             size += _rows(more)
         live = []
         for request in batch:
@@ -263,6 +267,7 @@ class OnnxEngine(EngineThread):
             else:
                 request.state = "running"
                 live.append(request)
+        self._in_hand = len(live)
         return live
 
     def _groups(self, batch: list[TensorRequest]) -> list[list[TensorRequest]]:
