@@ -102,10 +102,10 @@ def send(sock_path: str, case: Case, timeout: float) -> Outcome:
     s.settimeout(timeout)
     try:
         s.connect(sock_path)
-        try:
-            s.sendall(case.raw())  # a body cut short must time out (408), not hang
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # answered early (a 413 before the whole body): the answer is there
+        # answered early (a 413 before the whole body) leaves the answer there to read;
+        # a body cut short must time out (408), not hang
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(case.raw())
         data = b""
         while chunk := s.recv(65536):
             data += chunk

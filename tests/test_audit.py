@@ -187,3 +187,46 @@ def test_a_deferred_row_rides_the_next_commit_or_is_flushed_alone(tmp_path: Any)
     assert alone.done and len(commits) == 2
     assert [r["action"] for r in log.rows()] == ["outcome", "next", "alone"]
     assert log.verify()["ok"] is True
+
+
+def test_text_that_is_not_utf8_is_escaped_and_one_bad_row_fails_alone(tmp_path: Any) -> None:
+    """An executable's path with a stray byte (as os.readlink gives it), a lone
+    surrogate: both stored, escaped. A row that cannot be made at all fails alone,
+    never the rows committed with it."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("no text for this")
+
+    log = AuditLog(tmp_path / "audit.db", key=b"k" * 32)
+    first = log.defer(action="a", decision="allow", exe="/tmp/cu\udcffrl")
+    bad = log.defer(action="b", decision="allow", resource=Unprintable())
+    third = log.defer(action="c", decision="allow", user="x\ud800y", uid=2**70)
+    log.flush()
+    assert first.error is None and third.error is None and first.seq == 1 and third.seq == 2
+    assert isinstance(bad.error, AuditUnavailable) and "no text for this" in str(bad.error)
+    rows = log.rows()
+    assert [r["exe"] for r in rows][0] == "/tmp/cu\\xffrl"
+    assert rows[1]["user"] == "x\\xed\\xa0\\x80y" and rows[1]["uid"] == f"int:{2**70}"
+    assert log.verify()["ok"] is True
+
+
+def test_the_signed_head_catches_what_the_chain_cannot(tmp_path: Any) -> None:
+    head = tmp_path / "audit.head"
+    log = AuditLog(tmp_path / "audit.db", key=b"k" * 32, head=head)
+    log.set_key(b"k" * 32, head_required=True)
+    log.start_head()
+    for i in range(5):
+        log.append(action=f"a{i}", decision="allow")
+    assert log.verify()["ok"] is True
+    db = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    db.execute("DELETE FROM audit WHERE seq >= 4")
+    result = log.verify()
+    assert not result["ok"] and "rows 4–5 were deleted from the end" in result["problem"]
+    log.append(action="after", decision="allow")  # writing on keeps the finding
+    result = log.verify()
+    assert not result["ok"] and result["problem"].startswith("earlier: rows 4–5")
+    head.write_text(head.read_text().replace('"seq": 4', '"seq": 3'))
+    assert "altered" in log.verify()["problem"]
+    head.unlink()
+    assert "missing" in log.verify()["problem"]

@@ -13,6 +13,7 @@ on. One JSON line each way per render: a few hundred microseconds.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import select
@@ -24,6 +25,7 @@ from typing import Any
 
 from edgellm.errors import InvalidRequest
 
+log = logging.getLogger("edgellm.engine")
 WORKER_MEMORY = 1 << 30  # address space of the worker (Python itself takes ~100 MB)
 STARTUP_TIMEOUT = 60.0
 
@@ -59,6 +61,9 @@ class TemplateRenderer:
             proc.wait()
             raise InvalidRequest(f"the model's chat template cannot be used: {reply['error']}",
                                  param="model")
+        if not reply.get("memory_capped"):
+            log.warning("event=template_memory_uncapped note=\"setrlimit is not allowed here; "
+                        "chat templates are bounded in time and output only\"")
         return proc
 
     def start(self) -> None:
@@ -135,7 +140,11 @@ LIMIT = [1 << 20]
 
 
 def _worker() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (WORKER_MEMORY, WORKER_MEMORY))
+        capped = True
+    except (OSError, ValueError):  # a sandbox that forbids it: time and output still hold
+        capped = False
     setup = json.loads(sys.stdin.readline())
     LIMIT[0] = setup["max_output"]
     out = sys.stdout
@@ -144,7 +153,7 @@ def _worker() -> None:
     except Exception as exc:
         out.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:500]}) + "\n")
         return
-    out.write(json.dumps({"ready": True}) + "\n")
+    out.write(json.dumps({"ready": True, "memory_capped": capped}) + "\n")
     out.flush()
 
     def raise_exception(message: str) -> None:

@@ -46,7 +46,8 @@ INT64 = 1 << 63
 def clean(value: Any) -> Any:
     """A field as the log keeps it, never failing: text that UTF-8 cannot encode (an
     executable's path with stray bytes, a lone surrogate) is escaped, not dropped —
-    its bytes as ``\\xNN`` — and integers beyond SQLite's 64 bits are kept as text."""
+    its bytes as ``\\xNN`` — and integers beyond SQLite's 64 bits are kept as text
+    (``int:N``)."""
     if isinstance(value, str):
         try:
             value.encode()
@@ -57,8 +58,8 @@ def clean(value: Any) -> Any:
         return value
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, int):
-        return value if -INT64 <= value < INT64 else str(value)
+    if isinstance(value, int):  # beyond 64 bits: as text SQLite will not read as a number
+        return value if -INT64 <= value < INT64 else f"int:{value}"
     if value is None or isinstance(value, float):
         return value
     return clean(str(value))

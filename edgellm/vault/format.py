@@ -116,14 +116,17 @@ def new_header(wrapping_key: bytes, key_id: bytes,
 def rewrap(raw_header: bytes, old_key: bytes, new_key: bytes, new_key_id: bytes,
            ident: bytes = b"", new_ident: bytes | None = None) -> bytes:
     """The same object's header with its DEK wrapped under another key, or bound to
-    another identity (payload untouched: it rewrites 85 bytes per object). A version 1
-    header becomes version 2."""
+    another identity (payload untouched: it rewrites 85 bytes per object); binding
+    (``new_ident``) makes a version 1 header version 2."""
     old = Header.decode(raw_header)
     dek = unwrap_dek(old_key, old, ident)
-    draft = Header(old.segment_shift, old.prefix, new_key_id, b"")
+    # a version 1 header stays one unless it is being bound (a migration): a rotation
+    # must not bless an object that failed its migration
+    version = old.version if new_ident is None else VERSION
+    draft = Header(old.segment_shift, old.prefix, new_key_id, b"", version)
     bound = ident if new_ident is None else new_ident
     return Header(old.segment_shift, old.prefix, new_key_id,
-                  wrap_dek(new_key, draft.aad(bound), dek)).encode()
+                  wrap_dek(new_key, draft.aad(bound), dek), version).encode()
 
 
 def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
