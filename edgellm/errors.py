@@ -66,6 +66,13 @@ class Conflict(EdgeError):
     status, type, code = 409, "invalid_request_error", "conflict"
 
 
+class ClientGone(EdgeError):
+    """The client closed the connection before its request was read: nobody is left to
+    answer (nginx's 499); logged as a request, never as a traceback."""
+
+    status, type, code = 499, "invalid_request_error", "client_closed_request"
+
+
 class BodyTimeout(EdgeError):
     """The request's body did not arrive in time (a client that stalls mid-body)."""
 

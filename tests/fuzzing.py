@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -98,23 +99,35 @@ class Outcome:
 
 
 def send(sock_path: str, case: Case, timeout: float) -> Outcome:
+    """Send the case and read the answer at the same time, as a socket peer may (a
+    large answer to a request whose body is still being sent must not deadlock)."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(timeout)
+    out, data = memoryview(case.raw()), b""
+    deadline = time.monotonic() + timeout
     try:
         s.connect(sock_path)
-        # answered early (a 413 before the whole body) leaves the answer there to read;
-        # a body cut short must time out (408), not hang
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(case.raw())
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-            if len(data) > 1 << 22 or _complete(data):
-                break  # answered (the server may linger to drain an unread body)
-    except TimeoutError:
-        return Outcome(None, f"no answer within {timeout:g}s (a hang)")
-    except ConnectionResetError:
-        data = b""
+        s.setblocking(False)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Outcome(None, f"no answer within {timeout:g}s (a hang)")
+            readable, writable, _ = select.select([s], [s] if out else [], [], left)
+            if writable:
+                try:
+                    out = out[s.send(out[:65536]):]
+                except (BrokenPipeError, ConnectionResetError):
+                    out = memoryview(b"")  # answered early (a 413): the answer is there
+            if readable:
+                try:
+                    chunk = s.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > 1 << 22 or _complete(data):
+                    break  # answered (the server may linger to drain an unread body)
     finally:
         s.close()
     if not data.startswith(b"HTTP/1."):

@@ -636,3 +636,13 @@ def test_a_flood_gets_only_200_and_503(make_daemon: Any) -> None:
     assert not waiting_seen or max(waiting_seen) <= 16
     assert health and set(health) == {200}
     assert after < before * 1.10, (before, after)
+
+
+def test_utf8_encoded_surrogates_are_refused_too(target: Daemon) -> None:
+    """Found by bench/fuzz.py: json.loads of bytes decodes with "surrogatepass", so a
+    surrogate written as UTF-8 bytes (not as a \\u escape) reached SQLite."""
+    body = '{"subject": "user:\ud833", "role": "client"}'.encode("utf-8", "surrogatepass")
+    with target.http() as h:
+        r = h.post("/api/access/grants", content=body)
+        assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+        assert h.get("/health").status_code == 200

@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from edgellm.config import Settings
 from edgellm.errors import (
     BodyTimeout,
+    ClientGone,
     EdgeError,
     InvalidRequest,
     ModelNotFound,
@@ -191,6 +193,8 @@ def body_chunks(request: web.Request) -> Iterator[bytes]:
         except TimeoutError:
             raise BodyTimeout(f"the upload stalled: no data for {idle:g}s "
                               "(idle_timeout)") from None
+        except (ConnectionResetError, ClientPayloadError, RequestPayloadError):
+            raise ClientGone("the client closed the connection mid-upload") from None
 
     def chunks() -> Iterator[bytes]:
         while data := asyncio.run_coroutine_threadsafe(piece(), loop).result():
@@ -212,10 +216,15 @@ async def read_json(request: web.Request) -> Any:
     except TimeoutError:
         raise BodyTimeout(f"the request body did not arrive within {idle:g}s (idle_timeout; "
                           f"Content-Length said {request.content_length} bytes)") from None
+    except (ConnectionResetError, ClientPayloadError, RequestPayloadError):
+        raise ClientGone("the client closed the connection before sending its whole "
+                         "body") from None
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
+        # strict UTF-8 first: json.loads of bytes decodes with "surrogatepass", which
+        # lets UTF-8-encoded surrogates through as text
+        data = json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise InvalidRequest("the request body is nested more deeply than edgellm parses "
                              "(arrays and objects within each other)") from None
