@@ -20,7 +20,7 @@ from conftest import MODEL, Daemon, as_user
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 FUZZER = "edgt-fuzzer"
-SECONDS = 20  # per principal
+SECONDS = 15  # per principal
 
 
 @pytest.fixture(scope="module")
