@@ -153,11 +153,9 @@ class EngineThread(ABC):
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    _in_hand = 0  # a request the engine has taken from its queue and is placing
-
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + self._in_hand
+        return self._queue.qsize()
 
     def _drain(self) -> Iterator[Any]:
         """Take every request still waiting in the queue."""
@@ -306,7 +304,6 @@ class LlamaEngine(EngineThread):
                 return
             if request is None:
                 return
-            self._in_hand = 1  # neither queued nor in a slot: still counted (pending)
             try:
                 if request.cancel_event.is_set():
                     request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
@@ -320,8 +317,6 @@ class LlamaEngine(EngineThread):
                 request.emit(Failed(InternalError(
                     f"{self.name} could not start this request ({type(exc).__name__}: "
                     f"{exc}); the model keeps serving others")))
-            finally:
-                self._in_hand = 0
 
     def _place(self, request: GenerationRequest) -> None:
         llm = self._llm

@@ -139,20 +139,28 @@ class Runtime:
                 threading.Thread(target=self._load_for_waiting, args=(request.model,),
                                  name=f"load-{request.model}", daemon=True).start()
 
-    @staticmethod
-    def _beyond_slots(engine: Engine) -> int:
-        """Requests in an engine's queue that no free slot will take at its next turn."""
-        return max(0, engine.pending - (engine.max_active - engine.busy_slots))
+    def _beyond_slots(self, name: str, engine: Engine) -> int:
+        """Requests for ``name`` that no free slot will take (lock held): admitted and
+        queued, beyond the slots not running one. Both counts come from the requests'
+        own states, so a request moving from queued to running (one assignment, in the
+        engine) is never counted twice or not at all; reading the engine's queue and
+        its slots apart let one slip through, and max_queue was exceeded by one."""
+        queued = running = 0
+        for r in self._requests.values():
+            if r.model == name:
+                queued += r.state == "queued"
+                running += r.state == "running"
+        return queued - max(0, engine.max_active - running)
 
     def _has_free_slot(self, name: str) -> bool:
         loaded = self._loaded.get(name)
-        e = loaded.engine if loaded else None
-        return e is not None and e.pending < e.max_active - e.busy_slots
+        return loaded is not None and self._beyond_slots(name, loaded.engine) < 0
 
     def queue_depth(self) -> int:
         """Requests waiting: for a slot beyond the free ones, or for their model to load."""
         with self._lock:
-            return sum(self._beyond_slots(m.engine) for m in self._loaded.values()) + sum(
+            return sum(max(0, self._beyond_slots(name, m.engine))
+                       for name, m in self._loaded.items()) + sum(
                 len(v) for v in self._waiting.values())
 
     def cancel(self, request_id: str) -> bool:

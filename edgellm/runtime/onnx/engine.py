@@ -222,9 +222,7 @@ class OnnxEngine(EngineThread):
             if not batch:
                 continue
             for group in self._groups(batch):
-                self._in_hand -= len(group)
                 self._run_group(group)
-            self._in_hand = 0
             self.last_progress = time.monotonic()
             if self._on_request_done:
                 self._on_request_done(self.name)
@@ -246,7 +244,6 @@ class OnnxEngine(EngineThread):
         if first is None:
             return batch
         batch.append(first)
-        self._in_hand = len(batch)  # taken from the queue, not yet running: still pending
         size = _rows(first)
         until = time.monotonic() + self.batch_wait
         while size < self.max_active:
@@ -258,16 +255,13 @@ class OnnxEngine(EngineThread):
             if more is None:
                 break
             batch.append(more)
-            self._in_hand = len(batch)
             size += _rows(more)
         live = []
         for request in batch:
             if request.cancel_event.is_set():
                 request.emit(Failed(RequestCancelled(f"request {request.id} was cancelled")))
             else:
-                request.state = "running"
                 live.append(request)
-        self._in_hand = len(live)
         return live
 
     def _groups(self, batch: list[TensorRequest]) -> list[list[TensorRequest]]:
@@ -287,6 +281,8 @@ class OnnxEngine(EngineThread):
         # _running stays set if the run raises something else: the engine dies, and
         # its requests are failed with the reason
         self._running = group
+        for r in group:  # running only once counted as busy: the queue's count holds
+            r.state = "running"
         try:
             run = self._embed if group[0].texts is not None else self._tensors
             results = run(group)
