@@ -474,13 +474,25 @@ def open_data(store: Any, name: str) -> list[bytes]:
 # --- hostile model files ----------------------------------------------------------------------
 def test_corrupt_ggufs_are_refused_at_import(make_daemon: Any, model_file: Path,
                                              tmp_path: Path) -> None:
+    """Five ways llama.cpp would refuse a file only at load: each refused by the
+    import's check (the vault hands it the header and the size, as here), and one of
+    them through the socket, black-box, leaving nothing stored."""
+    from edgellm.errors import InvalidRequest
+    from edgellm.runtime.gguf_meta import check_gguf_tensors
+    from edgellm.vault.store import HEAD_LIMIT
+
+    made = corruptions(model_file, tmp_path)
+    for kind, path in made.items():
+        with open(path, "rb") as f:
+            head = f.read(HEAD_LIMIT)
+        with pytest.raises(InvalidRequest) as err:
+            check_gguf_tensors(head, path.stat().st_size, kind)
+        assert re.search("not a valid GGUF|truncated or corrupt|unknown type",
+                         err.value.message), (kind, err.value.message)
     d = make_daemon()
     with d.http() as h:
-        for kind, path in corruptions(model_file, tmp_path).items():
-            r = h.put(f"/api/models/bad-{kind.replace('_', '-')}", content=path.read_bytes())
-            assert r.status_code == 400, (kind, r.text)
-            assert "not a valid GGUF" in r.text or "truncated or corrupt" in r.text \
-                or "unknown type" in r.text, (kind, r.text)
+        r = h.put("/api/models/bad", content=made["offset_past_end"].read_bytes())
+        assert r.status_code == 400 and "truncated or corrupt" in r.text, r.text
         assert h.get("/health").json()["status"] == "ready"
         assert [m["name"] for m in h.get("/api/models").json()["models"]] == [MODEL]
 
