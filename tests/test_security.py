@@ -359,27 +359,37 @@ def test_truncation_deletion_and_rollback_of_the_audit_log_are_detected(
 
 
 def test_locking_the_vault_mid_generation_keeps_the_outcome_row(make_daemon: Any) -> None:
-    d = make_daemon()
-    out: dict[str, Any] = {}
-
-    def long() -> None:
-        with d.http() as h:
-            out["r"] = h.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "Count."}], "max_tokens": 400,
-                "ignore_eos": True})
-
-    t = threading.Thread(target=long)
-    t.start()
+    """The lock ends the generation, but its handler is still sending the stream to a
+    client that has stopped reading: the key must be kept until its outcome row is
+    written (the lock used to return at once, and that row was lost)."""
+    d = make_daemon(n_ctx=4096)
+    body = json.dumps({"messages": [{"role": "user", "content": "Count."}], "stream": True,
+                       "max_tokens": 3000, "ignore_eos": True}).encode()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(d.socket))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+              + body)
+    head = s.recv(4096)  # the answer has begun; then this client stops reading
+    request_id = head.split(b"X-Request-Id: ")[1].split(b"\r\n")[0].decode()
     with d.client() as c:
-        wait_for(lambda: any(r["completion_tokens"] for r in c.requests()))
-        c.vault_lock()
+        # the stream has outrun the socket's buffer: the handler is blocked writing
+        wait_for(lambda: any(r["completion_tokens"] > 1500 for r in c.requests()), 120)
+        locked: dict[str, Any] = {}
+        t = threading.Thread(target=lambda: locked.update(c.vault_lock()))
+        t.start()
+        time.sleep(1.0)
+        s.settimeout(30)
+        while s.recv(65536):  # the client reads again, to the end
+            pass
+        s.close()
         t.join(60)
+        assert locked.get("state") == "locked"
         c.vault_unlock()
         rows = c.audit(action="models.use")
         assert c.audit_verify()["ok"]
-    request_id = out["r"].headers["X-Request-Id"]
     decisions = [r["decision"] for r in rows if r["request_id"] == request_id]
-    assert decisions == ["allow", "outcome"]
+    assert decisions == ["allow", "outcome"], decisions
 
 
 # --- the vault's objects ----------------------------------------------------------------------
