@@ -624,7 +624,8 @@ def test_a_flood_gets_only_200_and_503(make_daemon: Any) -> None:
     import psutil
 
     d = make_daemon(max_queue=16)
-    proc = psutil.Process(d.proc.pid)  # type: ignore[union-attr]
+    assert d.proc is not None
+    proc = psutil.Process(d.proc.pid)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     statuses: list[int] = []
     waiting_seen: list[int] = []
