@@ -6,12 +6,14 @@ directory and edgellm.toml, so tests can run several side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -121,6 +123,29 @@ class Daemon:
         return subprocess.run([sys.executable, "-m", "edgellm", *args], env=self.env,
                               capture_output=True, text=True, timeout=timeout,
                               input=input if input is not None else "")
+
+
+@contextlib.contextmanager
+def unix_users(*names: str) -> Iterator[None]:
+    """Real accounts (no home, no shell) for the duration: the kernel then names them
+    to the daemon through SO_PEERCRED. Needs root."""
+    for name in names:
+        if subprocess.run(["id", name], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", name], check=True)
+    try:
+        yield
+    finally:
+        for name in names:
+            subprocess.run(["userdel", name], capture_output=True)
+
+
+def public_socket(d: Daemon, prefix: str) -> Daemon:
+    """Put a daemon's socket (before it starts) where other users can reach it: the
+    access policy, not the file system, decides what they may do."""
+    run_dir = Path(tempfile.mkdtemp(prefix=f"edgellm-{prefix}-"))
+    run_dir.chmod(0o755)
+    d.socket = run_dir / "edgellm.sock"
+    return d
 
 
 def as_user(user: str, fn: Callable[[], Any]) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import MODEL, Daemon, as_user, wait_for
+from conftest import MODEL, Daemon, as_user, public_socket, unix_users, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
@@ -26,13 +25,9 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 @pytest.fixture(scope="module")
 def users() -> Iterator[None]:
     subprocess.run(["groupadd", "-f", TEAM], check=True)
-    for user in (ALICE, BOB, CAROL):
-        if subprocess.run(["id", user], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", user], check=True)
-    subprocess.run(["usermod", "-aG", TEAM, ALICE], check=True)
-    yield
-    for user in (ALICE, BOB, CAROL):
-        subprocess.run(["userdel", user], capture_output=True)
+    with unix_users(ALICE, BOB, CAROL):
+        subprocess.run(["usermod", "-aG", TEAM, ALICE], check=True)
+        yield
     subprocess.run(["groupdel", TEAM], capture_output=True)
 
 
@@ -41,9 +36,7 @@ def shared(users: None, tmp_path_factory: pytest.TempPathFactory, model_file: Pa
            ) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("access"), model_file, names=(MODEL, "smol-b"),
                socket_mode="0666")
-    run_dir = Path(tempfile.mkdtemp(prefix="edgellm-access-"))
-    run_dir.chmod(0o755)  # other users must reach the socket; the policy decides
-    d.socket = run_dir / "edgellm.sock"
+    public_socket(d, "access")
     d.start()
     yield d
     d.stop()

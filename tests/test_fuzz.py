@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 from fuzzing import run
 
-from conftest import MODEL, Daemon, as_user
+from conftest import MODEL, Daemon, as_user, public_socket, unix_users
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 FUZZER = "edgt-fuzzer"
@@ -25,19 +23,15 @@ SECONDS = 15  # per principal
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Daemon]:
-    if subprocess.run(["id", FUZZER], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", FUZZER], check=True)
-    d = Daemon(tmp_path_factory.mktemp("fuzz"), model_file, socket_mode="0666",
-               max_queue=8, log_level="INFO", idle_timeout="2s")
-    run_dir = Path(tempfile.mkdtemp(prefix="edgellm-fuzz-"))
-    run_dir.chmod(0o755)
-    d.socket = run_dir / "edgellm.sock"
-    d.start()
-    with d.http() as h:
-        assert h.put("/api/data/docs/a.txt", content=b"fuzz me").status_code == 201
-    yield d
-    d.stop()
-    subprocess.run(["userdel", FUZZER], capture_output=True)
+    with unix_users(FUZZER):
+        d = public_socket(Daemon(tmp_path_factory.mktemp("fuzz"), model_file,
+                                 socket_mode="0666", max_queue=8, log_level="INFO",
+                                 idle_timeout="2s"), "fuzz")
+        d.start()
+        with d.http() as h:
+            assert h.put("/api/data/docs/a.txt", content=b"fuzz me").status_code == 201
+        yield d
+        d.stop()
 
 
 NAMES = {"model": MODEL, "name": MODEL, "id": "req-0"}

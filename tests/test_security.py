@@ -25,7 +25,7 @@ from gguf_files import corruptions, with_template
 
 from edgellm.server.app import ROUTE_PERMISSIONS, add_routes
 
-from conftest import MODEL, Daemon, as_user, wait_for
+from conftest import MODEL, Daemon, as_user, public_socket, unix_users, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
@@ -38,27 +38,15 @@ PUBLIC = {("GET", "/api/access/whoami"), ("GET", "/api/requests"), ("GET", "/api
 
 @pytest.fixture(scope="module")
 def users() -> Iterator[None]:
-    for user in (MALLORY, VICTIM):
-        if subprocess.run(["id", user], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", user], check=True)
-    yield
-    for user in (MALLORY, VICTIM):
-        subprocess.run(["userdel", user], capture_output=True)
-
-
-def public_socket(d: Daemon) -> Daemon:
-    """Put the daemon's socket where other users reach it (the policy decides)."""
-    run = Path(tempfile.mkdtemp(prefix="edgellm-security-"))
-    run.chmod(0o755)
-    d.socket = run / "edgellm.sock"
-    return d
+    with unix_users(MALLORY, VICTIM):
+        yield
 
 
 @pytest.fixture(scope="module")
 def target(users: None, tmp_path_factory: pytest.TempPathFactory, model_file: Path
            ) -> Iterator[Daemon]:
     d = public_socket(Daemon(tmp_path_factory.mktemp("target"), model_file,
-                             names=(MODEL, "other-model"), socket_mode="0666"))
+                             names=(MODEL, "other-model"), socket_mode="0666"), "security")
     d.start()
     with d.http() as h:
         assert h.put("/api/data/secret/key.txt", content=b"the plaintext nobody may read"

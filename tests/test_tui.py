@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ from edgellm.tui.app import EdgeApp
 from edgellm.tui.data import problem
 from edgellm.tui.widgets import spark
 
-from conftest import MODEL, Daemon, as_user, wait_for
+from conftest import MODEL, Daemon, as_user, public_socket, unix_users, wait_for
 
 
 class Recording(EdgeApp):
@@ -240,16 +239,11 @@ def test_problems_read_as_one_line() -> None:
 def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
                                                               tmp_path: Path) -> None:
     user = "edgt-viewer"
-    if subprocess.run(["id", user], capture_output=True).returncode != 0:
-        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", user], check=True)
     with contextlib.ExitStack() as stack:
-        stack.callback(subprocess.run, ["userdel", user], capture_output=True)
+        stack.enter_context(unix_users(user))
         (tmp_path / "daemon").mkdir()
-        d = Daemon(tmp_path / "daemon", model_file, socket_mode="0666")
-        run_dir = Path(tempfile.mkdtemp(prefix="edgellm-tui-"))
-        run_dir.chmod(0o755)  # the other user must reach the socket; the policy decides
-        stack.callback(shutil.rmtree, run_dir, True)
-        d.socket = run_dir / "edgellm.sock"
+        d = public_socket(Daemon(tmp_path / "daemon", model_file, socket_mode="0666"), "tui")
+        stack.callback(shutil.rmtree, d.socket.parent, True)
         d.start()
         stack.callback(d.stop)
         Client(d.socket).grant(f"user:{user}", "client", MODEL)
