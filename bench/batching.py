@@ -36,15 +36,21 @@ def prompt(i: int) -> str:
 def raw_baseline(threads: int, max_tokens: int, rounds: int) -> dict[str, Any]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model_file()), n_ctx=2048, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        model_path=str(model_file()),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     llm.create_completion(prompt(0), max_tokens=8, temperature=0)  # warm-up
     ttfts, rates, totals, counts = [], [], [], []
     for r in range(rounds):
         t0 = time.perf_counter()
         first, n = None, 0
-        for chunk in llm.create_completion(prompt(r + 1), max_tokens=max_tokens,
-                                           temperature=0, repeat_penalty=1.0, stream=True):
+        for chunk in llm.create_completion(
+            prompt(r + 1), max_tokens=max_tokens, temperature=0, repeat_penalty=1.0, stream=True
+        ):
             if first is None:
                 first = time.perf_counter()
             n += 1 if chunk["choices"][0]["text"] else 0
@@ -55,18 +61,33 @@ def raw_baseline(threads: int, max_tokens: int, rounds: int) -> dict[str, Any]:
         counts.append(n)
     with open("/proc/self/status") as f:
         hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    return {"system": "llama-cpp-python (direct)", "clients": 1, "stream": True,
-            "aggregate_tps": mean(totals), "per_request_tps": mean(rates),
-            "slowest_tps": min(rates), "ttft_p50_ms": percentile(ttfts, 0.5) * 1000,
-            "ttft_p95_ms": percentile(ttfts, 0.95) * 1000, "peak_rss_mb": hwm,
-            "tokens": counts}
+    return {
+        "system": "llama-cpp-python (direct)",
+        "clients": 1,
+        "stream": True,
+        "aggregate_tps": mean(totals),
+        "per_request_tps": mean(rates),
+        "slowest_tps": min(rates),
+        "ttft_p50_ms": percentile(ttfts, 0.5) * 1000,
+        "ttft_p95_ms": percentile(ttfts, 0.95) * 1000,
+        "peak_rss_mb": hwm,
+        "tokens": counts,
+    }
 
 
 # --- clients over HTTP ----------------------------------------------------------------------
-def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool,
-                extra: dict[str, Any]) -> dict[str, float]:
-    body = {"model": MODEL, "prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0,
-            "repeat_penalty": 1.0, "stream": stream, **extra}
+def one_request(
+    http: httpx.Client, i: int, max_tokens: int, stream: bool, extra: dict[str, Any]
+) -> dict[str, float]:
+    body = {
+        "model": MODEL,
+        "prompt": prompt(i),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+        "stream": stream,
+        **extra,
+    }
     t0 = time.perf_counter()
     if not stream:
         data = http.post("/v1/completions", json=body).json()
@@ -87,12 +108,25 @@ def one_request(http: httpx.Client, i: int, max_tokens: int, stream: bool,
                     n += 1
     end = time.perf_counter()
     n = usage or n
-    return {"start": t0, "end": end, "first": first, "tokens": n,
-            "tps": (n - 1) / (end - first) if first and n > 1 else 0.0}
+    return {
+        "start": t0,
+        "end": end,
+        "first": first,
+        "tokens": n,
+        "tps": (n - 1) / (end - first) if first and n > 1 else 0.0,
+    }
 
 
-def load_test(make_http: Any, system: str, clients: int, stream: bool, max_tokens: int,
-              rounds: int, pid: int, extra: dict[str, Any]) -> dict[str, Any]:
+def load_test(
+    make_http: Any,
+    system: str,
+    clients: int,
+    stream: bool,
+    max_tokens: int,
+    rounds: int,
+    pid: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
     results: list[dict[str, float]] = []
     walls: list[float] = []
     rss = PeakRSS(pid)
@@ -113,12 +147,18 @@ def load_test(make_http: Any, system: str, clients: int, stream: bool, max_token
         results += batch
     ttfts = [x["first"] - x["start"] for x in results if x["first"]]
     rates = [x["tps"] for x in results]
-    return {"system": system, "clients": clients, "stream": stream,
-            "aggregate_tps": mean(walls), "per_request_tps": mean(rates),
-            "slowest_tps": min(rates),
-            "ttft_p50_ms": percentile(ttfts, 0.5) * 1000 if ttfts else None,
-            "ttft_p95_ms": percentile(ttfts, 0.95) * 1000 if ttfts else None,
-            "peak_rss_mb": rss.stop(), "tokens": sorted({int(x["tokens"]) for x in results})}
+    return {
+        "system": system,
+        "clients": clients,
+        "stream": stream,
+        "aggregate_tps": mean(walls),
+        "per_request_tps": mean(rates),
+        "slowest_tps": min(rates),
+        "ttft_p50_ms": percentile(ttfts, 0.5) * 1000 if ttfts else None,
+        "ttft_p95_ms": percentile(ttfts, 0.95) * 1000 if ttfts else None,
+        "peak_rss_mb": rss.stop(),
+        "tokens": sorted({int(x["tokens"]) for x in results}),
+    }
 
 
 def edgellm_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -129,9 +169,20 @@ def edgellm_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
             h.post(f"/api/models/{MODEL}/load").raise_for_status()
             one_request(h, 0, 8, False, {})  # warm-up
         extra = {"stream_options": {"include_usage": True}}
-        return [load_test(http, "edgellm", n, stream, args.max_tokens, args.rounds,
-                          daemon.proc.pid, extra if stream else {})
-                for n in args.clients for stream in (True, False)]
+        return [
+            load_test(
+                http,
+                "edgellm",
+                n,
+                stream,
+                args.max_tokens,
+                args.rounds,
+                daemon.proc.pid,
+                extra if stream else {},
+            )
+            for n in args.clients
+            for stream in (True, False)
+        ]
     finally:
         daemon.stop()
 
@@ -141,12 +192,29 @@ def peer_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(model_file()),
-         "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-         "--n_ctx", "2048", "--host", "127.0.0.1", "--port", str(port),
-         # by default it aborts a running request when another arrives
-         "--interrupt_requests", "False"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_file()),
+            "--n_threads",
+            str(args.threads),
+            "--n_threads_batch",
+            str(args.threads),
+            "--n_ctx",
+            "2048",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            # by default it aborts a running request when another arrives
+            "--interrupt_requests",
+            "False",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -161,10 +229,15 @@ def peer_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
         def http() -> httpx.Client:
             return httpx.Client(base_url=base, timeout=600)
+
         with http() as h:
             one_request(h, 0, 8, False, {})
-        return [load_test(http, "llama-cpp-python server", n, True, args.max_tokens,
-                          args.rounds, proc.pid, {}) for n in args.clients]
+        return [
+            load_test(
+                http, "llama-cpp-python server", n, True, args.max_tokens, args.rounds, proc.pid, {}
+            )
+            for n in args.clients
+        ]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -175,27 +248,39 @@ def prefix_reuse(args: argparse.Namespace) -> list[dict[str, Any]]:
     system = "You are the assistant of a weather station high on a mountain. " * 60
     out = []
     for enabled in (False, True):
-        daemon = EdgeDaemon(n_threads=args.threads, n_parallel=2, n_ctx=2048,
-                            prefix_cache=enabled)
+        daemon = EdgeDaemon(n_threads=args.threads, n_parallel=2, n_ctx=2048, prefix_cache=enabled)
         try:
             with daemon.http() as h:
                 ttfts = []
                 for i in range(6):
-                    body = {"messages": [{"role": "system", "content": system},
-                                         {"role": "user", "content": f"Question {i}: wind?"}],
-                            "max_tokens": 4, "stream": True}
+                    body = {
+                        "messages": [
+                            {"role": "system", "content": system},
+                            {"role": "user", "content": f"Question {i}: wind?"},
+                        ],
+                        "max_tokens": 4,
+                        "stream": True,
+                    }
                     t0 = time.perf_counter()
                     first = None
                     with h.stream("POST", "/v1/chat/completions", json=body) as r:
                         for line in r.iter_lines():
-                            if first is None and '"content":"' in line \
-                                    and '"content":""' not in line:
+                            if (
+                                first is None
+                                and '"content":"' in line
+                                and '"content":""' not in line
+                            ):
                                 first = time.perf_counter() - t0
                     ttfts.append(first)
                 warm = ttfts[1:]  # the first request fills the cache in both cases
-                out.append({"prefix_cache": enabled, "prompt": "~800-token system prompt",
-                            "ttft_p50_ms": percentile(warm, 0.5) * 1000,
-                            "ttft_p95_ms": percentile(warm, 0.95) * 1000})
+                out.append(
+                    {
+                        "prefix_cache": enabled,
+                        "prompt": "~800-token system prompt",
+                        "ttft_p50_ms": percentile(warm, 0.5) * 1000,
+                        "ttft_p95_ms": percentile(warm, 0.95) * 1000,
+                    }
+                )
         finally:
             daemon.stop()
     return out
@@ -213,10 +298,24 @@ def main() -> None:
     if args.raw:  # the baseline runs in a child, so its memory is its own
         print(json.dumps(raw_baseline(args.threads, args.max_tokens, args.rounds + 1)))
         return
-    raw = json.loads(subprocess.run(
-        [sys.executable, __file__, "--raw", "--threads", str(args.threads),
-         "--max-tokens", str(args.max_tokens), "--rounds", str(args.rounds)],
-        capture_output=True, text=True, check=True).stdout)
+    raw = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--raw",
+                "--threads",
+                str(args.threads),
+                "--max-tokens",
+                str(args.max_tokens),
+                "--rounds",
+                str(args.rounds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     rows = [raw] + edgellm_runs(args) + peer_runs(args)
     for row in rows:
         row["aggregate_x"] = row["aggregate_tps"] / raw["aggregate_tps"]
@@ -224,22 +323,50 @@ def main() -> None:
         if row.get("ttft_p50_ms") is not None:
             row["ttft_p50_delta_ms"] = row["ttft_p50_ms"] - raw["ttft_p50_ms"]
     reuse = prefix_reuse(args)
-    cols = [("system", "system"), ("clients", "clients"), ("stream", "stream"),
-            ("aggregate_tps", "agg tok/s"), ("aggregate_x", "agg ×raw"),
-            ("per_request_tps", "req tok/s"), ("per_request_x", "req ×raw"),
-            ("slowest_tps", "slowest"), ("ttft_p50_ms", "TTFT p50 ms"),
-            ("ttft_p50_delta_ms", "Δ raw ms"), ("ttft_p95_ms", "TTFT p95 ms"),
-            ("peak_rss_mb", "peak RSS MB"), ("tokens", "tokens/req")]
-    print(f"model {MODEL}, {args.threads} threads, {args.max_tokens} tokens per request, "
-          f"greedy; ratios against llama-cpp-python called directly, same run\n")
+    cols = [
+        ("system", "system"),
+        ("clients", "clients"),
+        ("stream", "stream"),
+        ("aggregate_tps", "agg tok/s"),
+        ("aggregate_x", "agg ×raw"),
+        ("per_request_tps", "req tok/s"),
+        ("per_request_x", "req ×raw"),
+        ("slowest_tps", "slowest"),
+        ("ttft_p50_ms", "TTFT p50 ms"),
+        ("ttft_p50_delta_ms", "Δ raw ms"),
+        ("ttft_p95_ms", "TTFT p95 ms"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("tokens", "tokens/req"),
+    ]
+    print(
+        f"model {MODEL}, {args.threads} threads, {args.max_tokens} tokens per request, "
+        f"greedy; ratios against llama-cpp-python called directly, same run\n"
+    )
     print(table(rows, cols))
     print("\nprefix reuse (edgellm, 1 client, time to first token of warm requests)\n")
-    print(table(reuse, [("prefix_cache", "prefix cache"), ("prompt", "prompt"),
-                        ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p95_ms", "TTFT p95 ms")]))
+    print(
+        table(
+            reuse,
+            [
+                ("prefix_cache", "prefix cache"),
+                ("prompt", "prompt"),
+                ("ttft_p50_ms", "TTFT p50 ms"),
+                ("ttft_p95_ms", "TTFT p95 ms"),
+            ],
+        )
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "prefix_reuse": reuse,
-                                           "threads": args.threads,
-                                           "max_tokens": args.max_tokens}, indent=2))
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "prefix_reuse": reuse,
+                "threads": args.threads,
+                "max_tokens": args.max_tokens,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwritten to {args.json}")
 
 

@@ -64,8 +64,13 @@ class PeakRSS:
 class EdgeDaemon:
     """An edgellm daemon in a subprocess, on its own socket and state directory."""
 
-    def __init__(self, names: tuple[str, ...] = (MODEL,), governor: dict[str, Any] | None = None,
-                 cgroup: Path | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        names: tuple[str, ...] = (MODEL,),
+        governor: dict[str, Any] | None = None,
+        cgroup: Path | None = None,
+        **settings: Any,
+    ) -> None:
         """``governor`` becomes the ``[governor]`` table; ``cgroup`` is a cgroup
         directory the daemon moves itself into before it starts."""
         self.root = Path(tempfile.mkdtemp(prefix="edgellm-bench-"))
@@ -79,17 +84,25 @@ class EdgeDaemon:
         if governor:
             lines += ["[governor]"] + [f"{k} = {json.dumps(v)}" for k, v in governor.items()]
         config.write_text("\n".join(lines) + "\n")
-        env = {**os.environ, "EDGELLM_SOCKET": str(self.socket),
-               "EDGELLM_STATE_DIR": str(self.root / "state"), "EDGELLM_CONFIG": str(config),
-               "EDGELLM_VAULT_KEY_FILE": str(key_file)}
+        env = {
+            **os.environ,
+            "EDGELLM_SOCKET": str(self.socket),
+            "EDGELLM_STATE_DIR": str(self.root / "state"),
+            "EDGELLM_CONFIG": str(config),
+            "EDGELLM_VAULT_KEY_FILE": str(key_file),
+        }
         command = [sys.executable, "-m", "edgellm", "serve", "--no-pull"]
         if cgroup is not None:
-            command = ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh",
-                       *command]
+            command = [
+                "sh",
+                "-c",
+                f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"',
+                "sh",
+                *command,
+            ]
         self.log = self.root / "daemon.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                                         stderr=log)
+            self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 60
         while not self.socket.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -97,8 +110,11 @@ class EdgeDaemon:
             time.sleep(0.1)
 
     def http(self, timeout: float = 600) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                            base_url="http://edgellm", timeout=timeout)
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://edgellm",
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:

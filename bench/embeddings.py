@@ -37,15 +37,38 @@ from edgellm.config import load_settings  # noqa: E402
 from edgellm.runtime.onnx import bert, bundle  # noqa: E402
 
 NAME = "all-minilm-l6-v2"
-WORDS = ["the", "device", "keeps", "its", "models", "encrypted", "and", "answers", "local",
-         "questions", "about", "sensors", "memory", "heat", "batteries", "cameras",
-         "networks", "maintenance", "schedules", "for", "remote", "sites"]
+WORDS = [
+    "the",
+    "device",
+    "keeps",
+    "its",
+    "models",
+    "encrypted",
+    "and",
+    "answers",
+    "local",
+    "questions",
+    "about",
+    "sensors",
+    "memory",
+    "heat",
+    "batteries",
+    "cameras",
+    "networks",
+    "maintenance",
+    "schedules",
+    "for",
+    "remote",
+    "sites",
+]
 
 
 def sentences(n: int) -> list[str]:
     rng = np.random.default_rng(7)
-    return [" ".join(rng.choice(WORDS, size=int(rng.integers(6, 24)))).capitalize() + "."
-            for _ in range(n)]
+    return [
+        " ".join(rng.choice(WORDS, size=int(rng.integers(6, 24)))).capitalize() + "."
+        for _ in range(n)
+    ]
 
 
 def bundles() -> dict[str, bytes]:
@@ -56,8 +79,9 @@ def bundles() -> dict[str, bytes]:
     return {"fp32": bundle.pack(bert.bundle_files(work)), "int8": int8}
 
 
-def direct(data: bytes, threads: int, texts: list[str], batch: int,
-           providers: list[str]) -> dict[str, Any]:
+def direct(
+    data: bytes, threads: int, texts: list[str], batch: int, providers: list[str]
+) -> dict[str, Any]:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
@@ -80,23 +104,29 @@ def direct(data: bytes, threads: int, texts: list[str], batch: int,
         ids = np.zeros((len(chunk), width), dtype=np.int64)
         mask = np.zeros_like(ids)
         for i, e in enumerate(enc):
-            ids[i, :len(e.ids)], mask[i, :len(e.ids)] = e.ids, 1
-        return session.run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask,
-                                                    "token_type_ids": np.zeros_like(ids)})[0]
+            ids[i, : len(e.ids)], mask[i, : len(e.ids)] = e.ids, 1
+        return session.run(
+            ["sentence_embedding"],
+            {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+        )[0]
 
     run(texts[:batch])
     latencies, t0, cpu0 = [], time.perf_counter(), time.process_time()
     for i in range(0, len(texts), batch):
         s = time.perf_counter()
-        run(texts[i:i + batch])
+        run(texts[i : i + batch])
         latencies.append(time.perf_counter() - s)
     took = time.perf_counter() - t0
-    return {"per_s": len(texts) / took, "p50_ms": percentile(latencies, 0.5) * 1000,
-            "cpu_ms": (time.process_time() - cpu0) / len(texts) * 1000}
+    return {
+        "per_s": len(texts) / took,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "cpu_ms": (time.process_time() - cpu0) / len(texts) * 1000,
+    }
 
 
-def through_socket(daemon: EdgeDaemon, model: str, texts: list[str],
-                   clients: int) -> dict[str, Any]:
+def through_socket(
+    daemon: EdgeDaemon, model: str, texts: list[str], clients: int
+) -> dict[str, Any]:
     latencies: list[float] = []
     share = [texts[i::clients] for i in range(clients)]
     with daemon.http() as h:  # warm: loaded, first runs done
@@ -107,8 +137,10 @@ def through_socket(daemon: EdgeDaemon, model: str, texts: list[str],
         with daemon.http() as h:
             for text in mine:
                 s = time.perf_counter()
-                r = h.post("/v1/embeddings", json={"model": model, "input": text,
-                                                   "encoding_format": "base64"})
+                r = h.post(
+                    "/v1/embeddings",
+                    json={"model": model, "input": text, "encoding_format": "base64"},
+                )
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - s)
 
@@ -122,15 +154,27 @@ def through_socket(daemon: EdgeDaemon, model: str, texts: list[str],
     took = time.perf_counter() - t0
     server1 = server.cpu_times()
     server_cpu = server1.user + server1.system - server0.user - server0.system
-    return {"per_s": len(texts) / took, "p50_ms": percentile(latencies, 0.5) * 1000,
-            "cpu_ms": (time.process_time() - cpu0 + server_cpu) / len(texts) * 1000,
-            "daemon_cpu_ms": server_cpu / len(texts) * 1000}
+    return {
+        "per_s": len(texts) / took,
+        "p50_ms": percentile(latencies, 0.5) * 1000,
+        "cpu_ms": (time.process_time() - cpu0 + server_cpu) / len(texts) * 1000,
+        "daemon_cpu_ms": server_cpu / len(texts) * 1000,
+    }
 
 
 def cosine_int8_vs_fp32(daemon: EdgeDaemon, texts: list[str]) -> float:
     with daemon.http() as h:
-        got = {m: np.array([d["embedding"] for d in h.post("/v1/embeddings", json={
-            "model": m, "input": texts}).json()["data"]]) for m in (NAME, "minilm-fp32")}
+        got = {
+            m: np.array(
+                [
+                    d["embedding"]
+                    for d in h.post("/v1/embeddings", json={"model": m, "input": texts}).json()[
+                        "data"
+                    ]
+                ]
+            )
+            for m in (NAME, "minilm-fp32")
+        }
     a, b = got[NAME], got["minilm-fp32"]
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
@@ -139,10 +183,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--providers", default="CPUExecutionProvider",
-                        help="execution providers in order, comma-separated (both sides)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                              "embeddings.json"))
+    parser.add_argument(
+        "--providers",
+        default="CPUExecutionProvider",
+        help="execution providers in order, comma-separated (both sides)",
+    )
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "embeddings.json"))
     args = parser.parse_args()
     texts = sentences(args.requests)
     models = bundles()
@@ -156,34 +202,66 @@ def main() -> None:
         for label, name in (("fp32", "minilm-fp32"), ("int8", NAME)):
             base = direct(models[label], args.threads, texts, 1, providers)
             size = len(models[label]) / 2**20
-            cases = [("onnxruntime direct, 1 per run", base),
-                     ("edgellm, 1 client", through_socket(daemon, name, texts, 1)),
-                     ("edgellm, 8 clients", through_socket(daemon, name, texts, 8)),
-                     ("onnxruntime direct, 8 per run", direct(models[label], args.threads,
-                                                              texts, 8, providers))]
+            cases = [
+                ("onnxruntime direct, 1 per run", base),
+                ("edgellm, 1 client", through_socket(daemon, name, texts, 1)),
+                ("edgellm, 8 clients", through_socket(daemon, name, texts, 8)),
+                (
+                    "onnxruntime direct, 8 per run",
+                    direct(models[label], args.threads, texts, 8, providers),
+                ),
+            ]
             for case, r in cases:
-                rows.append({"model": label, "size_mb": size, "case": case, **r,
-                             "ratio": r["per_s"] / base["per_s"]})
+                rows.append(
+                    {
+                        "model": label,
+                        "size_mb": size,
+                        "case": case,
+                        **r,
+                        "ratio": r["per_s"] / base["per_s"],
+                    }
+                )
         with daemon.http() as h:
             ps = {m["name"]: m for m in h.get("/api/ps").json()["models"]}
         cos = cosine_int8_vs_fp32(daemon, texts[:64])
     finally:
         daemon.stop()
-    print(table(rows, [("model", "model"), ("size_mb", "MB"), ("case", "case"),
-                       ("per_s", "embeddings/s"), ("p50_ms", "p50 ms"),
-                       ("cpu_ms", "CPU ms/emb"), ("daemon_cpu_ms", "of it daemon"),
-                       ("ratio", "× direct 1")]))
+    print(
+        table(
+            rows,
+            [
+                ("model", "model"),
+                ("size_mb", "MB"),
+                ("case", "case"),
+                ("per_s", "embeddings/s"),
+                ("p50_ms", "p50 ms"),
+                ("cpu_ms", "CPU ms/emb"),
+                ("daemon_cpu_ms", "of it daemon"),
+                ("ratio", "× direct 1"),
+            ],
+        )
+    )
     one = {r["model"]: r["per_s"] for r in rows if r["case"] == "edgellm, 1 client"}
     eight = {r["model"]: r["per_s"] for r in rows if r["case"] == "edgellm, 8 clients"}
     for m in one:
-        print(f"{m}: 8 clients / 1 client = {eight[m] / one[m]:.2f}×, mean batch "
-              f"{ps[NAME if m == 'int8' else 'minilm-fp32']['mean_batch_size']}")
+        print(
+            f"{m}: 8 clients / 1 client = {eight[m] / one[m]:.2f}×, mean batch "
+            f"{ps[NAME if m == 'int8' else 'minilm-fp32']['mean_batch_size']}"
+        )
     print(f"INT8 vs FP32, min cosine over 64 sentences: {cos:.4f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"providers: {ps[NAME]['providers']}")
-    Path(args.out).write_text(json.dumps({"rows": rows, "min_cosine_int8_fp32": cos,
-                                          "threads": args.threads,
-                                          "providers": ps[NAME]["providers"]}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "min_cosine_int8_fp32": cos,
+                "threads": args.threads,
+                "providers": ps[NAME]["providers"],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -42,29 +42,39 @@ def main() -> int:
                 wait += 1
             h.put("/api/data/docs/a.txt", content=b"fuzz me")
             for _ in range(20):  # the model loaded and the allocators warm: the baseline
-                h.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+                h.post(
+                    "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+                )
         before = proc.memory_info().rss / 2**20
-        result = run(str(daemon.socket), args.seed, args.cases,
-                     {"model": MODEL, "name": MODEL, "id": "req-0"}, as_root=True,
-                     alive=lambda: daemon.proc.poll() is None)
+        result = run(
+            str(daemon.socket),
+            args.seed,
+            args.cases,
+            {"model": MODEL, "name": MODEL, "id": "req-0"},
+            as_root=True,
+            alive=lambda: daemon.proc.poll() is None,
+        )
         after = proc.memory_info().rss / 2**20 if daemon.proc.poll() is None else float("nan")
     finally:
         daemon.stop()
-    rows = [{"what": "cases", "value": result["cases"]},
-            {"what": "seconds", "value": result["seconds"]},
-            {"what": "cases per second", "value": result["cases"] / max(result["seconds"], 0.1)},
-            {"what": "failures", "value": len(result["failures"])},
-            {"what": "daemon RSS before, MB", "value": before},
-            {"what": "daemon RSS after, MB", "value": after},
-            {"what": "RSS after / before", "value": after / before}]
+    rows = [
+        {"what": "cases", "value": result["cases"]},
+        {"what": "seconds", "value": result["seconds"]},
+        {"what": "cases per second", "value": result["cases"] / max(result["seconds"], 0.1)},
+        {"what": "failures", "value": len(result["failures"])},
+        {"what": "daemon RSS before, MB", "value": before},
+        {"what": "daemon RSS after, MB", "value": after},
+        {"what": "RSS after / before", "value": after / before},
+    ]
     rows += [{"what": f"status {k}", "value": v} for k, v in sorted(result["statuses"].items())]
     print(table(rows, [("what", "fuzz run"), ("value", "value")]))
     for f in result["failures"]:
         print(f"FAIL {f['problem']}\n  reproduce: {f['reproducer']}")
     out = Path(__file__).parent / "results" / "fuzz.json"
-    out.write_text(json.dumps({**result, "seed": args.seed, "rss_mb": [before, after]},
-                              indent=2) + "\n")
+    out.write_text(
+        json.dumps({**result, "seed": args.seed, "rss_mb": [before, after]}, indent=2) + "\n"
+    )
     return 1 if result["failures"] else 0
 
 

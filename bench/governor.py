@@ -44,8 +44,9 @@ COOL = {"temp_c": 50}
 def reaction(poll: float, crossings: int) -> dict[str, Any]:
     phase = max(1.0, 4 * poll)
     start = 2.0
-    lines = [{"t": 0, "temp_c": 50, "temp_high_c": 80, "temp_critical_c": 95,
-              "mem_available_pct": 60}]
+    lines = [
+        {"t": 0, "temp_c": 50, "temp_high_c": 80, "temp_critical_c": 95, "mem_available_pct": 60}
+    ]
     ups = []
     jitter = random.Random(42)  # crossings at random phases of the poll cycle
     for k in range(crossings):
@@ -75,9 +76,15 @@ def reaction(poll: float, crossings: int) -> dict[str, Any]:
         if seen is not None:
             delays.append(seen - up)
     gaps = [b[0] - a[0] for a, b in zip(observations, observations[1:], strict=False)]
-    return {"poll_s": poll, "crossings": len(ups), "reacted": len(delays),
-            "p50_ms": percentile(delays, 0.5) * 1000, "max_ms": max(delays) * 1000,
-            "max_x_poll": max(delays) / poll, "client_resolution_ms": percentile(gaps, 0.5) * 1000}
+    return {
+        "poll_s": poll,
+        "crossings": len(ups),
+        "reacted": len(delays),
+        "p50_ms": percentile(delays, 0.5) * 1000,
+        "max_ms": max(delays) * 1000,
+        "max_x_poll": max(delays) / poll,
+        "client_resolution_ms": percentile(gaps, 0.5) * 1000,
+    }
 
 
 # --- the squeeze --------------------------------------------------------------------------
@@ -122,9 +129,15 @@ class Cgroup:
 def squeeze(governor: bool, limit_mb: int) -> dict[str, Any]:
     names = ("a", "b", "c")
     cgroup = Cgroup(limit_mb)
-    daemon = EdgeDaemon(names=names, cgroup=cgroup.path, memory_reserve_mb=64, n_ctx=1024,
-                        n_parallel=4, max_loaded_models=3,
-                        governor={"enabled": governor, "poll_interval": 0.25})
+    daemon = EdgeDaemon(
+        names=names,
+        cgroup=cgroup.path,
+        memory_reserve_mb=64,
+        n_ctx=1024,
+        n_parallel=4,
+        max_loaded_models=3,
+        governor={"enabled": governor, "poll_interval": 0.25},
+    )
     loads: list[str] = []
     outcomes: list[str] = []
     try:
@@ -140,13 +153,23 @@ def squeeze(governor: bool, limit_mb: int) -> dict[str, Any]:
             def ask(model: str) -> None:
                 try:
                     with daemon.http(timeout=120) as c:
-                        r = c.post("/v1/completions", json={
-                            "model": model, "prompt": "Counting: 1, 2, 3,", "max_tokens": 64,
-                            "temperature": 0})
-                    outcomes.append("200" if r.status_code == 200
-                                    else f"{r.status_code} {r.json()['error']['code']}")
+                        r = c.post(
+                            "/v1/completions",
+                            json={
+                                "model": model,
+                                "prompt": "Counting: 1, 2, 3,",
+                                "max_tokens": 64,
+                                "temperature": 0,
+                            },
+                        )
+                    outcomes.append(
+                        "200"
+                        if r.status_code == 200
+                        else f"{r.status_code} {r.json()['error']['code']}"
+                    )
                 except Exception:
                     outcomes.append("lost")
+
             clients = [threading.Thread(target=ask, args=(m,)) for m in names * 2]
             for t in clients:
                 t.start()
@@ -158,9 +181,15 @@ def squeeze(governor: bool, limit_mb: int) -> dict[str, Any]:
         kills, peak = cgroup.oom_kills(), cgroup.peak_mb()
         cgroup.remove()
     counts = {o: outcomes.count(o) for o in sorted(set(outcomes))}
-    return {"governor": "on" if governor else "off (baseline)", "limit_mb": limit_mb,
-            "loads": " ".join(loads), "requests": ", ".join(f"{n}× {o}" for o, n in counts.items()),
-            "peak_mb": peak, "oom_kills": kills, "daemon_alive": alive}
+    return {
+        "governor": "on" if governor else "off (baseline)",
+        "limit_mb": limit_mb,
+        "loads": " ".join(loads),
+        "requests": ", ".join(f"{n}× {o}" for o, n in counts.items()),
+        "peak_mb": peak,
+        "oom_kills": kills,
+        "daemon_alive": alive,
+    }
 
 
 def main() -> None:
@@ -172,18 +201,38 @@ def main() -> None:
     args = ap.parse_args()
     rows = [reaction(p, args.crossings) for p in args.polls]
     print(f"reaction: trace crossing into critical -> shedding in force; model {MODEL}\n")
-    print(table(rows, [("poll_s", "poll s"), ("crossings", "crossings"),
-                       ("reacted", "reacted"), ("p50_ms", "p50 ms"), ("max_ms", "max ms"),
-                       ("max_x_poll", "max ×poll"),
-                       ("client_resolution_ms", "client resolution ms")]))
+    print(
+        table(
+            rows,
+            [
+                ("poll_s", "poll s"),
+                ("crossings", "crossings"),
+                ("reacted", "reacted"),
+                ("p50_ms", "p50 ms"),
+                ("max_ms", "max ms"),
+                ("max_x_poll", "max ×poll"),
+                ("client_resolution_ms", "client resolution ms"),
+            ],
+        )
+    )
     squeezed: list[dict[str, Any]] = []
     if os.geteuid() == 0:
         squeezed = [squeeze(True, args.limit_mb), squeeze(False, args.limit_mb)]
         print(f"\nsqueeze: three models asked into a {args.limit_mb} MB memory cgroup\n")
-        print(table(squeezed, [("governor", "governor"), ("limit_mb", "limit MB"),
-                               ("loads", "loads (model:status)"),
-                               ("requests", "requests (two per model)"), ("peak_mb", "peak MB"),
-                               ("oom_kills", "OOM kills"), ("daemon_alive", "daemon alive")]))
+        print(
+            table(
+                squeezed,
+                [
+                    ("governor", "governor"),
+                    ("limit_mb", "limit MB"),
+                    ("loads", "loads (model:status)"),
+                    ("requests", "requests (two per model)"),
+                    ("peak_mb", "peak MB"),
+                    ("oom_kills", "OOM kills"),
+                    ("daemon_alive", "daemon alive"),
+                ],
+            )
+        )
     else:
         print("\nsqueeze: skipped, creating a memory cgroup needs root")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,9 @@ from common import MODEL, EdgeDaemon, table  # noqa: E402
 
 
 def run_daemon(n_gpu_layers: int, args: argparse.Namespace) -> tuple[list[dict], dict]:
-    daemon = EdgeDaemon(n_threads=args.threads, n_parallel=8, n_ctx=1024, max_queue=64,
-                        n_gpu_layers=n_gpu_layers)
+    daemon = EdgeDaemon(
+        n_threads=args.threads, n_parallel=8, n_ctx=1024, max_queue=64, n_gpu_layers=n_gpu_layers
+    )
     http = daemon.http
     try:
         with http() as h:
@@ -44,12 +45,24 @@ def run_daemon(n_gpu_layers: int, args: argparse.Namespace) -> tuple[list[dict],
                     for name, value in h.get("/api/governor").json()["readings"].items():
                         if name.startswith("gpu_") and isinstance(value, (int, float)):
                             readings[name] = max(value, readings.get(name, value))
+
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         extra = {"stream_options": {"include_usage": True}}
         label = "gpu" if n_gpu_layers else "cpu"
-        rows = [load_test(http, f"edgellm {label}", n, True, args.max_tokens, args.rounds,
-                          daemon.proc.pid, extra) for n in args.clients]
+        rows = [
+            load_test(
+                http,
+                f"edgellm {label}",
+                n,
+                True,
+                args.max_tokens,
+                args.rounds,
+                daemon.proc.pid,
+                extra,
+            )
+            for n in args.clients
+        ]
         stop.set()
         watcher.join()
         for row in rows:
@@ -74,19 +87,31 @@ def main() -> None:
     for row in cpu + gpu:
         row["aggregate_x"] = row["aggregate_tps"] / base[row["clients"]]["aggregate_tps"]
         row["ttft_x"] = row["ttft_p50_ms"] / base[row["clients"]]["ttft_p50_ms"]
-    cols = [("system", "system"), ("reported", "device/layers"), ("clients", "clients"),
-            ("aggregate_tps", "agg tok/s"), ("aggregate_x", "agg ×cpu"),
-            ("per_request_tps", "req tok/s"), ("ttft_p50_ms", "TTFT p50 ms"),
-            ("ttft_x", "TTFT ×cpu"), ("peak_rss_mb", "peak RSS MB"),
-            ("tokens", "tokens/req")]
-    print(f"model {MODEL}, {args.threads} threads, {args.max_tokens} tokens per request, "
-          f"greedy, streamed; ratios against the CPU daemon in the same run\n")
+    cols = [
+        ("system", "system"),
+        ("reported", "device/layers"),
+        ("clients", "clients"),
+        ("aggregate_tps", "agg tok/s"),
+        ("aggregate_x", "agg ×cpu"),
+        ("per_request_tps", "req tok/s"),
+        ("ttft_p50_ms", "TTFT p50 ms"),
+        ("ttft_x", "TTFT ×cpu"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("tokens", "tokens/req"),
+    ]
+    print(
+        f"model {MODEL}, {args.threads} threads, {args.max_tokens} tokens per request, "
+        f"greedy, streamed; ratios against the CPU daemon in the same run\n"
+    )
     print(table(cpu + gpu, cols))
-    print("\ngovernor readings from NVML while the GPU daemon worked (peaks):",
-          json.dumps(readings) if readings else "none (is nvidia-ml-py installed?)")
+    print(
+        "\ngovernor readings from NVML while the GPU daemon worked (peaks):",
+        json.dumps(readings) if readings else "none (is nvidia-ml-py installed?)",
+    )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": cpu + gpu, "gpu_readings": readings,
-                                           "threads": args.threads}, indent=2))
+    Path(args.json).write_text(
+        json.dumps({"rows": cpu + gpu, "gpu_readings": readings, "threads": args.threads}, indent=2)
+    )
     print(f"\nwritten to {args.json}")
 
 

@@ -64,14 +64,28 @@ def main() -> None:
 
     base = best_of(read_plain)
     rows = []
-    for name, fn in (("read plaintext (baseline)", read_plain), ("sha256", sha),
-                     ("encrypt", encrypt), ("decrypt + authenticate", decrypt)):
+    for name, fn in (
+        ("read plaintext (baseline)", read_plain),
+        ("sha256", sha),
+        ("encrypt", encrypt),
+        ("decrypt + authenticate", decrypt),
+    ):
         t = base if fn is read_plain else best_of(fn)
-        rows.append({"operation": name, "GB/s": size / t / 1e9, "ms": t * 1000,
-                     "× baseline time": t / base})
+        rows.append(
+            {"operation": name, "GB/s": size / t / 1e9, "ms": t * 1000, "× baseline time": t / base}
+        )
     print(f"{path.name}: {size / 1e6:.0f} MB, 1 MiB segments, best of 5, one core\n")
-    print(table(rows, [("operation", "operation"), ("GB/s", "GB/s"), ("ms", "ms"),
-                       ("× baseline time", "× baseline time")]))
+    print(
+        table(
+            rows,
+            [
+                ("operation", "operation"),
+                ("GB/s", "GB/s"),
+                ("ms", "ms"),
+                ("× baseline time", "× baseline time"),
+            ],
+        )
+    )
     load_times()
 
 
@@ -118,10 +132,13 @@ def load_times(rounds: int = 5) -> None:
         results[name] = sorted(times)[len(times) // 2]
     base = results["plaintext file"]
     rows = [{"load": k, "median ms": v * 1000, "× plaintext": v / base} for k, v in results.items()]
-    print(f"\nloading into llama.cpp, median of {rounds}, page caches "
-          f"{'dropped before each load' if cold else 'NOT dropped (not root): warm loads'}\n")
-    print(table(rows, [("load", "load"), ("median ms", "median ms"),
-                       ("× plaintext", "× plaintext")]))
+    print(
+        f"\nloading into llama.cpp, median of {rounds}, page caches "
+        f"{'dropped before each load' if cold else 'NOT dropped (not root): warm loads'}\n"
+    )
+    print(
+        table(rows, [("load", "load"), ("median ms", "median ms"), ("× plaintext", "× plaintext")])
+    )
 
 
 if __name__ == "__main__":

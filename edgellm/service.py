@@ -75,8 +75,9 @@ def default_exec() -> Path | None:
     return exe if exe.exists() and not str(exe).startswith(hidden) else None
 
 
-def install_steps(root: Path, exec_path: Path | None, prefix: Path, key_file: Path | None,
-                  gpu: bool, model: str) -> list[Step]:
+def install_steps(
+    root: Path, exec_path: Path | None, prefix: Path, key_file: Path | None, gpu: bool, model: str
+) -> list[Step]:
     live = root == Path("/")
     steps: list[Step] = []
     edgellm = exec_path or default_exec()
@@ -85,74 +86,140 @@ def install_steps(root: Path, exec_path: Path | None, prefix: Path, key_file: Pa
         source = Path(__file__).resolve().parent.parent
         spec = str(source) if (source / "pyproject.toml").exists() else "edgellm"
         edgellm = venv / "bin" / "edgellm"
-        steps.append(Step(f"create {venv} and install edgellm from {spec} into it", lambda: (
-            _run(sys.executable, "-m", "venv", str(root / venv.relative_to("/"))),
-            _run(str(root / venv.relative_to("/") / "bin" / "pip"), "install", "-q", spec))))
+        steps.append(
+            Step(
+                f"create {venv} and install edgellm from {spec} into it",
+                lambda: (
+                    _run(sys.executable, "-m", "venv", str(root / venv.relative_to("/"))),
+                    _run(str(root / venv.relative_to("/") / "bin" / "pip"), "install", "-q", spec),
+                ),
+            )
+        )
     templates = _templates()
     for name, target in FILES.items():
         text = (templates / name).read_text().replace("@EDGELLM@", str(edgellm))
         steps.append(Step(f"write /{target}", _writer(root / target, text, 0o644)))
     if gpu:
-        steps.append(Step(f"write /{UNIT_DIR}/edgellm.service.d/gpu.conf (GPU devices)",
-                          _writer(root / UNIT_DIR / "edgellm.service.d/gpu.conf",
-                                  (templates / "gpu.conf").read_text(), 0o644)))
-    steps.append(Step("create the user edgellm and the group edgellm-clients (systemd-sysusers)",
-                      lambda: _run("systemd-sysusers", f"--root={root}",
-                                   str(root / FILES["edgellm.sysusers"]))))
-    steps.append(Step("create /etc/edgellm and /var/lib/edgellm (systemd-tmpfiles)",
-                      lambda: _run("systemd-tmpfiles", f"--root={root}", "--create",
-                                   str(root / FILES["edgellm.tmpfiles"]))))
+        steps.append(
+            Step(
+                f"write /{UNIT_DIR}/edgellm.service.d/gpu.conf (GPU devices)",
+                _writer(
+                    root / UNIT_DIR / "edgellm.service.d/gpu.conf",
+                    (templates / "gpu.conf").read_text(),
+                    0o644,
+                ),
+            )
+        )
+    steps.append(
+        Step(
+            "create the user edgellm and the group edgellm-clients (systemd-sysusers)",
+            lambda: _run(
+                "systemd-sysusers", f"--root={root}", str(root / FILES["edgellm.sysusers"])
+            ),
+        )
+    )
+    steps.append(
+        Step(
+            "create /etc/edgellm and /var/lib/edgellm (systemd-tmpfiles)",
+            lambda: _run(
+                "systemd-tmpfiles",
+                f"--root={root}",
+                "--create",
+                str(root / FILES["edgellm.tmpfiles"]),
+            ),
+        )
+    )
     if not (root / CONFIG).exists():
-        steps.append(Step(f"write a default /{CONFIG} (root:edgellm 0640)", lambda: (
-            _writer(root / CONFIG, DEFAULT_CONFIG, 0o640)(),
-            os.chown(root / CONFIG, 0, _ids(root, "edgellm")[1]))))
+        steps.append(
+            Step(
+                f"write a default /{CONFIG} (root:edgellm 0640)",
+                lambda: (
+                    _writer(root / CONFIG, DEFAULT_CONFIG, 0o640)(),
+                    os.chown(root / CONFIG, 0, _ids(root, "edgellm")[1]),
+                ),
+            )
+        )
     key_steps, vault_key = _key_steps(root, key_file, live)
     steps += key_steps
-    steps.append(Step(f"fetch {model} into the vault in /{STATE} (encrypted) and hand it "
-                      "to the edgellm user", lambda: _pull(root, model, vault_key())))
+    steps.append(
+        Step(
+            f"fetch {model} into the vault in /{STATE} (encrypted) and hand it to the edgellm user",
+            lambda: _pull(root, model, vault_key()),
+        )
+    )
     if live and systemd_running():
-        steps.append(Step("systemctl daemon-reload; enable and start edgellm.socket; "
-                          "enable edgellm.service", lambda: (
-                              _run("systemctl", "daemon-reload"),
-                              _run("systemctl", "enable", "--now", "edgellm.socket"),
-                              _run("systemctl", "enable", "edgellm.service"))))
+        steps.append(
+            Step(
+                "systemctl daemon-reload; enable and start edgellm.socket; enable edgellm.service",
+                lambda: (
+                    _run("systemctl", "daemon-reload"),
+                    _run("systemctl", "enable", "--now", "edgellm.socket"),
+                    _run("systemctl", "enable", "edgellm.service"),
+                ),
+            )
+        )
     return steps
 
 
-def _key_steps(root: Path, key_file: Path | None,
-               live: bool) -> tuple[list[Step], Callable[[], bytes]]:
+def _key_steps(
+    root: Path, key_file: Path | None, live: bool
+) -> tuple[list[Step], Callable[[], bytes]]:
     """The steps that put the vault key in place, and how to get the key itself
     (the installer creates the vault with it)."""
     if (root / KEY_FILE).exists():
-        return [Step("keep the existing vault key", lambda: None)], \
-            lambda: (root / KEY_FILE).read_bytes()
+        return [Step("keep the existing vault key", lambda: None)], lambda: (
+            root / KEY_FILE
+        ).read_bytes()
     if (root / KEY_CRED).exists():
+
         def unseal() -> bytes:
-            proc = subprocess.run(["systemd-creds", "decrypt", "--name=vault-key",
-                                   str(root / KEY_CRED), "-"], capture_output=True)
+            proc = subprocess.run(
+                ["systemd-creds", "decrypt", "--name=vault-key", str(root / KEY_CRED), "-"],
+                capture_output=True,
+            )
             if proc.returncode != 0:
                 raise ServiceError("cannot unseal the existing vault key with systemd-creds")
             return proc.stdout
+
         return [Step("keep the existing vault key", lambda: None)], unseal
     if key_file is not None:
         mode = stat.S_IMODE(key_file.stat().st_mode)
         if mode & 0o077:
-            raise ServiceError(f"{key_file} is readable by others (mode {mode:o}); "
-                               "chmod 600 it first")
+            raise ServiceError(
+                f"{key_file} is readable by others (mode {mode:o}); chmod 600 it first"
+            )
         key, source = key_file.read_bytes(), "the key from " + str(key_file)
     else:
         key, source = os.urandom(32), "a new random 256-bit vault key"
     if live and shutil.which("systemd-creds"):
-        return [Step(f"seal {source} with systemd-creds (TPM2 where present) into /{KEY_CRED}",
-                     lambda: _run("systemd-creds", "encrypt", "--name=vault-key", "-",
-                                  str(root / KEY_CRED), stdin=key))], lambda: key
+        return [
+            Step(
+                f"seal {source} with systemd-creds (TPM2 where present) into /{KEY_CRED}",
+                lambda: _run(
+                    "systemd-creds",
+                    "encrypt",
+                    "--name=vault-key",
+                    "-",
+                    str(root / KEY_CRED),
+                    stdin=key,
+                ),
+            )
+        ], lambda: key
     dropin = root / UNIT_DIR / "edgellm.service.d/credential.conf"
     return [
-        Step(f"write {source} to /{KEY_FILE} (mode 0600, root only)",
-             _writer(root / KEY_FILE, key, 0o600)),
-        Step(f"write /{dropin.relative_to(root)}: LoadCredential= from that file",
-             _writer(dropin, "[Service]\nLoadCredentialEncrypted=\n"
-                             "LoadCredential=vault-key:/etc/edgellm/vault.key\n", 0o644)),
+        Step(
+            f"write {source} to /{KEY_FILE} (mode 0600, root only)",
+            _writer(root / KEY_FILE, key, 0o600),
+        ),
+        Step(
+            f"write /{dropin.relative_to(root)}: LoadCredential= from that file",
+            _writer(
+                dropin,
+                "[Service]\nLoadCredentialEncrypted=\n"
+                "LoadCredential=vault-key:/etc/edgellm/vault.key\n",
+                0o644,
+            ),
+        ),
     ], lambda: key
 
 
@@ -163,6 +230,7 @@ def _writer(path: Path, content: str | bytes, mode: int) -> Callable[[], None]:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode() if isinstance(content, str) else content)
         os.chmod(path, mode)
+
     return write
 
 
@@ -175,16 +243,24 @@ def _pull(root: Path, model: str, key: bytes) -> None:
 
     master = MasterKey(key, "installer")
     vault = root / STATE / "vault"
-    store = VaultStore(vault, master) if VaultStore.exists(vault) \
-        else VaultStore.create(vault, master)
+    store = (
+        VaultStore(vault, master) if VaultStore.exists(vault) else VaultStore.create(vault, master)
+    )
     manifest = Catalog().get(model)
     try:
         store.get(model)
     except ModelNotFound:
         path = fetch(manifest, load_settings(environ={}).cache_dir)
-        store.add_file(path, model, expected_sha256=manifest.sha256,
-                       info={"source": manifest.describe_source(), "license": manifest.license,
-                             "quantization": manifest.quantization})
+        store.add_file(
+            path,
+            model,
+            expected_sha256=manifest.sha256,
+            info={
+                "source": manifest.describe_source(),
+                "license": manifest.license,
+                "quantization": manifest.quantization,
+            },
+        )
     uid, gid = _ids(root, "edgellm")
     for dirpath, _, files in os.walk(root / STATE):
         os.chown(dirpath, uid, gid)
@@ -204,8 +280,12 @@ def uninstall_steps(root: Path, purge: bool) -> list[Step]:
     live = root == Path("/")
     steps: list[Step] = []
     if live and systemd_running():
-        steps.append(Step("stop and disable edgellm.service and edgellm.socket", lambda: _run(
-            "systemctl", "disable", "--now", "edgellm.service", "edgellm.socket")))
+        steps.append(
+            Step(
+                "stop and disable edgellm.service and edgellm.socket",
+                lambda: _run("systemctl", "disable", "--now", "edgellm.service", "edgellm.socket"),
+            )
+        )
     targets = [*FILES.values(), f"{UNIT_DIR}/edgellm.service.d"]
     for target in targets:
         if (root / target).exists():
@@ -215,11 +295,11 @@ def uninstall_steps(root: Path, purge: bool) -> list[Step]:
     if purge:
         for target in (STATE, "var/cache/edgellm", "etc/edgellm"):
             if (root / target).exists():
-                steps.append(Step(f"remove /{target} (models, vault key, settings)",
-                                  _remover(root / target)))
+                steps.append(
+                    Step(f"remove /{target} (models, vault key, settings)", _remover(root / target))
+                )
     else:
-        steps.append(Step(f"keep /{STATE} and /etc/edgellm (--purge removes them)",
-                          lambda: None))
+        steps.append(Step(f"keep /{STATE} and /etc/edgellm (--purge removes them)", lambda: None))
     return steps
 
 

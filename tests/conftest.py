@@ -47,8 +47,9 @@ def _toml(value: Any) -> str:
 
 
 class Daemon:
-    def __init__(self, root: Path, model_file: Path, names: tuple[str, ...] = (MODEL,),
-                 **settings: Any) -> None:
+    def __init__(
+        self, root: Path, model_file: Path, names: tuple[str, ...] = (MODEL,), **settings: Any
+    ) -> None:
         self.root = root
         self.socket = root / "run" / "edgellm.sock"
         self.state_dir = root / "state"
@@ -61,9 +62,17 @@ class Daemon:
         per_model = settings.pop("model_settings", {})
         governor = settings.pop("governor", {})
         self.extra_env: dict[str, str] = settings.pop("env", {})
-        lines = [f"{k} = {_toml(v)}" for k, v in {
-            "n_ctx": 1024, "n_threads": 2, "max_queue": 4, "shutdown_grace": "5s",
-            "log_level": "DEBUG", **settings}.items()]
+        lines = [
+            f"{k} = {_toml(v)}"
+            for k, v in {
+                "n_ctx": 1024,
+                "n_threads": 2,
+                "max_queue": 4,
+                "shutdown_grace": "5s",
+                "log_level": "DEBUG",
+                **settings,
+            }.items()
+        ]
         if governor:
             lines.append("[governor]")
             lines += [f"{k} = {_toml(v)}" for k, v in governor.items()]
@@ -76,16 +85,23 @@ class Daemon:
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELLM_")}
-        env.update(EDGELLM_SOCKET=str(self.socket), EDGELLM_STATE_DIR=str(self.state_dir),
-                   EDGELLM_CONFIG=str(self.config), EDGELLM_VAULT_KEY_FILE=str(self.key_file),
-                   **self.extra_env)
+        env.update(
+            EDGELLM_SOCKET=str(self.socket),
+            EDGELLM_STATE_DIR=str(self.state_dir),
+            EDGELLM_CONFIG=str(self.config),
+            EDGELLM_VAULT_KEY_FILE=str(self.key_file),
+            **self.extra_env,
+        )
         return env
 
     def start(self) -> Daemon:
         with open(self.log, "ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edgellm", "serve", "--no-pull"], env=self.env,
-                stdout=subprocess.DEVNULL, stderr=log)
+                [sys.executable, "-m", "edgellm", "serve", "--no-pull"],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -106,8 +122,11 @@ class Daemon:
         return Client(self.socket, timeout=timeout)
 
     def http(self, timeout: float = 120) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
-                            base_url="http://edgellm", timeout=timeout)
+        return httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://edgellm",
+            timeout=timeout,
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -118,11 +137,17 @@ class Daemon:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
-    def cli(self, *args: str, timeout: float = 120,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edgellm", *args], env=self.env,
-                              capture_output=True, text=True, timeout=timeout,
-                              input=input if input is not None else "")
+    def cli(
+        self, *args: str, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "edgellm", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input if input is not None else "",
+        )
 
 
 @contextlib.contextmanager

@@ -25,34 +25,141 @@ from aiohttp import web
 from edgellm.server.app import add_routes
 
 # 503s the appliance gives by design (busy, locked, shedding), always with Retry-After
-DOCUMENTED_503 = {"queue_full", "vault_locked", "governor_shedding", "shutting_down",
-                  "audit_unavailable", "insufficient_memory", "model_backing_off",
-                  "engine_failed", "deadline_exceeded", "too_many_connections", "unavailable",
-                  "model_load_failed"}
+DOCUMENTED_503 = {
+    "queue_full",
+    "vault_locked",
+    "governor_shedding",
+    "shutting_down",
+    "audit_unavailable",
+    "insufficient_memory",
+    "model_backing_off",
+    "engine_failed",
+    "deadline_exceeded",
+    "too_many_connections",
+    "unavailable",
+    "model_load_failed",
+}
 # what a fuzzing root must not do to the daemon it fuzzes (each has its own tests)
-ROOT_SKIPS = {("POST", "/api/vault/lock"), ("POST", "/api/vault/rotate"),
-              ("PUT", "/api/governor"), ("POST", "/api/audit/prune")}
+ROOT_SKIPS = {
+    ("POST", "/api/vault/lock"),
+    ("POST", "/api/vault/rotate"),
+    ("PUT", "/api/governor"),
+    ("POST", "/api/audit/prune"),
+}
 
-WEIRD_TEXT = ["", " ", "a" * 5000, "..", "../../etc/passwd", "\x00", "é", "\u202e", "💥",
-              "\ud800", "\udcff", "%ff", "%00", "%C2%B2", "${jndi:x}", "'; DROP TABLE x; --",
-              "-1", "0", "1e309", "99999999999999999999", "NaN", "true", "null", "[]", "{}"]
-WEIRD_NUMBERS: list[Any] = [-1, 0, 1, 2**31, 2**63, 2**64 + 1, -(2**63) - 1, 10**30, 1e309,
-                            -1e309, 0.5, 3.14, True, False, None, "1", "²", int("9" * 4000)]
-FIELDS = ["model", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop",
-          "stream", "stream_options", "seed", "keep_alive", "timeout", "n", "logprobs", "input",
-          "encoding_format", "dimensions", "inputs", "outputs", "encoding", "pin", "unpin",
-          "thresholds", "subject", "role", "scope", "name", "older_than_days", "keep_rows",
-          "passphrase", "key", "role", "content", "tools", "response_format"]
-QUERY_KEYS = ["limit", "since", "until", "user", "action", "decision", "model", "order",
-              "prefix", "force", "replace", "to", "exclude"]
+WEIRD_TEXT = [
+    "",
+    " ",
+    "a" * 5000,
+    "..",
+    "../../etc/passwd",
+    "\x00",
+    "é",
+    "\u202e",
+    "💥",
+    "\ud800",
+    "\udcff",
+    "%ff",
+    "%00",
+    "%C2%B2",
+    "${jndi:x}",
+    "'; DROP TABLE x; --",
+    "-1",
+    "0",
+    "1e309",
+    "99999999999999999999",
+    "NaN",
+    "true",
+    "null",
+    "[]",
+    "{}",
+]
+WEIRD_NUMBERS: list[Any] = [
+    -1,
+    0,
+    1,
+    2**31,
+    2**63,
+    2**64 + 1,
+    -(2**63) - 1,
+    10**30,
+    1e309,
+    -1e309,
+    0.5,
+    3.14,
+    True,
+    False,
+    None,
+    "1",
+    "²",
+    int("9" * 4000),
+]
+FIELDS = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop",
+    "stream",
+    "stream_options",
+    "seed",
+    "keep_alive",
+    "timeout",
+    "n",
+    "logprobs",
+    "input",
+    "encoding_format",
+    "dimensions",
+    "inputs",
+    "outputs",
+    "encoding",
+    "pin",
+    "unpin",
+    "thresholds",
+    "subject",
+    "role",
+    "scope",
+    "name",
+    "older_than_days",
+    "keep_rows",
+    "passphrase",
+    "key",
+    "role",
+    "content",
+    "tools",
+    "response_format",
+]
+QUERY_KEYS = [
+    "limit",
+    "since",
+    "until",
+    "user",
+    "action",
+    "decision",
+    "model",
+    "order",
+    "prefix",
+    "force",
+    "replace",
+    "to",
+    "exclude",
+]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "GE T"]
 
 
 def route_table() -> list[tuple[str, str]]:
     app = web.Application()
     add_routes(app.router)
-    return sorted({(r.method, r.resource.canonical) for r in app.router.routes()
-                   if r.resource is not None and r.method != "HEAD"})
+    return sorted(
+        {
+            (r.method, r.resource.canonical)
+            for r in app.router.routes()
+            if r.resource is not None and r.method != "HEAD"
+        }
+    )
 
 
 @dataclass
@@ -67,11 +174,15 @@ class Case:
     def raw(self) -> bytes:
         target = self.path.encode("utf-8", "surrogatepass")
         if self.query:
-            target += b"?" + b"&".join(k.encode("utf-8", "surrogatepass") + b"=" +
-                                       v.encode("utf-8", "surrogatepass")
-                                       for k, v in self.query)
-        lines = [self.method.encode() + b" " + target + b" HTTP/1.1", b"Host: edgellm",
-                 b"Connection: close"]
+            target += b"?" + b"&".join(
+                k.encode("utf-8", "surrogatepass") + b"=" + v.encode("utf-8", "surrogatepass")
+                for k, v in self.query
+            )
+        lines = [
+            self.method.encode() + b" " + target + b" HTTP/1.1",
+            b"Host: edgellm",
+            b"Connection: close",
+        ]
         lines += [k + b": " + v for k, v in self.headers]
         length = len(self.body) if self.lying_length is None else self.lying_length
         if self.body or self.lying_length is not None:
@@ -115,7 +226,7 @@ def send(sock_path: str, case: Case, timeout: float) -> Outcome:
             readable, writable, _ = select.select([s], [s] if out else [], [], left)
             if writable:
                 try:
-                    out = out[s.send(out[:65536]):]
+                    out = out[s.send(out[:65536]) :]
                 except (BrokenPipeError, ConnectionResetError):
                     out = memoryview(b"")  # answered early (a 413): the answer is there
             if readable:
@@ -161,9 +272,18 @@ class Fuzzer:
         if pick < 0.5:
             return r.choice(WEIRD_TEXT)
         if pick < 0.8:
-            return "".join(chr(r.choice([r.randrange(32, 127), r.randrange(0x80, 0x3000),
-                                         r.randrange(0xD800, 0xE000)]))
-                           for _ in range(r.randrange(1, 40)))
+            return "".join(
+                chr(
+                    r.choice(
+                        [
+                            r.randrange(32, 127),
+                            r.randrange(0x80, 0x3000),
+                            r.randrange(0xD800, 0xE000),
+                        ]
+                    )
+                )
+                for _ in range(r.randrange(1, 40))
+            )
         return r.choice(list(self.names.values()) or ["x"])
 
     def value(self, depth: int = 0) -> Any:
@@ -204,8 +324,11 @@ class Fuzzer:
         """A body that route takes (small: one token), as the start of a mutation."""
         model = self.names.get("model", "m")
         if "chat" in path:
-            return {"model": model, "messages": [{"role": "user", "content": "Hi"}],
-                    "max_tokens": 1}
+            return {
+                "model": model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 1,
+            }
         if "completions" in path:
             return {"model": model, "prompt": "Hi", "max_tokens": 1}
         if "embeddings" in path:
@@ -227,14 +350,22 @@ class Fuzzer:
             token = "{" + param + "}"
             if token in out:
                 # root never aims a removal or a replacement at the real model
-                use_real = param in self.names and r.random() < 0.4 and not (
-                    self.as_root and method in ("DELETE", "PUT"))
+                use_real = (
+                    param in self.names
+                    and r.random() < 0.4
+                    and not (self.as_root and method in ("DELETE", "PUT"))
+                )
                 value = self.names.get(param, "x") if use_real else self.text()
-                if self.as_root and method in ("DELETE", "PUT") and \
-                        value in self.names.values():
+                if self.as_root and method in ("DELETE", "PUT") and value in self.names.values():
                     value = "not-" + value
-                out = out.replace(token, value.replace("?", "%3F").replace("#", "%23")
-                                  .replace(" ", "%20").replace("\r", "").replace("\n", ""))
+                out = out.replace(
+                    token,
+                    value.replace("?", "%3F")
+                    .replace("#", "%23")
+                    .replace(" ", "%20")
+                    .replace("\r", "")
+                    .replace("\n", ""),
+                )
         if r.random() < 0.05:
             out += r.choice(["/", "//", "/..", "%2F..", "/%00", "/\udcff"])
         return out
@@ -243,19 +374,44 @@ class Fuzzer:
         r = self.rng
         out: list[tuple[bytes, bytes]] = []
         if r.random() < 0.5:
-            out.append((b"Content-Type", r.choice([b"application/json", b"text/plain",
-                                                   b"application/octet-stream",
-                                                   b"multipart/form-data; boundary=x"])))
+            out.append(
+                (
+                    b"Content-Type",
+                    r.choice(
+                        [
+                            b"application/json",
+                            b"text/plain",
+                            b"application/octet-stream",
+                            b"multipart/form-data; boundary=x",
+                        ]
+                    ),
+                )
+            )
         if r.random() < 0.3:
-            out.append((b"Authorization", r.choice([
-                b"Bearer " + bytes(r.randrange(128, 256) for _ in range(12)),
-                b"Bearer edg_" + b"A" * r.choice([1, 43, 5000]), b"Bearer", b"Basic Zm9vOmJhcg==",
-                b"Bearer \xff\xfe", b"Bearer " + "é".encode()])))
+            out.append(
+                (
+                    b"Authorization",
+                    r.choice(
+                        [
+                            b"Bearer " + bytes(r.randrange(128, 256) for _ in range(12)),
+                            b"Bearer edg_" + b"A" * r.choice([1, 43, 5000]),
+                            b"Bearer",
+                            b"Basic Zm9vOmJhcg==",
+                            b"Bearer \xff\xfe",
+                            b"Bearer " + "é".encode(),
+                        ]
+                    ),
+                )
+            )
         if r.random() < 0.15:
             out.append((b"X-Content-Sha256", r.choice([b"0" * 64, b"zz", b"\xff" * 10])))
         if r.random() < 0.1:
-            out.append((b"X-" + bytes(r.randrange(65, 90) for _ in range(5)),
-                        bytes(r.randrange(0x20, 256) for _ in range(r.randrange(0, 50)))))
+            out.append(
+                (
+                    b"X-" + bytes(r.randrange(65, 90) for _ in range(5)),
+                    bytes(r.randrange(0x20, 256) for _ in range(r.randrange(0, 50))),
+                )
+            )
         if r.random() < 0.05:
             out.append((b"Transfer-Encoding", b"chunked"))
         return out
@@ -264,10 +420,18 @@ class Fuzzer:
         r = self.rng
         if r.random() < 0.6:
             return []
-        return [(r.choice(QUERY_KEYS), r.choice([self.text(), str(r.choice(WEIRD_NUMBERS))])
-                 .replace("&", "%26").replace("#", "%23").replace(" ", "%20")
-                 .replace("\r", "").replace("\n", ""))
-                for _ in range(r.randrange(1, 4))]
+        return [
+            (
+                r.choice(QUERY_KEYS),
+                r.choice([self.text(), str(r.choice(WEIRD_NUMBERS))])
+                .replace("&", "%26")
+                .replace("#", "%23")
+                .replace(" ", "%20")
+                .replace("\r", "")
+                .replace("\n", ""),
+            )
+            for _ in range(r.randrange(1, 4))
+        ]
 
     def case(self) -> Case:
         r = self.rng
@@ -287,8 +451,10 @@ def shrink(case: Case, fails: Callable[[Case], bool]) -> Case:
     changed = True
     while changed:
         changed = False
-        candidates = [replace(case, headers=case.headers[:i] + case.headers[i + 1:])
-                      for i in range(len(case.headers))]
+        candidates = [
+            replace(case, headers=case.headers[:i] + case.headers[i + 1 :])
+            for i in range(len(case.headers))
+        ]
         if case.query:
             candidates.append(replace(case, query=[]))
         if case.lying_length is not None:
@@ -302,9 +468,16 @@ def shrink(case: Case, fails: Callable[[Case], bool]) -> Case:
     return case
 
 
-def run(sock_path: str, seed: int, count: int, names: dict[str, str], as_root: bool,
-        seconds: float | None = None, timeout: float = 30.0,
-        alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+def run(
+    sock_path: str,
+    seed: int,
+    count: int,
+    names: dict[str, str],
+    as_root: bool,
+    seconds: float | None = None,
+    timeout: float = 30.0,
+    alive: Callable[[], bool] = lambda: True,
+) -> dict[str, Any]:
     """Fuzz ``count`` cases (or until ``seconds`` pass); return the statuses seen and the
     failures, each with its shrunk reproducer."""
     fuzzer = Fuzzer(seed, names, as_root)
@@ -321,9 +494,17 @@ def run(sock_path: str, seed: int, count: int, names: dict[str, str], as_root: b
             statuses[outcome.status] = statuses.get(outcome.status, 0) + 1
         if outcome.problem is not None or not alive():
             small = shrink(case, lambda c: send(sock_path, c, timeout).problem is not None)
-            failures.append({"problem": outcome.problem or "the daemon exited",
-                             "reproducer": repr(small.raw()[:2000])})
+            failures.append(
+                {
+                    "problem": outcome.problem or "the daemon exited",
+                    "reproducer": repr(small.raw()[:2000]),
+                }
+            )
             if len(failures) >= 5 or not alive():
                 break
-    return {"cases": done, "statuses": statuses, "failures": failures,
-            "seconds": round(time.monotonic() - started, 1)}
+    return {
+        "cases": done,
+        "statuses": statuses,
+        "failures": failures,
+        "seconds": round(time.monotonic() - started, 1),
+    }

@@ -72,8 +72,10 @@ def with_template(src: Path, dst: Path, template: str) -> Path:
     lay = layout(raw)
     kv = b"".join(
         _gguf_string(key) + struct.pack("<I", 8) + _gguf_string(template)
-        if key == "tokenizer.chat_template" else raw[start:end]
-        for key, start, end in lay.entries)
+        if key == "tokenizer.chat_template"
+        else raw[start:end]
+        for key, start, end in lay.entries
+    )
     head = raw[:24] + kv + raw[lay.kv_end : lay.info_end]
     head += b"\0" * (-len(head) % lay.alignment)
     dst.write_bytes(head + raw[lay.data_start :])

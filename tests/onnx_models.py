@@ -31,15 +31,23 @@ def _model(graph: onnx.GraphProto) -> bytes:
 
 def affine() -> bytes:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"], name="project"),
-         helper.make_node("Add", ["xw", "B"], ["y"]),
-         helper.make_node("ReduceSum", ["y", "axis"], ["total"], keepdims=0)],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"], name="project"),
+            helper.make_node("Add", ["xw", "B"], ["y"]),
+            helper.make_node("ReduceSum", ["y", "axis"], ["total"], keepdims=0),
+        ],
         "affine",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
-         helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"])],
-        [numpy_helper.from_array(W, "W"), numpy_helper.from_array(B, "B"),
-         numpy_helper.from_array(np.array([1], dtype=np.int64), "axis")])
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch"]),
+        ],
+        [
+            numpy_helper.from_array(W, "W"),
+            numpy_helper.from_array(B, "B"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axis"),
+        ],
+    )
     return _model(graph)
 
 
@@ -49,19 +57,31 @@ def affine_expected(x: np.ndarray) -> np.ndarray:
 
 def spin() -> bytes:
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Add", ["acc_in", "one"], ["acc_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [2]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
+    )
     graph = helper.make_graph(
-        [helper.make_node("Loop", ["steps", "", "x"], ["y"], body=body)], "spin",
-        [helper.make_tensor_value_info("steps", TensorProto.INT64, []),
-         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        [helper.make_node("Loop", ["steps", "", "x"], ["y"], body=body)],
+        "spin",
+        [
+            helper.make_tensor_value_info("steps", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
     return _model(graph)
 
 
@@ -71,17 +91,28 @@ def tiny_embed_files() -> dict[str, bytes]:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "input_ids"], ["token_vectors"])], "tiny_embed",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("token_vectors", TensorProto.FLOAT,
-                                       ["batch", "seq", 4])],
-        [numpy_helper.from_array(TABLE, "table")])
+        [helper.make_node("Gather", ["table", "input_ids"], ["token_vectors"])],
+        "tiny_embed",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
+        [helper.make_tensor_value_info("token_vectors", TensorProto.FLOAT, ["batch", "seq", 4])],
+        [numpy_helper.from_array(TABLE, "table")],
+    )
     # attention_mask is an input the graph does not read: keep it for the engine to feed
-    config = {"task": "embedding", "output": "token_vectors", "pooling": "mean",
-              "normalize": True, "max_length": 16}
-    return {bundle.MODEL: _model(graph), bundle.TOKENIZER: tok.to_str().encode(),
-            bundle.CONFIG: json.dumps(config).encode()}
+    config = {
+        "task": "embedding",
+        "output": "token_vectors",
+        "pooling": "mean",
+        "normalize": True,
+        "max_length": 16,
+    }
+    return {
+        bundle.MODEL: _model(graph),
+        bundle.TOKENIZER: tok.to_str().encode(),
+        bundle.CONFIG: json.dumps(config).encode(),
+    }
 
 
 def tiny_embed_expected(text: str) -> np.ndarray:

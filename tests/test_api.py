@@ -22,8 +22,9 @@ def chat(d: Daemon, **body: object) -> httpx.Response:
 
 
 def test_greedy_answers_are_identical_across_calls(daemon: Daemon) -> None:
-    answers = [chat(daemon, messages=QUESTION, temperature=0, max_tokens=24).json()
-               for _ in range(3)]
+    answers = [
+        chat(daemon, messages=QUESTION, temperature=0, max_tokens=24).json() for _ in range(3)
+    ]
     texts = {a["choices"][0]["message"]["content"] for a in answers}
     assert len(texts) == 1 and len(texts.pop()) > 20
     assert answers[0]["usage"]["completion_tokens"] == 24
@@ -42,8 +43,14 @@ def test_streamed_chunks_concatenate_to_the_plain_answer(daemon: Daemon) -> None
 
 
 def test_sse_wire_format(daemon: Daemon) -> None:
-    with daemon.http() as h, h.stream("POST", "/v1/chat/completions", json={
-            "messages": QUESTION, "stream": True, "max_tokens": 3}) as r:
+    with (
+        daemon.http() as h,
+        h.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"messages": QUESTION, "stream": True, "max_tokens": 3},
+        ) as r,
+    ):
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -57,12 +64,15 @@ def test_sse_wire_format(daemon: Daemon) -> None:
 
 def test_max_tokens_and_stop_are_honoured(daemon: Daemon) -> None:
     with daemon.http() as h:
-        counted = h.post("/v1/completions", json={
-            "prompt": "1, 2, 3, 4,", "max_tokens": 7, "temperature": 0}).json()
+        counted = h.post(
+            "/v1/completions", json={"prompt": "1, 2, 3, 4,", "max_tokens": 7, "temperature": 0}
+        ).json()
         assert counted["usage"]["completion_tokens"] == 7
         assert counted["choices"][0]["finish_reason"] == "length"
-        stopped = h.post("/v1/completions", json={
-            "prompt": "1, 2, 3, 4,", "max_tokens": 40, "temperature": 0, "stop": [" 8"]}).json()
+        stopped = h.post(
+            "/v1/completions",
+            json={"prompt": "1, 2, 3, 4,", "max_tokens": 40, "temperature": 0, "stop": [" 8"]},
+        ).json()
     text = stopped["choices"][0]["text"]
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert text.startswith(" 5, 6, 7,") and "8" not in text
@@ -78,14 +88,19 @@ def test_openai_sdk_works_over_the_socket(daemon: Daemon) -> None:
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)))
     sdk = openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
     assert MODEL in [m.id for m in sdk.models.list()]
-    r = sdk.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12,
-                                    temperature=0)
+    r = sdk.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0)
     assert r.usage.completion_tokens == 12 and r.choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
-        model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True) if c.choices)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in sdk.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=12, temperature=0, stream=True
+        )
+        if c.choices
+    )
     assert streamed == r.choices[0].message.content
-    done = sdk.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
-                                  temperature=0)
+    done = sdk.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     assert "Paris" in done.choices[0].text
     with pytest.raises(openai.NotFoundError, match="not found"):
         sdk.chat.completions.create(model="no-such-model", messages=QUESTION)
@@ -93,10 +108,19 @@ def test_openai_sdk_works_over_the_socket(daemon: Daemon) -> None:
 
 def test_curl_works_over_the_socket(daemon: Daemon) -> None:
     out = subprocess.run(
-        ["curl", "-s", "--unix-socket", str(daemon.socket),
-         "http://localhost/v1/chat/completions", "-d",
-         json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 5})],
-        capture_output=True, text=True, check=True).stdout
+        [
+            "curl",
+            "-s",
+            "--unix-socket",
+            str(daemon.socket),
+            "http://localhost/v1/chat/completions",
+            "-d",
+            json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 5}),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out)["usage"]["completion_tokens"] == 5
 
 
@@ -128,10 +152,14 @@ def test_metrics_count_tokens_and_requests(daemon: Daemon) -> None:
         before = c.metrics()
         c.chat(QUESTION, max_tokens=9, temperature=0)
         after = c.metrics()
-    assert _metric(after, "llamacpp:tokens_predicted_total") - \
-        _metric(before, "llamacpp:tokens_predicted_total") == 9
-    assert _metric(after, "llamacpp:prompt_tokens_total") >= \
-        _metric(before, "llamacpp:prompt_tokens_total")
+    assert (
+        _metric(after, "llamacpp:tokens_predicted_total")
+        - _metric(before, "llamacpp:tokens_predicted_total")
+        == 9
+    )
+    assert _metric(after, "llamacpp:prompt_tokens_total") >= _metric(
+        before, "llamacpp:prompt_tokens_total"
+    )
     assert _metric(after, "llamacpp:tokens_predicted_seconds_total") > 0
     assert 'edgellm_requests_total{route="/v1/chat/completions",status="200"}' in after
     assert _metric(after, "edgellm_loaded_models") == 1
@@ -146,26 +174,32 @@ MALFORMED = [
     (b'{"model": "x"}', 400, "missing required field 'messages'"),
     (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, "'messages.0.role'"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}', 400, "temperature"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}', 400,
-     "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ""}', 400, "stop"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, "'n'"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "bogus": 1}', 400,
-     "unknown field 'bogus'"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "keep_alive": "soon"}', 400,
-     "keep_alive"),
-    (b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}', 404,
-     "model 'nope' not found"),
+    (
+        b'{"messages": [{"role": "user", "content": "hi"}], "bogus": 1}',
+        400,
+        "unknown field 'bogus'",
+    ),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "keep_alive": "soon"}', 400, "keep_alive"),
+    (
+        b'{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}',
+        404,
+        "model 'nope' not found",
+    ),
 ]
 
 
 @pytest.mark.parametrize("body,status,words", MALFORMED)
-def test_malformed_requests_get_a_clear_error(daemon: Daemon, body: bytes, status: int,
-                                              words: str) -> None:
+def test_malformed_requests_get_a_clear_error(
+    daemon: Daemon, body: bytes, status: int, words: str
+) -> None:
     with daemon.http() as h:
-        r = h.post("/v1/chat/completions", content=body,
-                   headers={"Content-Type": "application/json"})
+        r = h.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
     assert r.status_code == status
     err = r.json()["error"]
     assert words in err["message"]
@@ -181,8 +215,7 @@ def test_other_bad_requests(daemon: Daemon) -> None:
         assert wrong.status_code == 405 and "not allowed" in wrong.json()["error"]["message"]
         unknown = h.delete("/api/requests/req-nope")
         assert unknown.status_code == 404 and "req-nope" in unknown.json()["error"]["message"]
-        long_prompt = h.post("/v1/completions", json={"prompt": "hello " * 1500,
-                                                      "max_tokens": 4})
+        long_prompt = h.post("/v1/completions", json={"prompt": "hello " * 1500, "max_tokens": 4})
         assert long_prompt.status_code == 400
         msg = long_prompt.json()["error"]["message"]
         assert "1500" in msg.replace("1501", "1500") and "1024" in msg
@@ -200,6 +233,7 @@ def _start_long_stream(d: Daemon, result: dict[str, object], max_tokens: int = 3
             result["text"] = "".join(stream)
             result["finish"] = stream.finish_reason
             result["usage"] = stream.usage
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     result["thread"] = t
@@ -214,8 +248,11 @@ def test_cancel_by_id_frees_the_slot(daemon: Daemon) -> None:
     result: dict[str, object] = {}
     _start_long_stream(daemon, result)
     with daemon.client() as c:
-        running = wait_for(lambda: [r for r in c.requests() if r["state"] == "running"
-                                    and r["completion_tokens"] > 0])
+        running = wait_for(
+            lambda: [
+                r for r in c.requests() if r["state"] == "running" and r["completion_tokens"] > 0
+            ]
+        )
         assert running[0]["model"] == MODEL and running[0]["pid"] > 0
         c.cancel(running[0]["id"])
     result["thread"].join(30)  # type: ignore[attr-defined]
@@ -300,8 +337,10 @@ def test_request_ids_are_returned(daemon: Daemon) -> None:
     assert r.headers["X-Request-Id"].startswith("req-")
     assert r.json()["id"] == "chatcmpl-" + r.headers["X-Request-Id"]
     time.sleep(0)  # ids are unique per daemon
-    assert chat(daemon, messages=QUESTION, max_tokens=1).headers["X-Request-Id"] != \
-        r.headers["X-Request-Id"]
+    assert (
+        chat(daemon, messages=QUESTION, max_tokens=1).headers["X-Request-Id"]
+        != r.headers["X-Request-Id"]
+    )
 
 
 def test_requests_for_a_loading_model_wait_for_one_load(daemon: Daemon) -> None:

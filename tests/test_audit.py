@@ -13,8 +13,11 @@ from edgellm.vault.audit import AuditLog, AuditUnavailable
 
 from conftest import MODEL, Daemon, wait_for
 
-CHAT = {"messages": [{"role": "user", "content": "The secret word is PARSNIP."}],
-        "max_tokens": 3, "ignore_eos": True}
+CHAT = {
+    "messages": [{"role": "user", "content": "The secret word is PARSNIP."}],
+    "max_tokens": 3,
+    "ignore_eos": True,
+}
 
 
 @pytest.fixture
@@ -47,8 +50,13 @@ def test_requests_are_recorded_without_their_text(d: Daemon) -> None:
     assert any(r["action"] == "models.load" and r["resource"] == MODEL for r in rows)
     raw = b"".join(p.read_bytes() for p in (d.state_dir / "vault").glob("audit.db*"))
     assert b"PARSNIP" not in raw and b"secret word" not in raw
-    assert verdict == {"ok": True, "rows": len(rows), "first_bad": None, "problem": None,
-                       "checkpoint": None}
+    assert verdict == {
+        "ok": True,
+        "rows": len(rows),
+        "first_bad": None,
+        "problem": None,
+        "checkpoint": None,
+    }
 
 
 def test_search_and_the_cli(d: Daemon) -> None:
@@ -74,17 +82,30 @@ def _rows(d: Daemon, n: int = 4) -> None:
             h.post("/v1/chat/completions", json=CHAT)
 
 
-FORGED = ("INSERT INTO audit (seq, time, action, decision, mac) "
-          "VALUES (3, '2026-01-01T00:00:00Z', 'models.use', 'allow', '00')")
+FORGED = (
+    "INSERT INTO audit (seq, time, action, decision, mac) "
+    "VALUES (3, '2026-01-01T00:00:00Z', 'models.use', 'allow', '00')"
+)
 TAMPERING: dict[str, tuple[list[str], int]] = {
     "changed": (["UPDATE audit SET completion_tokens = 999 WHERE seq = 2"], 2),
     "deleted": (["DELETE FROM audit WHERE seq = 2"], 3),
     # rows 3.. move up by one to make room for a forged row 3
-    "inserted": (["UPDATE audit SET seq = seq + 100 WHERE seq >= 3",
-                  "UPDATE audit SET seq = seq - 99 WHERE seq >= 103", FORGED], 3),
-    "reordered": (["UPDATE audit SET seq = -2 WHERE seq = 2",
-                   "UPDATE audit SET seq = 2 WHERE seq = 3",
-                   "UPDATE audit SET seq = 3 WHERE seq = -2"], 2),
+    "inserted": (
+        [
+            "UPDATE audit SET seq = seq + 100 WHERE seq >= 3",
+            "UPDATE audit SET seq = seq - 99 WHERE seq >= 103",
+            FORGED,
+        ],
+        3,
+    ),
+    "reordered": (
+        [
+            "UPDATE audit SET seq = -2 WHERE seq = 2",
+            "UPDATE audit SET seq = 2 WHERE seq = 3",
+            "UPDATE audit SET seq = 3 WHERE seq = -2",
+        ],
+        2,
+    ),
 }
 
 
@@ -133,8 +154,12 @@ def test_rows_that_arrive_during_a_commit_share_the_next_one(tmp_path: Any) -> N
     log.append(action="first", decision="allow")
     seqs: list[int] = []
     with log._lock:  # a commit under way: the next eight writers queue behind it
-        threads = [threading.Thread(target=lambda i=i: seqs.append(
-            log.append(action=f"a{i}", decision="allow"))) for i in range(8)]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: seqs.append(log.append(action=f"a{i}", decision="allow"))
+            )
+            for i in range(8)
+        ]
         for t in threads:
             t.start()
         wait_for(lambda: len(log._pending) == 8)
@@ -143,8 +168,13 @@ def test_rows_that_arrive_during_a_commit_share_the_next_one(tmp_path: Any) -> N
     assert len(commits) == 2  # the first row's, then all eight in one
     assert sorted(seqs) == list(range(2, 10))
     assert [r["action"] for r in log.rows()][0] == "first"
-    assert log.verify() == {"ok": True, "rows": 9, "first_bad": None, "problem": None,
-                            "checkpoint": None}
+    assert log.verify() == {
+        "ok": True,
+        "rows": 9,
+        "first_bad": None,
+        "problem": None,
+        "checkpoint": None,
+    }
 
 
 def test_a_failed_group_commit_fails_every_row_in_it(tmp_path: Any) -> None:

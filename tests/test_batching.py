@@ -28,19 +28,24 @@ def _ask(d: Daemon, prompt: str, out: dict[str, Any], key: Any, **params: Any) -
         out[key] = ("".join(stream), stream.finish_reason, stream.usage)
 
 
-def _start_generating(d: Daemon, prompt: str, out: dict[int, Any], key: int,
-                      max_tokens: int) -> threading.Thread:
+def _start_generating(
+    d: Daemon, prompt: str, out: dict[int, Any], key: int, max_tokens: int
+) -> threading.Thread:
     """A long request in a thread, returned once it is producing tokens."""
-    t = threading.Thread(target=_ask, args=(d, prompt, out, key),
-                         kwargs={"max_tokens": max_tokens, "ignore_eos": True})
+    t = threading.Thread(
+        target=_ask,
+        args=(d, prompt, out, key),
+        kwargs={"max_tokens": max_tokens, "ignore_eos": True},
+    )
     t.start()
     with d.client() as c:
         wait_for(lambda: any(r["completion_tokens"] > 0 for r in c.requests()))
     return t
 
 
-def _parallel(d: Daemon, jobs: list[tuple[str, dict[str, Any]]],
-              stagger: float = 0.0) -> dict[int, Any]:
+def _parallel(
+    d: Daemon, jobs: list[tuple[str, dict[str, Any]]], stagger: float = 0.0
+) -> dict[int, Any]:
     out: dict[int, Any] = {}
     threads = []
     for i, (prompt, params) in enumerate(jobs):
@@ -63,18 +68,25 @@ def test_greedy_output_is_the_same_alone_and_beside_others(make_daemon: Any) -> 
         assert together[i] == alone[i], f"prompt {i} changed when batched"
     # beside sampled neighbours that end at different steps and leave holes behind
     for trial in range(2):
-        crowd = _parallel(d, [(PROMPTS[0], greedy)] + [
-            (p, {"temperature": 0.8, "max_tokens": 5 + 9 * k}) for k, p in enumerate(PROMPTS)],
-            stagger=0.05 * trial)
+        crowd = _parallel(
+            d,
+            [(PROMPTS[0], greedy)]
+            + [(p, {"temperature": 0.8, "max_tokens": 5 + 9 * k}) for k, p in enumerate(PROMPTS)],
+            stagger=0.05 * trial,
+        )
         assert crowd[0] == alone[0], f"trial {trial}: changed beside sampled neighbours"
     with d.client() as c:
         ps = c.ps()[0]
     assert ps["mean_sequences_per_step"] > 1.0  # they really were decoded together
     steps = _metric(d, "llamacpp:n_decode_total")
-    assert _metric(d, "edgellm_decode_step_sequences_total") / steps == \
-        ps["mean_sequences_per_step"] or abs(
+    assert (
+        _metric(d, "edgellm_decode_step_sequences_total") / steps == ps["mean_sequences_per_step"]
+        or abs(
             _metric(d, "edgellm_decode_step_sequences_total") / steps
-            - ps["mean_sequences_per_step"]) < 0.01
+            - ps["mean_sequences_per_step"]
+        )
+        < 0.01
+    )
 
 
 def test_seeded_sampling_is_reproducible_alone_and_together(make_daemon: Any) -> None:
@@ -82,8 +94,10 @@ def test_seeded_sampling_is_reproducible_alone_and_together(make_daemon: Any) ->
     sampled = {"temperature": 0.9, "seed": 1234, "max_tokens": 32}
     first = _parallel(d, [(PROMPTS[0], sampled)])[0]
     again = _parallel(d, [(PROMPTS[0], sampled)])[0]
-    crowd = _parallel(d, [(PROMPTS[0], sampled), (PROMPTS[1], {"max_tokens": 32}),
-                          (PROMPTS[3], {"max_tokens": 32})])
+    crowd = _parallel(
+        d,
+        [(PROMPTS[0], sampled), (PROMPTS[1], {"max_tokens": 32}), (PROMPTS[3], {"max_tokens": 32})],
+    )
     assert first == again == crowd[0]
 
 
@@ -94,8 +108,10 @@ def test_cancel_mid_batch_leaves_the_others_untouched(make_daemon: Any) -> None:
     out: dict[int, Any] = {}
     long_one = _start_generating(d, PROMPTS[0], out, 0, max_tokens=3000)
     with d.client() as c:
-        threads = [long_one] + [threading.Thread(target=_ask, args=(d, PROMPTS[1], out, k),
-                                                 kwargs=greedy) for k in (1, 2)]
+        threads = [long_one] + [
+            threading.Thread(target=_ask, args=(d, PROMPTS[1], out, k), kwargs=greedy)
+            for k in (1, 2)
+        ]
         for t in threads[1:]:
             t.start()
         wait_for(lambda: sum(m["slots_busy"] for m in c.ps()) == 3)
@@ -109,11 +125,16 @@ def test_cancel_mid_batch_leaves_the_others_untouched(make_daemon: Any) -> None:
 
 def test_context_overflow_ends_only_that_slot(make_daemon: Any) -> None:
     d: Daemon = make_daemon(n_parallel=2, n_ctx=128)
-    out = _parallel(d, [
-        ("Tell me everything about the history of Rome.", {"max_tokens": 500,
-                                                            "ignore_eos": True}),
-        ("Hi", {"max_tokens": 60, "ignore_eos": True}),
-    ])
+    out = _parallel(
+        d,
+        [
+            (
+                "Tell me everything about the history of Rome.",
+                {"max_tokens": 500, "ignore_eos": True},
+            ),
+            ("Hi", {"max_tokens": 60, "ignore_eos": True}),
+        ],
+    )
     text, finish, usage = out[0]
     assert finish == "length"
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 128
@@ -127,8 +148,9 @@ def test_a_slot_freed_by_disconnect_is_reused(make_daemon: Any) -> None:
     out: dict[int, Any] = {}
     keeper = _start_generating(d, PROMPTS[0], out, 0, max_tokens=400)
     with d.client() as c:
-        leaver = c.chat([{"role": "user", "content": PROMPTS[1]}], stream=True,
-                        max_tokens=3000, ignore_eos=True)
+        leaver = c.chat(
+            [{"role": "user", "content": PROMPTS[1]}], stream=True, max_tokens=3000, ignore_eos=True
+        )
         pieces = iter(leaver)  # held: dropping it would close the stream right away
         for _ in range(4):
             next(pieces)
@@ -136,8 +158,7 @@ def test_a_slot_freed_by_disconnect_is_reused(make_daemon: Any) -> None:
         leaver.close()
         wait_for(lambda: sum(m["slots_busy"] for m in c.ps()) == 1)
         # with max_queue=0, this is served only because the freed slot takes it
-        answer = c.chat([{"role": "user", "content": PROMPTS[3]}], max_tokens=8,
-                        ignore_eos=True)
+        answer = c.chat([{"role": "user", "content": PROMPTS[3]}], max_tokens=8, ignore_eos=True)
         assert answer["usage"]["completion_tokens"] == 8
         assert keeper.is_alive()  # the other stream was running all along
     keeper.join(60)
@@ -154,10 +175,11 @@ def _metric(d: Daemon, name: str) -> float:
 
 def test_prefix_reuse_is_exact_and_counted(make_daemon: Any) -> None:
     system = "You are the assistant of a weather station on a mountain. " * 20  # ~260 tokens
-    question = [{"role": "system", "content": system},
-                {"role": "user", "content": "Will it snow tomorrow?"}]
-    other = [{"role": "system", "content": system},
-             {"role": "user", "content": "How windy is it?"}]
+    question = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Will it snow tomorrow?"},
+    ]
+    other = [{"role": "system", "content": system}, {"role": "user", "content": "How windy is it?"}]
     greedy = {"temperature": 0, "max_tokens": 24}
     d: Daemon = make_daemon(n_parallel=2, prefill_chunk=64)
     plain: Daemon = make_daemon(n_parallel=2, prefill_chunk=64, prefix_cache=False)
@@ -172,11 +194,16 @@ def test_prefix_reuse_is_exact_and_counted(make_daemon: Any) -> None:
     assert _metric(plain, "edgellm_prompt_tokens_reused_total") == 0
 
 
-def test_limits_lower_slots_and_threads_without_reloading(model_file: Path,
-                                                          tmp_path: Path) -> None:
-    settings = load_settings(overrides={"state_dir": tmp_path, "n_parallel": 4, "n_ctx": 512,
-                                        "vault_key_file": tmp_path / "vault.key"},
-                             environ={})
+def test_limits_lower_slots_and_threads_without_reloading(model_file: Path, tmp_path: Path) -> None:
+    settings = load_settings(
+        overrides={
+            "state_dir": tmp_path,
+            "n_parallel": 4,
+            "n_ctx": 512,
+            "vault_key_file": tmp_path / "vault.key",
+        },
+        environ={},
+    )
     store = open_vault(settings)
     store.add_file(model_file, MODEL)
     rt = Runtime(settings, store)
@@ -185,9 +212,16 @@ def test_limits_lower_slots_and_threads_without_reloading(model_file: Path,
         rt.set_limits(n_parallel=1, n_threads=1)
         done = threading.Semaphore(0)
         busiest = 0
-        requests = [GenerationRequest(
-            model=MODEL, prompt=p, max_tokens=16, sampling=Sampling(temperature=0),
-            sink=lambda ev: isinstance(ev, Finished) and done.release()) for p in PROMPTS]
+        requests = [
+            GenerationRequest(
+                model=MODEL,
+                prompt=p,
+                max_tokens=16,
+                sampling=Sampling(temperature=0),
+                sink=lambda ev: isinstance(ev, Finished) and done.release(),
+            )
+            for p in PROMPTS
+        ]
         for r in requests:
             rt.submit(r)
         finished = 0

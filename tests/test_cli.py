@@ -18,15 +18,25 @@ def test_ask_streams_an_answer(daemon: Daemon) -> None:
     r = daemon.cli("ask", "Why is the sky blue?", "--max-tokens", "12", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     with daemon.client() as c:
-        plain = c.chat([{"role": "user", "content": "Why is the sky blue?"}], max_tokens=12,
-                       temperature=0)
+        plain = c.chat(
+            [{"role": "user", "content": "Why is the sky blue?"}], max_tokens=12, temperature=0
+        )
     assert r.stdout.strip() == plain["choices"][0]["message"]["content"].strip()
     assert "[finished: length]" in r.stderr
 
 
 def test_ask_json_and_system_prompt(daemon: Daemon) -> None:
-    r = daemon.cli("ask", "Hi", "--json", "--max-tokens", "3", "--temperature", "0",
-                   "--system", "Answer briefly.")
+    r = daemon.cli(
+        "ask",
+        "Hi",
+        "--json",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--system",
+        "Answer briefly.",
+    )
     body = json.loads(r.stdout)
     assert body["usage"]["completion_tokens"] == 3 and body["object"] == "chat.completion"
 
@@ -70,8 +80,14 @@ def test_user_errors_exit_1_with_one_line(daemon: Daemon) -> None:
 def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
     env = {**os.environ, "EDGELLM_SOCKET": str(tmp_path / "none.sock")}
     for args in (["ask", "hi"], ["ps"], ["status"], ["chat"], ["models", "load", MODEL]):
-        r = subprocess.run([sys.executable, "-m", "edgellm", *args], env=env, input="",
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "edgellm", *args],
+            env=env,
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 1, args
         assert "no edgellm daemon is running" in r.stderr and "edgellm serve" in r.stderr
         assert "Traceback" not in r.stderr
@@ -80,20 +96,32 @@ def test_no_daemon_says_how_to_start_one(tmp_path: Path) -> None:
 def test_bad_config_stops_serve_with_its_name(tmp_path: Path) -> None:
     cfg = tmp_path / "edgellm.toml"
     cfg.write_text("max_qeue = 3\n")
-    r = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgellm", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     assert f"unknown setting 'max_qeue' (from {cfg})" in r.stderr
 
 
 def test_models_offline_when_no_daemon(tmp_path: Path, model_file: Path) -> None:
-    env = {**os.environ, "EDGELLM_SOCKET": str(tmp_path / "none.sock"),
-           "EDGELLM_STATE_DIR": str(tmp_path / "state"),
-           "EDGELLM_VAULT_KEY_FILE": str(tmp_path / "vault.key")}
+    env = {
+        **os.environ,
+        "EDGELLM_SOCKET": str(tmp_path / "none.sock"),
+        "EDGELLM_STATE_DIR": str(tmp_path / "state"),
+        "EDGELLM_VAULT_KEY_FILE": str(tmp_path / "vault.key"),
+    }
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edgellm", *args], env=env,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "edgellm", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     assert cli("models", "pull", MODEL).returncode == 0
     assert cli("models", "add", str(model_file), "--name", "copy").returncode == 0
@@ -111,9 +139,14 @@ def test_models_offline_when_no_daemon(tmp_path: Path, model_file: Path) -> None
 
 @pytest.mark.timeout(120)
 def test_interactive_chat_keeps_history_and_ctrl_c_cancels(daemon: Daemon) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "edgellm", "chat", "--max-tokens", "2000",
-                             "--temperature", "0"], env=daemon.env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgellm", "chat", "--max-tokens", "2000", "--temperature", "0"],
+        env=daemon.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin and proc.stdout
     proc.stdin.write("Tell me a very long story about a dragon.\n")
     proc.stdin.flush()

@@ -21,10 +21,16 @@ from edgellm.runtime.onnx import bert
 from conftest import Daemon
 
 NAME = "all-minilm-l6-v2"
-SENTENCES = ["The weather station is high on the mountain.", "A cat sleeps on the warm roof.",
-             "Edge devices run language models locally.", "Quantized models use less memory.",
-             "Bonjour tout le monde", "Temperatures rose above the critical mark.",
-             "The quick brown fox jumps over the lazy dog.", "How do I reset the appliance?"]
+SENTENCES = [
+    "The weather station is high on the mountain.",
+    "A cat sleeps on the warm roof.",
+    "Edge devices run language models locally.",
+    "Quantized models use less memory.",
+    "Bonjour tout le monde",
+    "Temperatures rose above the critical mark.",
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I reset the appliance?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +57,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_minilm_fp32_matches_the_reference_and_int8_keeps_the_meaning(
-        served: Daemon, weights_dir: Path, tmp_path: Path) -> None:
+    served: Daemon, weights_dir: Path, tmp_path: Path
+) -> None:
     import openai
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
@@ -61,8 +68,13 @@ def test_minilm_fp32_matches_the_reference_and_int8_keeps_the_meaning(
     for name, data in bert.bundle_files(weights_dir).items():
         (fp32_dir / name).write_bytes(data)
     assert served.cli("models", "add", str(fp32_dir), "--name", "minilm-fp32").returncode == 0
-    sdk = openai.OpenAI(base_url="http://edgellm/v1", api_key="unused", http_client=httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(served.socket)), timeout=120))
+    sdk = openai.OpenAI(
+        base_url="http://edgellm/v1",
+        api_key="unused",
+        http_client=httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(served.socket)), timeout=120
+        ),
+    )
     int8 = sdk.embeddings.create(model=NAME, input=SENTENCES)
     assert int8.model == NAME and len(int8.data) == len(SENTENCES)
     assert [len(d.embedding) for d in int8.data] == [384] * len(SENTENCES)
@@ -84,7 +96,8 @@ def test_minilm_fp32_matches_the_reference_and_int8_keeps_the_meaning(
     assert int8.usage.prompt_tokens == int(mask.sum())
     # and the meaning is kept: weather is nearer temperature than a cat
     assert got[0] @ got[5] > got[0] @ got[1]
-    assert models[NAME]["quantization"] == "int8" and models["minilm-fp32"]["quantization"] \
-        == "fp32"
+    assert (
+        models[NAME]["quantization"] == "int8" and models["minilm-fp32"]["quantization"] == "fp32"
+    )
     assert models[NAME]["size"] < 0.4 * models["minilm-fp32"]["size"]
     assert models[NAME]["extra"]["embedding"]["max_length"] == 256

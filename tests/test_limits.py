@@ -18,18 +18,26 @@ from conftest import MODEL, Daemon, wait_for
 QUESTION = [{"role": "user", "content": "Why is the sky blue?"}]
 
 
-def _stream_in_thread(d: Daemon, out: dict[str, Any], max_tokens: int = 4000,
-                      model: str = MODEL) -> threading.Thread:
+def _stream_in_thread(
+    d: Daemon, out: dict[str, Any], max_tokens: int = 4000, model: str = MODEL
+) -> threading.Thread:
     def run() -> None:
         try:
             with d.client() as c:
-                stream = c.chat(QUESTION, model=model, stream=True, max_tokens=max_tokens,
-                                ignore_eos=True, temperature=0)
+                stream = c.chat(
+                    QUESTION,
+                    model=model,
+                    stream=True,
+                    max_tokens=max_tokens,
+                    ignore_eos=True,
+                    temperature=0,
+                )
                 out["text"] = "".join(stream)
                 out["finish"] = stream.finish_reason
                 out["usage"] = stream.usage
         except Exception as exc:  # recorded for the test to assert on
             out["error"] = exc
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -73,8 +81,9 @@ def test_idle_model_is_unloaded_after_keep_alive(make_daemon: Any) -> None:
 
 
 def test_least_recently_used_idle_model_is_evicted(make_daemon: Any) -> None:
-    d: Daemon = make_daemon(names=("smol-a", "smol-b", "smol-c"), max_loaded_models=2,
-                            default_model="smol-a")
+    d: Daemon = make_daemon(
+        names=("smol-a", "smol-b", "smol-c"), max_loaded_models=2, default_model="smol-a"
+    )
     with d.client() as c:
         c.load("smol-a")
         c.load("smol-b")
@@ -90,8 +99,9 @@ def test_least_recently_used_idle_model_is_evicted(make_daemon: Any) -> None:
 
 def test_memory_budget_evicts_then_refuses_with_the_shortfall(make_daemon: Any) -> None:
     # one model estimates at ~110 MB with n_ctx 256: a 200 MB budget holds one, not two
-    d: Daemon = make_daemon(names=("smol-a", "smol-b"), memory_budget_mb=200, n_ctx=256,
-                            default_model="smol-a")
+    d: Daemon = make_daemon(
+        names=("smol-a", "smol-b"), memory_budget_mb=200, n_ctx=256, default_model="smol-a"
+    )
     with d.client() as c:
         c.load("smol-a")
         c.load("smol-b")
@@ -118,12 +128,16 @@ def test_a_model_that_cannot_fit_at_all(make_daemon: Any) -> None:
         assert h.get("/health").json()["models"][MODEL] == "failed"
 
 
-@pytest.mark.parametrize("grace,max_tokens,finish", [
-    ("30s", 80, "length"),  # finishes within the grace period
-    ("1s", 4000, "cancelled"),  # outlasts it, and is cancelled
-])
-def test_sigterm_drains_in_flight_requests(make_daemon: Any, grace: str, max_tokens: int,
-                                           finish: str) -> None:
+@pytest.mark.parametrize(
+    "grace,max_tokens,finish",
+    [
+        ("30s", 80, "length"),  # finishes within the grace period
+        ("1s", 4000, "cancelled"),  # outlasts it, and is cancelled
+    ],
+)
+def test_sigterm_drains_in_flight_requests(
+    make_daemon: Any, grace: str, max_tokens: int, finish: str
+) -> None:
     d: Daemon = make_daemon(shutdown_grace=grace)
     out: dict[str, Any] = {}
     t = _stream_in_thread(d, out, max_tokens=max_tokens)
@@ -138,12 +152,16 @@ def test_sigterm_drains_in_flight_requests(make_daemon: Any, grace: str, max_tok
     assert "event=stopped" in d.log_text()
 
 
-def test_stale_socket_is_replaced_and_a_live_one_respected(make_daemon: Any,
-                                                           tmp_path: Any) -> None:
+def test_stale_socket_is_replaced_and_a_live_one_respected(make_daemon: Any, tmp_path: Any) -> None:
     d: Daemon = make_daemon()
     # a second daemon on the same socket refuses, and the first keeps serving
-    second = subprocess.run([sys.executable, "-m", "edgellm", "serve", "--no-pull"],
-                            env=d.env, capture_output=True, text=True, timeout=60)
+    second = subprocess.run(
+        [sys.executable, "-m", "edgellm", "serve", "--no-pull"],
+        env=d.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode == 1
     assert "already serving" in second.stderr and "Traceback" not in second.stderr
     with d.client() as c:

@@ -36,14 +36,23 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def onnx_daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path,
-                models_dir: Path) -> Iterator[Daemon]:
+def onnx_daemon(
+    tmp_path_factory: pytest.TempPathFactory, model_file: Path, models_dir: Path
+) -> Iterator[Daemon]:
     # room in the queue for the eight concurrent clients of the batching test, however
     # the scheduler spreads them (with the default 4 for tests, one could be refused)
-    d = Daemon(tmp_path_factory.mktemp("onnx"), model_file, max_queue=8,
-               model_settings={"affine-batched": {"batch_wait_ms": BATCH_WAIT_MS}}).start()
-    for name, path in [("affine", "affine.onnx"), ("affine-batched", "affine.onnx"),
-                       ("spin", "spin.onnx"), ("tiny-embed", "tiny-embed")]:
+    d = Daemon(
+        tmp_path_factory.mktemp("onnx"),
+        model_file,
+        max_queue=8,
+        model_settings={"affine-batched": {"batch_wait_ms": BATCH_WAIT_MS}},
+    ).start()
+    for name, path in [
+        ("affine", "affine.onnx"),
+        ("affine-batched", "affine.onnx"),
+        ("spin", "spin.onnx"),
+        ("tiny-embed", "tiny-embed"),
+    ]:
         added = d.cli("models", "add", str(models_dir / path), "--name", name)
         assert added.returncode == 0, added.stderr
     yield d
@@ -56,8 +65,9 @@ def error_of(response: Any) -> dict[str, Any]:
 
 
 # --- import, signature, inference -------------------------------------------------------
-def test_models_add_describes_and_refuses_an_invalid_model(onnx_daemon: Daemon,
-                                                           tmp_path: Path) -> None:
+def test_models_add_describes_and_refuses_an_invalid_model(
+    onnx_daemon: Daemon, tmp_path: Path
+) -> None:
     with onnx_daemon.client() as c:
         models = {m["name"]: m for m in c.models()}
         assert models["affine"]["format"] == "onnx"
@@ -93,42 +103,74 @@ def test_infer_with_json_and_with_npy(onnx_daemon: Daemon, tmp_path: Path) -> No
         out = r.json()["outputs"]
     assert out["y"]["dtype"] == "float32" and out["y"]["shape"] == [2, 3]
     np.testing.assert_allclose(out["y"]["data"], onnx_models.affine_expected(x), rtol=1e-6)
-    np.testing.assert_allclose(out["total"]["data"], onnx_models.affine_expected(x).sum(1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        out["total"]["data"], onnx_models.affine_expected(x).sum(1), rtol=1e-6
+    )
     with onnx_daemon.client() as c:
         got = c.infer("affine", {"x": x}, outputs=["total"])
     assert list(got) == ["total"] and got["total"].dtype == np.float32
     np.testing.assert_allclose(got["total"], onnx_models.affine_expected(x).sum(1), rtol=1e-6)
     # the CLI, from and to .npy files
     np.save(tmp_path / "x.npy", x)
-    ran = onnx_daemon.cli("onnx", "run", "affine", "--input", f"x={tmp_path / 'x.npy'}",
-                          "--save", str(tmp_path / "out"))
+    ran = onnx_daemon.cli(
+        "onnx",
+        "run",
+        "affine",
+        "--input",
+        f"x={tmp_path / 'x.npy'}",
+        "--save",
+        str(tmp_path / "out"),
+    )
     assert ran.returncode == 0, ran.stderr
-    np.testing.assert_allclose(np.load(tmp_path / "out" / "y.npy"),
-                               onnx_models.affine_expected(x), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / "y.npy"), onnx_models.affine_expected(x), rtol=1e-6
+    )
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"inputs": {"z": [[1, 2, 3]]}}, 400, "affine has no input 'z'; its inputs are x"),
-    ({"inputs": {}}, 400, "missing input 'x' (float32 [batch, 3])"),
-    ({"inputs": {"x": {"dtype": "float64", "data": [[1, 2, 3]]}}}, 400,
-     "input 'x' is float64 but affine expects float32"),
-    ({"inputs": {"x": [1, 2, 3]}}, 400, "input 'x' has shape [3] but affine expects [batch, 3]"),
-    ({"inputs": {"x": [[1, 2, 3, 4]]}}, 400,
-     "input 'x' has shape [1, 4] but affine expects [batch, 3]"),
-    ({"inputs": {"x": [[1, 2, 3], [4, 5]]}}, 400,
-     "input 'x': data is not a rectangular nested list of float32 values"),
-    ({"inputs": {"x": [["a", "b", "c"]]}}, 400, "input 'x': data is not a rectangular"),
-    ({"inputs": {"x": {"npy": "not base64!"}}}, 400, "input 'x': not a base64 .npy file"),
-    ({"inputs": {"x": {"dtype": "complex512", "data": [1]}}}, 400,
-     "input 'x': unknown dtype 'complex512'"),
-    ({"inputs": {"x": [[1, 2, 3]]}, "outputs": ["nope"]}, 400,
-     "affine has no output 'nope'; its outputs are y, total"),
-    ({"inputs": {"x": [[1, 2, 3]]}, "extra": 1}, 400, "unknown field 'extra'"),
-    ({"inputs": [1]}, 400, "invalid value for 'inputs'"),
-])
-def test_bad_tensors_get_a_400_naming_the_problem(onnx_daemon: Daemon, body: dict[str, Any],
-                                                 status: int, message: str) -> None:
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"inputs": {"z": [[1, 2, 3]]}}, 400, "affine has no input 'z'; its inputs are x"),
+        ({"inputs": {}}, 400, "missing input 'x' (float32 [batch, 3])"),
+        (
+            {"inputs": {"x": {"dtype": "float64", "data": [[1, 2, 3]]}}},
+            400,
+            "input 'x' is float64 but affine expects float32",
+        ),
+        (
+            {"inputs": {"x": [1, 2, 3]}},
+            400,
+            "input 'x' has shape [3] but affine expects [batch, 3]",
+        ),
+        (
+            {"inputs": {"x": [[1, 2, 3, 4]]}},
+            400,
+            "input 'x' has shape [1, 4] but affine expects [batch, 3]",
+        ),
+        (
+            {"inputs": {"x": [[1, 2, 3], [4, 5]]}},
+            400,
+            "input 'x': data is not a rectangular nested list of float32 values",
+        ),
+        ({"inputs": {"x": [["a", "b", "c"]]}}, 400, "input 'x': data is not a rectangular"),
+        ({"inputs": {"x": {"npy": "not base64!"}}}, 400, "input 'x': not a base64 .npy file"),
+        (
+            {"inputs": {"x": {"dtype": "complex512", "data": [1]}}},
+            400,
+            "input 'x': unknown dtype 'complex512'",
+        ),
+        (
+            {"inputs": {"x": [[1, 2, 3]]}, "outputs": ["nope"]},
+            400,
+            "affine has no output 'nope'; its outputs are y, total",
+        ),
+        ({"inputs": {"x": [[1, 2, 3]]}, "extra": 1}, 400, "unknown field 'extra'"),
+        ({"inputs": [1]}, 400, "invalid value for 'inputs'"),
+    ],
+)
+def test_bad_tensors_get_a_400_naming_the_problem(
+    onnx_daemon: Daemon, body: dict[str, Any], status: int, message: str
+) -> None:
     with onnx_daemon.http() as h:
         r = h.post("/api/onnx/affine/infer", json=body)
         assert r.status_code == status
@@ -142,8 +184,10 @@ def test_models_of_the_wrong_kind_are_refused(onnx_daemon: Daemon) -> None:
     with onnx_daemon.http() as h:
         r = h.post(f"/api/onnx/{MODEL}/infer", json={"inputs": {"x": [[1, 2, 3]]}})
         assert r.status_code == 400 and "only ONNX models take tensors" in error_of(r)["message"]
-        r = h.post("/v1/chat/completions", json={"model": "affine", "messages": [
-            {"role": "user", "content": "hi"}]})
+        r = h.post(
+            "/v1/chat/completions",
+            json={"model": "affine", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 400
         assert error_of(r)["message"].startswith("affine is an ONNX model")
         r = h.post("/v1/embeddings", json={"model": "affine", "input": "hi"})
@@ -190,8 +234,10 @@ def test_a_running_request_is_cancelled_and_a_late_one_stopped(onnx_daemon: Daem
     t = threading.Thread(target=run)
     t.start()
     with onnx_daemon.client() as c:
-        running = wait_for(lambda: [r for r in c.requests()
-                                    if r["model"] == "spin" and r["state"] == "running"], 30)
+        running = wait_for(
+            lambda: [r for r in c.requests() if r["model"] == "spin" and r["state"] == "running"],
+            30,
+        )
         c.cancel(running[0]["id"])
     t.join(30)
     assert answer["r"].status_code == 409
@@ -210,33 +256,44 @@ def test_embeddings_through_the_openai_sdk_and_the_cli(onnx_daemon: Daemon) -> N
     import openai
 
     texts = ["edge device", "cold model warm", "hot hot unknownword"]
-    sdk = openai.OpenAI(base_url="http://edgellm/v1", api_key="unused", http_client=httpx.Client(
-        transport=httpx.HTTPTransport(uds=str(onnx_daemon.socket))))
+    sdk = openai.OpenAI(
+        base_url="http://edgellm/v1",
+        api_key="unused",
+        http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(onnx_daemon.socket))),
+    )
     got = sdk.embeddings.create(model="tiny-embed", input=texts)  # base64 on the wire
     floats = sdk.embeddings.create(model="tiny-embed", input=texts[0], encoding_format="float")
     for i, text in enumerate(texts):
-        np.testing.assert_allclose(got.data[i].embedding, onnx_models.tiny_embed_expected(text),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            got.data[i].embedding, onnx_models.tiny_embed_expected(text), rtol=1e-5, atol=1e-6
+        )
     assert floats.data[0].embedding == pytest.approx(got.data[0].embedding, abs=1e-6)
     assert got.usage.prompt_tokens == 8 and got.model == "tiny-embed"
     with onnx_daemon.http() as h:
-        raw = h.post("/v1/embeddings", json={"model": "tiny-embed", "input": ["edge"],
-                                             "encoding_format": "base64"}).json()
+        raw = h.post(
+            "/v1/embeddings",
+            json={"model": "tiny-embed", "input": ["edge"], "encoding_format": "base64"},
+        ).json()
         vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
         np.testing.assert_allclose(vector, onnx_models.tiny_embed_expected("edge"), rtol=1e-6)
-        for body, message in [({"model": "tiny-embed", "input": []}, "input must hold 1 to"),
-                              ({"model": "tiny-embed", "input": [""]}, "empty strings"),
-                              ({"model": "tiny-embed", "input": [[1, 2]]}, "token ids"),
-                              ({"model": "tiny-embed", "input": "a", "dimensions": 2},
-                               "tiny-embed gives 4 dimensions")]:
+        for body, message in [
+            ({"model": "tiny-embed", "input": []}, "input must hold 1 to"),
+            ({"model": "tiny-embed", "input": [""]}, "empty strings"),
+            ({"model": "tiny-embed", "input": [[1, 2]]}, "token ids"),
+            (
+                {"model": "tiny-embed", "input": "a", "dimensions": 2},
+                "tiny-embed gives 4 dimensions",
+            ),
+        ]:
             r = h.post("/v1/embeddings", json=body)
             assert r.status_code == 400 and message in error_of(r)["message"], r.text
         r = h.post("/v1/embeddings", json={"input": "edge"})  # the default model: not pulled
         assert r.status_code == 404 and "all-minilm-l6-v2" in error_of(r)["message"]
     cli = onnx_daemon.cli("embed", "edge device", "--model", "tiny-embed")
     assert cli.returncode == 0, cli.stderr
-    np.testing.assert_allclose(eval(cli.stdout), onnx_models.tiny_embed_expected("edge device"),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        eval(cli.stdout), onnx_models.tiny_embed_expected("edge device"), atol=1e-5
+    )
 
 
 # --- the vault, quantization, the governor, failures ----------------------------------------
@@ -254,16 +311,22 @@ def test_quantize_stores_an_int8_model_with_no_plaintext_on_disk(onnx_daemon: Da
             c.quantize(MODEL)
     # neither the model nor its quantized copy was written anywhere in plaintext
     needles = [onnx_models.W.tobytes()]
-    written = [p for root in (Path("/tmp"), Path("/var/tmp"), onnx_daemon.state_dir)
-               for p in root.rglob("*") if p.is_file() and p.stat().st_mtime >= started]
+    written = [
+        p
+        for root in (Path("/tmp"), Path("/var/tmp"), onnx_daemon.state_dir)
+        for p in root.rglob("*")
+        if p.is_file() and p.stat().st_mtime >= started
+    ]
     assert [p for p in written if needles[0] in p.read_bytes()] == []
-    fds = [str(p.readlink()) for p in Path(f"/proc/{onnx_daemon.proc.pid}/fd").iterdir()
-           if onnx_daemon.proc]
+    fds = [
+        str(p.readlink())
+        for p in Path(f"/proc/{onnx_daemon.proc.pid}/fd").iterdir()
+        if onnx_daemon.proc
+    ]
     assert "/memfd:edgellm:affine-q (deleted)" in fds  # loaded from sealed memory
 
 
-def test_the_governor_lowers_threads_with_a_new_session(make_daemon: Any,
-                                                       models_dir: Path) -> None:
+def test_the_governor_lowers_threads_with_a_new_session(make_daemon: Any, models_dir: Path) -> None:
     from edgellm.config import load_settings
     from edgellm.runtime.manager import Runtime
     from edgellm.runtime.types import Limits, Result, TensorRequest
@@ -296,8 +359,9 @@ def test_the_governor_lowers_threads_with_a_new_session(make_daemon: Any,
         rt.close()
 
 
-def test_a_dead_onnx_engine_fails_its_request_and_is_reloaded(make_daemon: Any,
-                                                             models_dir: Path) -> None:
+def test_a_dead_onnx_engine_fails_its_request_and_is_reloaded(
+    make_daemon: Any, models_dir: Path
+) -> None:
     d: Daemon = make_daemon(env={"EDGELLM_FAILPOINTS": "engine.onnx_run=raise@1"})
     assert d.cli("models", "add", str(models_dir / "affine.onnx")).returncode == 0
     body = {"inputs": {"x": [[0, 0, 0]]}}
@@ -314,7 +378,8 @@ def test_a_dead_onnx_engine_fails_its_request_and_is_reloaded(make_daemon: Any,
 # the CPU build's warning that it has no CUDA provider: only the simulated list claims one
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
 def test_a_gpu_provider_that_does_not_start_is_not_passed_off_as_running(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, named: bool) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, named: bool
+) -> None:
     """onnxruntime-gpu without working CUDA libraries lists CUDA as available, then runs
     on the CPU without a word. Only the list is simulated here (there is no GPU build
     on this machine); the session and its fallback are onnxruntime's own."""
@@ -326,11 +391,13 @@ def test_a_gpu_provider_that_does_not_start_is_not_passed_off_as_running(
     from edgellm.runtime.source import ModelRecord
 
     cpu_only = ort.get_available_providers()
-    monkeypatch.setattr(ort, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", *cpu_only])
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *cpu_only]
+    )
     record = ModelRecord(name="affine", format="onnx", sha256="", size=0)
-    settings = ModelSettings(providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
-                             if named else [])
+    settings = ModelSettings(
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if named else []
+    )
     engine = OnnxEngine(record, "/dev/null", settings)
     if named:
         with pytest.raises(ModelLoadFailed, match="CUDAExecutionProvider did not start"):
@@ -343,8 +410,7 @@ def test_a_gpu_provider_that_does_not_start_is_not_passed_off_as_running(
         assert np.allclose(session.run(None, {"x": x})[0], onnx_models.affine_expected(x))
 
 
-def test_every_tensor_request_is_audited_and_none_is_served_unaudited(
-        onnx_daemon: Daemon) -> None:
+def test_every_tensor_request_is_audited_and_none_is_served_unaudited(onnx_daemon: Daemon) -> None:
     """The allow row is committed while the model runs and the outcome row after the
     answer; a reader of the log sees both at once, in order. If the allow row cannot
     be written, the answer is withheld (503), and the daemon serves once it can."""
@@ -355,13 +421,13 @@ def test_every_tensor_request_is_audited_and_none_is_served_unaudited(
         assert ok.status_code == 200
         rid = ok.headers["X-Request-Id"]
         rows = [r for r in h.get("/api/audit").json()["rows"] if r["request_id"] == rid]
-        assert [(r["decision"], r["status"]) for r in rows] == [("allow", None),
-                                                                 ("outcome", 200)]
+        assert [(r["decision"], r["status"]) for r in rows] == [("allow", None), ("outcome", 200)]
         assert rows[0]["seq"] < rows[1]["seq"] and rows[1]["prompt_tokens"] == 2
         assert rows[0]["action"] == "models.use" and rows[0]["resource"] == "tiny-embed"
         assert rows[0]["exe"] and rows[0]["prompt_hmac"]  # who, and a keyed hash of what
-        blocker = sqlite3.connect(onnx_daemon.state_dir / "vault" / "audit.db",
-                                  isolation_level=None)
+        blocker = sqlite3.connect(
+            onnx_daemon.state_dir / "vault" / "audit.db", isolation_level=None
+        )
         blocker.execute("BEGIN EXCLUSIVE")
         try:
             refused = h.post("/api/onnx/affine/infer", json={"inputs": {"x": [[1, 2, 3]]}})
@@ -373,7 +439,8 @@ def test_every_tensor_request_is_audited_and_none_is_served_unaudited(
             blocker.close()
         again = h.post("/api/onnx/affine/infer", json={"inputs": {"x": [[1, 2, 3]]}})
         assert again.status_code == 200
-        np.testing.assert_allclose(again.json()["outputs"]["y"]["data"],
-                                   onnx_models.affine_expected(np.array([[1, 2, 3]],
-                                                                        dtype=np.float32)))
+        np.testing.assert_allclose(
+            again.json()["outputs"]["y"]["data"],
+            onnx_models.affine_expected(np.array([[1, 2, 3]], dtype=np.float32)),
+        )
         assert h.get("/api/audit/verify").json()["ok"] is True

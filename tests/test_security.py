@@ -32,8 +32,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs 
 MALLORY, VICTIM = "edgt-mallory", "edgt-victim"
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 # routes every peer may call; each shows a caller only what is its own
-PUBLIC = {("GET", "/api/access/whoami"), ("GET", "/api/requests"), ("GET", "/api/data"),
-          ("DELETE", "/api/requests/{id}")}
+PUBLIC = {
+    ("GET", "/api/access/whoami"),
+    ("GET", "/api/requests"),
+    ("GET", "/api/data"),
+    ("DELETE", "/api/requests/{id}"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,29 +47,46 @@ def users() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def target(users: None, tmp_path_factory: pytest.TempPathFactory, model_file: Path
-           ) -> Iterator[Daemon]:
-    d = public_socket(Daemon(tmp_path_factory.mktemp("target"), model_file,
-                             names=(MODEL, "other-model"), socket_mode="0666"), "security")
+def target(
+    users: None, tmp_path_factory: pytest.TempPathFactory, model_file: Path
+) -> Iterator[Daemon]:
+    d = public_socket(
+        Daemon(
+            tmp_path_factory.mktemp("target"),
+            model_file,
+            names=(MODEL, "other-model"),
+            socket_mode="0666",
+        ),
+        "security",
+    )
     d.start()
     with d.http() as h:
-        assert h.put("/api/data/secret/key.txt", content=b"the plaintext nobody may read"
-                     ).status_code == 201
+        assert (
+            h.put("/api/data/secret/key.txt", content=b"the plaintext nobody may read").status_code
+            == 201
+        )
     with d.client() as c:
         c.grant(f"user:{VICTIM}", "client", MODEL)
     yield d
     d.stop()
 
 
-def request(d: Daemon, method: str, path: str, body: Any = None, content: bytes | None = None,
-            headers: dict[str, str] | None = None) -> Any:
+def request(
+    d: Daemon,
+    method: str,
+    path: str,
+    body: Any = None,
+    content: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Any:
     def go() -> Any:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)),
-                          base_url="http://edgellm", timeout=60) as h:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(d.socket)), base_url="http://edgellm", timeout=60
+        ) as h:
             r = h.request(method, path, json=body, content=content, headers=headers)
         is_json = r.headers.get("content-type", "").startswith("application/json")
-        return [r.status_code, r.json() if is_json and r.content else r.text,
-                dict(r.headers)]
+        return [r.status_code, r.json() if is_json and r.content else r.text, dict(r.headers)]
+
     return go
 
 
@@ -73,13 +94,15 @@ def routes() -> list[tuple[str, str]]:
     """The app's own route table: a route added later is walked too."""
     app = web.Application()
     add_routes(app.router)
-    return sorted({(r.method, r.resource.canonical) for r in app.router.routes()
-                   if r.resource is not None})
+    return sorted(
+        {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
+    )
 
 
 def concrete(path: str) -> str:
-    return (path.replace("{name}", "secret/key.txt" if path.startswith("/api/data")
-                         else MODEL).replace("{id}", "req-0"))
+    return path.replace(
+        "{name}", "secret/key.txt" if path.startswith("/api/data") else MODEL
+    ).replace("{id}", "req-0")
 
 
 def test_every_route_declares_its_policy() -> None:
@@ -115,8 +138,9 @@ def test_every_route_and_method_refuses_an_ungranted_caller(target: Daemon) -> N
 
 def test_head_gets_no_secret(target: Daemon) -> None:
     status, body, headers = as_user(MALLORY, request(target, "HEAD", "/api/data/secret/key.txt"))
-    assert status == 403 and body == "" and not any(k.lower() == "x-content-sha256"
-                                                    for k in headers)
+    assert (
+        status == 403 and body == "" and not any(k.lower() == "x-content-sha256" for k in headers)
+    )
     status, _, _ = as_user(MALLORY, request(target, "HEAD", "/api/audit"))
     assert status == 403
     with target.client() as root:
@@ -127,8 +151,9 @@ def test_head_gets_no_secret(target: Daemon) -> None:
 def test_others_models_and_requests_look_unknown(target: Daemon) -> None:
     status, body, _ = as_user(VICTIM, request(target, "GET", "/api/models/other-model"))
     _, unknown, _ = as_user(VICTIM, request(target, "GET", "/api/models/no-such-model"))
-    assert status == 404 and body["error"]["message"] == \
-        unknown["error"]["message"].replace("no-such-model", "other-model")
+    assert status == 404 and body["error"]["message"] == unknown["error"]["message"].replace(
+        "no-such-model", "other-model"
+    )
     _, health, _ = as_user(VICTIM, request(target, "GET", "/health"))
     assert set(health["models"]) == {MODEL}
     with target.http() as h:
@@ -139,12 +164,18 @@ def test_others_models_and_requests_look_unknown(target: Daemon) -> None:
 
 def test_a_client_cannot_pin_its_model(target: Daemon) -> None:
     for keep_alive in (-1, "10h"):
-        status, body, _ = as_user(VICTIM, request(target, "POST", "/v1/chat/completions",
-                                                  {**CHAT, "keep_alive": keep_alive}))
-        assert status == 403 and "keep_alive" in body["error"]["message"] \
+        status, body, _ = as_user(
+            VICTIM,
+            request(target, "POST", "/v1/chat/completions", {**CHAT, "keep_alive": keep_alive}),
+        )
+        assert (
+            status == 403
+            and "keep_alive" in body["error"]["message"]
             and "models.load" in body["error"]["message"]
-    status, _, _ = as_user(VICTIM, request(target, "POST", "/v1/chat/completions",
-                                           {**CHAT, "keep_alive": "5s"}))
+        )
+    status, _, _ = as_user(
+        VICTIM, request(target, "POST", "/v1/chat/completions", {**CHAT, "keep_alive": "5s"})
+    )
     assert status == 200  # shorter than configured is the client's own business
 
 
@@ -157,28 +188,57 @@ def test_request_ids_are_unguessable(target: Daemon) -> None:
     assert len({i[4:10] for i in ids}) == 3 and all(len(i) >= 20 for i in ids)
 
 
-@pytest.mark.parametrize("method,path,body,headers,expect", [
-    ("POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, {}, "nested more deeply"),
-    ("POST", "/v1/chat/completions", b'{"max_tokens": ' + b"9" * 4301 + b"}", {},
-     "number edgellm cannot read"),
-    ("GET", "/health", None, {"Authorization": b"Bearer \xff\xfe\x80"}, "not ASCII"),
-    ("GET", "/v1/models", None, {"Authorization": b"Bearer \xc3\xa9"}, "not ASCII"),
-    ("PUT", "/api/governor", b'{"thresholds": 5}', {}, "thresholds must be an object"),
-    ("PUT", "/api/governor", b'{"pin": 5}', {}, "unknown level"),
-    ("POST", "/api/audit/prune", b'{"keep_rows": 9223372036854775808}', {}, "too large"),
-    ("GET", "/api/audit?limit=%C2%B2", None, {}, "whole number"),
-    ("GET", "/api/audit?limit=99999999999999999999", None, {}, "too large"),
-    ("POST", "/api/access/grants", b'{"subject": "user:\\ud800", "role": "client"}', {},
-     "not valid Unicode"),
-    ("POST", "/api/access/tokens", b'{"name": "\\udfff"}', {}, "not valid Unicode"),
-    ("GET", "/api/audit?user=%ED%A0%80", None, {}, None),
-], ids=["deep-json", "4301-digits", "bearer-bytes", "bearer-utf8", "thresholds-5", "pin-5",
-        "keep-rows-2-63", "limit-superscript", "limit-20-digits", "grant-surrogate",
-        "token-surrogate", "query-bad-utf8"])
-def test_what_the_probe_found_is_a_400_naming_the_problem(target: Daemon, method: str,
-                                                          path: str, body: bytes | None,
-                                                          headers: dict[str, bytes],
-                                                          expect: str | None) -> None:
+@pytest.mark.parametrize(
+    "method,path,body,headers,expect",
+    [
+        ("POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, {}, "nested more deeply"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"max_tokens": ' + b"9" * 4301 + b"}",
+            {},
+            "number edgellm cannot read",
+        ),
+        ("GET", "/health", None, {"Authorization": b"Bearer \xff\xfe\x80"}, "not ASCII"),
+        ("GET", "/v1/models", None, {"Authorization": b"Bearer \xc3\xa9"}, "not ASCII"),
+        ("PUT", "/api/governor", b'{"thresholds": 5}', {}, "thresholds must be an object"),
+        ("PUT", "/api/governor", b'{"pin": 5}', {}, "unknown level"),
+        ("POST", "/api/audit/prune", b'{"keep_rows": 9223372036854775808}', {}, "too large"),
+        ("GET", "/api/audit?limit=%C2%B2", None, {}, "whole number"),
+        ("GET", "/api/audit?limit=99999999999999999999", None, {}, "too large"),
+        (
+            "POST",
+            "/api/access/grants",
+            b'{"subject": "user:\\ud800", "role": "client"}',
+            {},
+            "not valid Unicode",
+        ),
+        ("POST", "/api/access/tokens", b'{"name": "\\udfff"}', {}, "not valid Unicode"),
+        ("GET", "/api/audit?user=%ED%A0%80", None, {}, None),
+    ],
+    ids=[
+        "deep-json",
+        "4301-digits",
+        "bearer-bytes",
+        "bearer-utf8",
+        "thresholds-5",
+        "pin-5",
+        "keep-rows-2-63",
+        "limit-superscript",
+        "limit-20-digits",
+        "grant-surrogate",
+        "token-surrogate",
+        "query-bad-utf8",
+    ],
+)
+def test_what_the_probe_found_is_a_400_naming_the_problem(
+    target: Daemon,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict[str, bytes],
+    expect: str | None,
+) -> None:
     with target.http() as h:
         r = h.request(method, path, content=body, headers=headers)
         if expect is None:  # decoded as replacement characters: harmless, and served
@@ -189,14 +249,17 @@ def test_what_the_probe_found_is_a_400_naming_the_problem(target: Daemon, method
 
 
 # --- one request must never take the engine down --------------------------------------------
-def test_a_lone_surrogate_is_refused_at_the_door_and_the_neighbour_lives(target: Daemon
-                                                                          ) -> None:
+def test_a_lone_surrogate_is_refused_at_the_door_and_the_neighbour_lives(target: Daemon) -> None:
     out: dict[str, Any] = {}
 
     def neighbour() -> None:
         with target.client() as c:
-            stream = c.chat([{"role": "user", "content": "Count to fifty."}], stream=True,
-                            max_tokens=120, ignore_eos=True)
+            stream = c.chat(
+                [{"role": "user", "content": "Count to fifty."}],
+                stream=True,
+                max_tokens=120,
+                ignore_eos=True,
+            )
             out["text"], out["finish"] = "".join(stream), stream.finish_reason
 
     t = threading.Thread(target=neighbour)
@@ -206,8 +269,9 @@ def test_a_lone_surrogate_is_refused_at_the_door_and_the_neighbour_lives(target:
     raw = b'{"messages":[{"role":"user","content":"a\\ud800b"}],"max_tokens":4}'
     with target.http() as h:
         for _ in range(5):
-            r = h.post("/v1/chat/completions", content=raw,
-                       headers={"Content-Type": "application/json"})
+            r = h.post(
+                "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"}
+            )
             assert r.status_code == 400, r.text
             err = r.json()["error"]
             assert err["param"] == "body.messages[0].content" and "surrogate" in err["message"]
@@ -218,8 +282,7 @@ def test_a_lone_surrogate_is_refused_at_the_door_and_the_neighbour_lives(target:
         assert c.chat([{"role": "user", "content": "Hi"}], max_tokens=2)["choices"]
 
 
-def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path,
-                                                          tmp_path: Path) -> None:
+def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path, tmp_path: Path) -> None:
     """Past the door (an in-process caller): the engine answers that request with an
     error and keeps decoding its neighbour."""
     from edgellm.config import load_settings
@@ -227,8 +290,10 @@ def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path,
     from edgellm.runtime.types import Failed, Finished, GenerationRequest
     from edgellm.vault.open import open_vault
 
-    settings = load_settings(overrides={"state_dir": tmp_path, "n_ctx": 512,
-                                        "vault_key_file": tmp_path / "vault.key"}, environ={})
+    settings = load_settings(
+        overrides={"state_dir": tmp_path, "n_ctx": 512, "vault_key_file": tmp_path / "vault.key"},
+        environ={},
+    )
     store = open_vault(settings)
     store.add_file(model_file, MODEL)
     rt = Runtime(settings, store)
@@ -240,15 +305,21 @@ def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path,
             events[key].append(ev)
             if isinstance(ev, Finished | Failed):
                 done.release()
+
         return put
 
     try:
         rt.load(MODEL)
-        rt.submit(GenerationRequest(model=MODEL, prompt="Once upon a time", max_tokens=40,
-                                    sink=sink("good")))
-        rt.submit(GenerationRequest(model=MODEL, messages=[{"role": "user",
-                                                            "content": "x\ud800"}],
-                                    sink=sink("bad")))
+        rt.submit(
+            GenerationRequest(
+                model=MODEL, prompt="Once upon a time", max_tokens=40, sink=sink("good")
+            )
+        )
+        rt.submit(
+            GenerationRequest(
+                model=MODEL, messages=[{"role": "user", "content": "x\ud800"}], sink=sink("bad")
+            )
+        )
         assert done.acquire(timeout=120) and done.acquire(timeout=120)
         assert isinstance(events["bad"][-1], Failed)
         assert "keeps serving" in str(events["bad"][-1].error)
@@ -270,8 +341,18 @@ def test_a_caller_with_an_undecodable_executable_is_audited(target: Daemon) -> N
     os.chmod(odd, 0o755)
 
     def curl(*prefix: str, path: str, data: str | None = None) -> str:
-        args = [*prefix, odd, "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                "--unix-socket", str(target.socket), f"http://edgellm{path}"]
+        args = [
+            *prefix,
+            odd,
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+            str(target.socket),
+            f"http://edgellm{path}",
+        ]
         if data is not None:
             args += ["-H", "Content-Type: application/json", "-d", data]
         return subprocess.run(args, capture_output=True, text=True).stdout
@@ -291,7 +372,8 @@ def test_a_caller_with_an_undecodable_executable_is_audited(target: Daemon) -> N
 
 
 def test_truncation_deletion_and_rollback_of_the_audit_log_are_detected(
-        make_daemon: Any, tmp_path: Path) -> None:
+    make_daemon: Any, tmp_path: Path
+) -> None:
     d = make_daemon()
     with d.client() as c:
         for _ in range(3):
@@ -326,8 +408,12 @@ def test_truncation_deletion_and_rollback_of_the_audit_log_are_detected(
             db.execute("DELETE FROM audit")
 
     assert "deleted from the end" in tamper(delete_all)
-    assert "deleted from the end" in tamper(lambda: [
-        (vault / n).unlink(missing_ok=True) for n in ("audit.db", "audit.db-wal", "audit.db-shm")])
+    assert "deleted from the end" in tamper(
+        lambda: [
+            (vault / n).unlink(missing_ok=True)
+            for n in ("audit.db", "audit.db-wal", "audit.db-shm")
+        ]
+    )
     assert "head is missing" in tamper(lambda: (vault / "audit.head").unlink())
 
     def downgrade() -> None:  # set vault.json back to version 1, to skip the head
@@ -351,13 +437,20 @@ def test_locking_the_vault_mid_generation_keeps_the_outcome_row(make_daemon: Any
     client that has stopped reading: the key must be kept until its outcome row is
     written (the lock used to return at once, and that row was lost)."""
     d = make_daemon(n_ctx=4096)
-    body = json.dumps({"messages": [{"role": "user", "content": "Count."}], "stream": True,
-                       "max_tokens": 3000, "ignore_eos": True}).encode()
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Count."}],
+            "stream": True,
+            "max_tokens": 3000,
+            "ignore_eos": True,
+        }
+    ).encode()
     s = socket.socket(socket.AF_UNIX)
     s.connect(str(d.socket))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-              b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
-              + body)
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    )
     head = s.recv(4096)  # the answer has begun; then this client stops reading
     request_id = head.split(b"X-Request-Id: ")[1].split(b"\r\n")[0].decode()
     with d.client() as c:
@@ -381,8 +474,9 @@ def test_locking_the_vault_mid_generation_keeps_the_outcome_row(make_daemon: Any
 
 
 # --- the vault's objects ----------------------------------------------------------------------
-def test_swapped_objects_and_catalog_edits_fail_verification(make_daemon: Any,
-                                                             tmp_path: Path) -> None:
+def test_swapped_objects_and_catalog_edits_fail_verification(
+    make_daemon: Any, tmp_path: Path
+) -> None:
     d = make_daemon()
     with d.http() as h:
         for name, text in (("d/one.txt", b"one " * 100), ("d/two.txt", b"two, longer " * 100)):
@@ -407,19 +501,21 @@ def test_swapped_objects_and_catalog_edits_fail_verification(make_daemon: Any,
     one.write_bytes(a)
     two.write_bytes(b)
     with sqlite3.connect(vault / "catalog.db") as db:  # repoint a row, then edit a sha256
-        db.execute("UPDATE objects SET file = ? WHERE name = 'd/one.txt'",
-                   [files["d/two.txt"]])
+        db.execute("UPDATE objects SET file = ? WHERE name = 'd/one.txt'", [files["d/two.txt"]])
     r = d.cli("vault", "verify", "--state-dir", str(d.state_dir))
     assert r.returncode == 1 and "data:d/one.txt" in r.stdout + r.stderr
     with sqlite3.connect(vault / "catalog.db") as db:
-        db.execute("UPDATE objects SET file = ?, sha256 = ? WHERE name = 'd/one.txt'",
-                   [files["d/one.txt"], "0" * 64])
+        db.execute(
+            "UPDATE objects SET file = ?, sha256 = ? WHERE name = 'd/one.txt'",
+            [files["d/one.txt"], "0" * 64],
+        )
     r = d.cli("vault", "verify", "--state-dir", str(d.state_dir))
     assert r.returncode == 1 and "data:d/one.txt" in r.stdout + r.stderr
 
 
-def test_a_version_1_vault_is_migrated_and_a_prior_swap_is_caught(model_file: Path,
-                                                                  tmp_path: Path) -> None:
+def test_a_version_1_vault_is_migrated_and_a_prior_swap_is_caught(
+    model_file: Path, tmp_path: Path
+) -> None:
     """Vaults written before format 2: unlock binds every object to its row; an object
     swapped before the upgrade fails its checksum and stays refused."""
     from edgellm.vault import format as fmt
@@ -438,18 +534,22 @@ def test_a_version_1_vault_is_migrated_and_a_prior_swap_is_caught(model_file: Pa
         path = root / "objects" / row["file"]
         raw = path.read_bytes()
         ident = fmt.identity(row["kind"], row["name"], row["sha256"])
-        head = fmt.Header.decode(raw[:fmt.HEADER_LEN])
+        head = fmt.Header.decode(raw[: fmt.HEADER_LEN])
         dek = fmt.unwrap_dek(wrap, head, ident)
         v1 = fmt.Header(head.segment_shift, head.prefix, head.key_id, b"", 1)
-        v1 = fmt.Header(v1.segment_shift, v1.prefix, v1.key_id,
-                        fmt.wrap_dek(wrap, v1.fixed(), dek), 1)
-        path.write_bytes(v1.encode() + raw[fmt.HEADER_LEN:])
+        v1 = fmt.Header(
+            v1.segment_shift, v1.prefix, v1.key_id, fmt.wrap_dek(wrap, v1.fixed(), dek), 1
+        )
+        path.write_bytes(v1.encode() + raw[fmt.HEADER_LEN :])
     meta = VaultMeta.load(root / "vault.json")
     from edgellm.vault.keys import seal_secret
 
     audit_key = meta.audit_key_for(key)
-    (root / "vault.json").write_text(json.dumps({**vars(meta), "version": 1, "audit_key":
-                                                 seal_secret(key, audit_key, "audit key")}))
+    (root / "vault.json").write_text(
+        json.dumps(
+            {**vars(meta), "version": 1, "audit_key": seal_secret(key, audit_key, "audit key")}
+        )
+    )
     (root / "audit.head").unlink()
     files = {r["name"]: root / "objects" / r["file"] for r in rows}
     fa, fb = files["a"].read_bytes(), files["b"].read_bytes()
@@ -470,8 +570,9 @@ def open_data(store: Any, name: str) -> list[bytes]:
 
 
 # --- hostile model files ----------------------------------------------------------------------
-def test_corrupt_ggufs_are_refused_at_import(make_daemon: Any, model_file: Path,
-                                             tmp_path: Path) -> None:
+def test_corrupt_ggufs_are_refused_at_import(
+    make_daemon: Any, model_file: Path, tmp_path: Path
+) -> None:
     """Five ways llama.cpp would refuse a file only at load: each refused by the
     import's check (the vault hands it the header and the size, as here), and one of
     them through the socket, black-box, leaving nothing stored."""
@@ -485,8 +586,10 @@ def test_corrupt_ggufs_are_refused_at_import(make_daemon: Any, model_file: Path,
             head = f.read(HEAD_LIMIT)
         with pytest.raises(InvalidRequest) as err:
             check_gguf_tensors(head, path.stat().st_size, kind)
-        assert re.search("not a valid GGUF|truncated or corrupt|unknown type",
-                         err.value.message), (kind, err.value.message)
+        assert re.search("not a valid GGUF|truncated or corrupt|unknown type", err.value.message), (
+            kind,
+            err.value.message,
+        )
     d = make_daemon()
     with d.http() as h:
         r = h.put("/api/models/bad", content=made["offset_past_end"].read_bytes())
@@ -496,12 +599,13 @@ def test_corrupt_ggufs_are_refused_at_import(make_daemon: Any, model_file: Path,
 
 
 def test_a_model_llama_cpp_cannot_load_is_reported_failed_not_retried(
-        make_daemon: Any, model_file: Path, tmp_path: Path) -> None:
+    make_daemon: Any, model_file: Path, tmp_path: Path
+) -> None:
     """A file whose every tensor checks out but that llama.cpp refuses (here: an
     architecture it does not know)."""
     raw = bytearray(model_file.read_bytes())
     at = raw.find(b"llama", 0, 4096)
-    raw[at:at + 5] = b"lxama"
+    raw[at : at + 5] = b"lxama"
     odd = tmp_path / "odd.gguf"
     odd.write_bytes(bytes(raw))
     d = make_daemon()
@@ -518,16 +622,24 @@ def test_a_model_llama_cpp_cannot_load_is_reported_failed_not_retried(
     assert d.log_text().count("event=model_unusable") == 1
 
 
-@pytest.mark.parametrize("template,problem", [
-    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-     "longer than"),
-    ("{{ 'A' * 10**9 }}", "rejected"),
-    ("{% set ns = namespace(s='AAAAAAAA') %}{% for i in range(40) %}"
-     "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}", "memory|longer than"),
-])
-def test_hostile_chat_templates_fail_their_request_only(make_daemon: Any, model_file: Path,
-                                                         tmp_path: Path, template: str,
-                                                         problem: str) -> None:
+@pytest.mark.parametrize(
+    "template,problem",
+    [
+        (
+            "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+            "longer than",
+        ),
+        ("{{ 'A' * 10**9 }}", "rejected"),
+        (
+            "{% set ns = namespace(s='AAAAAAAA') %}{% for i in range(40) %}"
+            "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "memory|longer than",
+        ),
+    ],
+)
+def test_hostile_chat_templates_fail_their_request_only(
+    make_daemon: Any, model_file: Path, tmp_path: Path, template: str, problem: str
+) -> None:
     hostile = with_template(model_file, tmp_path / "hostile.gguf", template)
     d = make_daemon(names=(MODEL,))
     with d.client() as c:
@@ -536,8 +648,10 @@ def test_hostile_chat_templates_fail_their_request_only(make_daemon: Any, model_
 
     def neighbour() -> None:  # on the same engine: it pauses at most template_timeout
         with d.http() as h:
-            r = h.post("/v1/completions", json={"model": "hostile", "prompt": "Count:",
-                                                "max_tokens": 60, "ignore_eos": True})
+            r = h.post(
+                "/v1/completions",
+                json={"model": "hostile", "prompt": "Count:", "max_tokens": 60, "ignore_eos": True},
+            )
             out["finish"] = r.json()["choices"][0]["finish_reason"]
 
     t = threading.Thread(target=neighbour)
@@ -548,8 +662,7 @@ def test_hostile_chat_templates_fail_their_request_only(make_daemon: Any, model_
         r = h.post("/v1/chat/completions", json={**CHAT, "model": "hostile"})
         assert r.status_code == 400 and re.search(problem, r.json()["error"]["message"]), r.text
         assert r.json()["error"]["param"] == "messages"
-        ok = h.post("/v1/completions", json={"model": "hostile", "prompt": "Hi",
-                                             "max_tokens": 2})
+        ok = h.post("/v1/completions", json={"model": "hostile", "prompt": "Hi", "max_tokens": 2})
         assert ok.status_code == 200  # the model itself still serves
     t.join(120)
     assert out["finish"] == "length"
@@ -557,8 +670,9 @@ def test_hostile_chat_templates_fail_their_request_only(make_daemon: Any, model_
 
 # --- floods -----------------------------------------------------------------------------------
 def test_connections_are_capped_and_slow_headers_time_out(make_daemon: Any) -> None:
-    d = make_daemon(max_connections=40, max_connections_per_peer=30, header_timeout="3s",
-                    idle_timeout="2s")
+    d = make_daemon(
+        max_connections=40, max_connections_per_peer=30, header_timeout="3s", idle_timeout="2s"
+    )
     held, refused = [], []
     try:
         for _ in range(35):
@@ -582,8 +696,12 @@ def test_connections_are_capped_and_slow_headers_time_out(make_daemon: Any) -> N
                 refused.append(answer)
         # 30 per peer: the fixture's own health check may still hold one of them
         assert len(refused) in (5, 6) and len(held) + len(refused) == 35, len(refused)
-        assert all(a.startswith(b"HTTP/1.1 503") and b"max_connections_per_peer" in a
-                   and b"Retry-After: 1" in a for a in refused)
+        assert all(
+            a.startswith(b"HTTP/1.1 503")
+            and b"max_connections_per_peer" in a
+            and b"Retry-After: 1" in a
+            for a in refused
+        )
         for s in held:  # each is closed by the header deadline
             s.setblocking(True)
             s.settimeout(5)
@@ -635,8 +753,9 @@ def test_a_flood_gets_only_200_and_503(make_daemon: Any) -> None:
         for _ in range(20):
             h.post("/v1/chat/completions", json=body)
     before = proc.memory_info().rss
-    threads = [threading.Thread(target=client, args=(2000 // 32 + (i < 2000 % 32),))
-               for i in range(32)]
+    threads = [
+        threading.Thread(target=client, args=(2000 // 32 + (i < 2000 % 32),)) for i in range(32)
+    ]
     for t in threads:
         t.start()
     health = []

@@ -41,20 +41,31 @@ def units(tmp_path: Path) -> Path:
 
 def _known_notices(output: str) -> list[str]:
     # systemd < 254 does not know MemoryPressureWatch= yet, and says so
-    return [line for line in output.splitlines()
-            if line.strip() and "Unknown key 'MemoryPressureWatch'" not in line]
+    return [
+        line
+        for line in output.splitlines()
+        if line.strip() and "Unknown key 'MemoryPressureWatch'" not in line
+    ]
 
 
 def test_units_pass_systemd_analyze_verify(units: Path) -> None:
-    proc = subprocess.run(["systemd-analyze", "verify", "edgellm.socket", "edgellm.service"],
-                          cwd=units, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", "edgellm.socket", "edgellm.service"],
+        cwd=units,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _known_notices(proc.stdout + proc.stderr) == []
 
 
 def test_service_exposure_is_ok_or_better(units: Path) -> None:
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "edgellm.service"],
-                          cwd=units, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "edgellm.service"],
+        cwd=units,
+        capture_output=True,
+        text=True,
+    )
     match = re.search(r"Overall exposure level for edgellm.service: ([\d.]+) (\w+)", proc.stdout)
     assert match, proc.stdout[-500:]
     assert match.group(2) in ("SAFE", "OK") and float(match.group(1)) <= 2.0
@@ -80,8 +91,11 @@ class NotifyListener:
                 continue
 
     def events(self) -> list[str]:
-        return [line.split("=", 1)[0] + ("=1" if line.endswith("=1") else "")
-                for m in list(self.messages) for line in m.splitlines()]
+        return [
+            line.split("=", 1)[0] + ("=1" if line.endswith("=1") else "")
+            for m in list(self.messages)
+            for line in m.splitlines()
+        ]
 
     def close(self) -> None:
         self._stop.set()
@@ -89,14 +103,16 @@ class NotifyListener:
         self.sock.close()
 
 
-def test_notify_protocol_ready_status_watchdog_stopping(make_daemon: Any, tmp_path: Path,
-                                                        model_file: Path) -> None:
+def test_notify_protocol_ready_status_watchdog_stopping(
+    make_daemon: Any, tmp_path: Path, model_file: Path
+) -> None:
     listener = NotifyListener(tmp_path / "notify.sock")
     d = Daemon(tmp_path / "d", model_file)
     env = {**d.env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
     with open(d.log, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--no-pull"],
-                                env=env, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "serve", "--no-pull"], env=env, stderr=log
+        )
     try:
         wait_for(lambda: "READY=1" in listener.events(), timeout=30)
         wait_for(lambda: listener.events().count("WATCHDOG=1") >= 3, timeout=10)
@@ -109,9 +125,8 @@ def test_notify_protocol_ready_status_watchdog_stopping(make_daemon: Any, tmp_pa
         listener.close()
     keys = listener.events()
     ready = keys.index("READY=1")
-    assert "STATUS" in keys[ready:ready + 3]  # READY=1 comes with a STATUS= line
-    assert keys.index("WATCHDOG=1") > ready and keys.index("STOPPING=1") > keys.index(
-        "WATCHDOG=1")
+    assert "STATUS" in keys[ready : ready + 3]  # READY=1 comes with a STATUS= line
+    assert keys.index("WATCHDOG=1") > ready and keys.index("STOPPING=1") > keys.index("WATCHDOG=1")
     status = next(m for m in listener.messages if "READY=1" in m)
     assert "STATUS=ready" in status and f"MAINPID={proc.pid}" in status
 
@@ -132,7 +147,11 @@ def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path, model_fil
     with open(d.log, "ab") as log:
         proc = subprocess.Popen(
             ["sh", "-c", f'LISTEN_PID=$$ exec "{sys.executable}" -m edgellm serve --no-pull'],
-            env=env, preexec_fn=as_fd3, pass_fds=(fd, 3), stderr=log)
+            env=env,
+            preexec_fn=as_fd3,
+            pass_fds=(fd, 3),
+            stderr=log,
+        )
     listener.close()
     try:
         from edgellm.client import Client
@@ -143,10 +162,15 @@ def test_socket_activation_serves_on_the_passed_socket(tmp_path: Path, model_fil
                     return c.health()["status"] == "ready"
             except Exception:
                 return False
+
         wait_for(up, timeout=30)
         with Client(path) as c:
-            assert c.chat([{"role": "user", "content": "Hi"}], max_tokens=3, ignore_eos=True)[
-                "usage"]["completion_tokens"] == 3
+            assert (
+                c.chat([{"role": "user", "content": "Hi"}], max_tokens=3, ignore_eos=True)["usage"][
+                    "completion_tokens"
+                ]
+                == 3
+            )
         assert "event=socket_activation" in d.log_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -161,8 +185,9 @@ def test_sighup_reloads_what_can_change(tmp_path: Path, model_file: Path) -> Non
     d = Daemon(tmp_path / "d", model_file, keep_alive="5m")
     env = {**d.env, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     with open(d.log, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--no-pull"],
-                                env=env, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "serve", "--no-pull"], env=env, stderr=log
+        )
     try:
         wait_for(lambda: "READY=1" in listener.events(), timeout=30)
         text = d.config.read_text().replace('keep_alive = "5m"', 'keep_alive = "7m"')
@@ -193,8 +218,10 @@ def test_preloaded_models_are_loaded_and_pinned_before_ready(make_daemon: Any) -
 
 
 def test_a_hung_engine_stops_the_watchdog(model_file: Path, tmp_path: Path) -> None:
-    settings = load_settings(overrides={"state_dir": tmp_path, "n_ctx": 256,
-                                        "vault_key_file": tmp_path / "vault.key"}, environ={})
+    settings = load_settings(
+        overrides={"state_dir": tmp_path, "n_ctx": 256, "vault_key_file": tmp_path / "vault.key"},
+        environ={},
+    )
     store = open_vault(settings)
     store.add_file(model_file, MODEL)
     rt = Runtime(settings, store)
@@ -213,8 +240,14 @@ def test_a_hung_engine_stops_the_watchdog(model_file: Path, tmp_path: Path) -> N
 
         engine._llm.decode = hung
         done = threading.Event()
-        rt.submit(GenerationRequest(model=MODEL, prompt="Hello", max_tokens=4,
-                                    sink=lambda ev: isinstance(ev, Finished) and done.set()))
+        rt.submit(
+            GenerationRequest(
+                model=MODEL,
+                prompt="Hello",
+                max_tokens=4,
+                sink=lambda ev: isinstance(ev, Finished) and done.set(),
+            )
+        )
         wait_for(lambda: not watchdog.healthy(), timeout=5)
         assert watchdog.stalled == [MODEL]
         release.set()
@@ -236,8 +269,12 @@ def test_llama_cpp_runs_with_memory_deny_write_execute(tmp_path: Path, model_fil
             raise OSError(ctypes.get_errno(), "PR_SET_MDWE")
 
     with open(d.log, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve", "--no-pull"],
-                                env=d.env, preexec_fn=mdwe, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgellm", "serve", "--no-pull"],
+            env=d.env,
+            preexec_fn=mdwe,
+            stderr=log,
+        )
     try:
         wait_for(lambda: d.socket.exists(), timeout=30)
         time.sleep(0.5)
@@ -255,8 +292,12 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
     root.mkdir()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edgellm", "service", *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "edgellm", "service", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     dry = cli("install", "--root", str(root), "--exec", str(EDGELLM), "--dry-run")
     assert dry.returncode == 0 and "would write /etc/systemd/system/edgellm.service" in dry.stdout
@@ -270,11 +311,18 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
     assert "edgellm-clients:" in (root / "etc/group").read_text()
     key = root / "etc/edgellm/vault.key"
     assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
-    assert "LoadCredential=vault-key:/etc/edgellm/vault.key" in (
-        root / "etc/systemd/system/edgellm.service.d/credential.conf").read_text()
+    assert (
+        "LoadCredential=vault-key:/etc/edgellm/vault.key"
+        in (root / "etc/systemd/system/edgellm.service.d/credential.conf").read_text()
+    )
     config = root / "etc/edgellm/edgellm.toml"
-    uid = int(next(line for line in (root / "etc/passwd").read_text().splitlines()
-                   if line.startswith("edgellm:")).split(":")[2])
+    uid = int(
+        next(
+            line
+            for line in (root / "etc/passwd").read_text().splitlines()
+            if line.startswith("edgellm:")
+        ).split(":")[2]
+    )
     assert config.stat().st_gid == uid and config.stat().st_mode & 0o777 == 0o640
     load_settings(config, environ={})  # the default settings are valid
     blobs = root / "var/lib/edgellm/vault/objects"
@@ -283,7 +331,8 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
     from edgellm.vault.store import VaultStore
 
     assert [m.name for m in VaultStore(blobs.parent, read_key_file(key)).list()] == [
-        "smollm2-135m-instruct"]
+        "smollm2-135m-instruct"
+    ]
     again = cli("install", "--root", str(root), "--exec", str(EDGELLM))
     assert "keep the existing vault key" in again.stdout and key.read_bytes()
     kept = cli("uninstall", "--root", str(root))
@@ -298,7 +347,22 @@ def test_install_refuses_a_readable_key_and_non_root_runs(tmp_path: Path) -> Non
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o644)
-    r = subprocess.run([sys.executable, "-m", "edgellm", "service", "install", "--root",
-                        str(tmp_path / "r"), "--exec", str(EDGELLM), "--key-file", str(key),
-                        "--dry-run"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgellm",
+            "service",
+            "install",
+            "--root",
+            str(tmp_path / "r"),
+            "--exec",
+            str(EDGELLM),
+            "--key-file",
+            str(key),
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "readable by others" in r.stderr and "chmod 600" in r.stderr

@@ -61,12 +61,14 @@ def rows(app: EdgeApp, selector: str) -> list[list[str]]:
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
-def drive(app: EdgeApp, scenario: Callable[[Pilot], Any], size: tuple[int, int] = (100, 30)
-          ) -> None:
+def drive(
+    app: EdgeApp, scenario: Callable[[Pilot], Any], size: tuple[int, int] = (100, 30)
+) -> None:
     async def main() -> None:
         async with app.run_test(size=size) as pilot:
             await until(pilot, lambda: app.snapshot.health or app.down)
             await scenario(pilot)
+
     asyncio.run(main())
 
 
@@ -77,13 +79,17 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
 
     def generate() -> None:
         with d.client() as c:
-            long_job["reply"] = c.chat([{"role": "user", "content": "Tell a long story."}],
-                                       max_tokens=2000, ignore_eos=True)
+            long_job["reply"] = c.chat(
+                [{"role": "user", "content": "Tell a long story."}],
+                max_tokens=2000,
+                ignore_eos=True,
+            )
 
     async def scenario(pilot: Pilot) -> None:
         # dashboard: health, level, who I am
-        health = await until(pilot, lambda: "governor" in text(app, "#health")
-                             and text(app, "#health"))
+        health = await until(
+            pilot, lambda: "governor" in text(app, "#health") and text(app, "#health")
+        )
         assert "ready" in health and "NORMAL" in health and "(admin)" in health
         # models: the catalog, then load it with a key
         await pilot.press("2")
@@ -94,8 +100,7 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
         assert [m["name"] for m in Client(d.socket).ps()] == [MODEL]
         await until(pilot, lambda: rows(app, "#models-table")[0][4] == "loaded")
         await pilot.press("1")
-        await until(pilot, lambda: rows(app, "#loaded")
-                    and rows(app, "#loaded")[0][0] == MODEL)
+        await until(pilot, lambda: rows(app, "#loaded") and rows(app, "#loaded")[0][0] == MODEL)
         # requests: a running generation appears; c cancels it
         worker = threading.Thread(target=generate)
         worker.start()
@@ -115,8 +120,11 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
         # playground: a streamed answer with its speed and finish reason
         await pilot.press("5")
         await pilot.press(*"Say hello.", "enter")
-        stats = await until(pilot, lambda: "finish:" in text(app, "#play-stats")
-                            and text(app, "#play-stats"), timeout=60)
+        stats = await until(
+            pilot,
+            lambda: "finish:" in text(app, "#play-stats") and text(app, "#play-stats"),
+            timeout=60,
+        )
         assert "tok/s" in stats and ("finish: stop" in stats or "finish: length" in stats)
         assert text(app, "#play-output").startswith("> Say hello.\n")
         assert len(text(app, "#play-output")) > len("> Say hello.\n") + 2
@@ -127,8 +135,9 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
         await pilot.pause(0.2)
         await pilot.press(*"user:nobody", "enter", "enter", "enter")  # role client, scope *
         await until(pilot, lambda: rows(app, "#grants-table"))
-        assert Client(d.socket).grants() == [{"subject": "user:nobody", "role": "client",
-                                              "scope": "*"}]
+        assert Client(d.socket).grants() == [
+            {"subject": "user:nobody", "role": "client", "scope": "*"}
+        ]
         await pilot.press("r")
         await pilot.pause(0.2)
         await pilot.press("y")
@@ -208,8 +217,7 @@ def test_the_daemon_going_away_and_coming_back(make_daemon: Any, tmp_path: Path)
         await pilot.press("l")  # an action while it is down: a message, not a crash
         await until(pilot, lambda: any("no edgellm daemon" in n for n in app.notes))
         d.start()
-        await until(pilot, lambda: app.down is None and "ready" in text(app, "#health"),
-                    timeout=60)
+        await until(pilot, lambda: app.down is None and "ready" in text(app, "#health"), timeout=60)
         assert not app.query_one("#banner").has_class("down")
 
     drive(app, scenario)
@@ -218,6 +226,7 @@ def test_the_daemon_going_away_and_coming_back(make_daemon: Any, tmp_path: Path)
 
     async def absent(pilot: Pilot) -> None:
         assert "no edgellm daemon is running" in text(missing, "#banner")
+
     drive(missing, absent)
 
 
@@ -226,18 +235,22 @@ def test_problems_read_as_one_line() -> None:
 
     from edgellm.client import _unavailable
 
-    denied = _unavailable(Path("/run/edgellm/edgellm.sock"),
-                          OSError(errno.EACCES, "Permission denied"))
-    assert problem(denied) == ("permission denied on /run/edgellm/edgellm.sock: your user "
-                               "may not use this appliance; ask its operator to grant you "
-                               "access")
+    denied = _unavailable(
+        Path("/run/edgellm/edgellm.sock"), OSError(errno.EACCES, "Permission denied")
+    )
+    assert problem(denied) == (
+        "permission denied on /run/edgellm/edgellm.sock: your user "
+        "may not use this appliance; ask its operator to grant you "
+        "access"
+    )
     assert parse_filters("user=alice decision=deny") == {"user": "alice", "decision": "deny"}
     assert spark([0, 50, 100], 5, 0, 100) == "  ▁▅█"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running as another user needs root")
-def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
-                                                              tmp_path: Path) -> None:
+def test_a_client_sees_a_read_only_view_and_denials_say_why(
+    model_file: Path, tmp_path: Path
+) -> None:
     user = "edgt-viewer"
     with contextlib.ExitStack() as stack:
         stack.enter_context(unix_users(user))
@@ -253,20 +266,23 @@ def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
             seen: dict[str, Any] = {}
 
             async def scenario(pilot: Pilot) -> None:
-                seen["health"] = await until(pilot, lambda: "governor" in text(
-                    app, "#health") and text(app, "#health"))
+                seen["health"] = await until(
+                    pilot, lambda: "governor" in text(app, "#health") and text(app, "#health")
+                )
                 await pilot.press("2")
                 await until(pilot, lambda: rows(app, "#models-table"))
                 await pilot.press("l")
-                seen["denied"] = await until(pilot, lambda: [n for n in app.notes
-                                                             if "permission denied" in n
-                                                             or "loaded" in n])
+                seen["denied"] = await until(
+                    pilot,
+                    lambda: [n for n in app.notes if "permission denied" in n or "loaded" in n],
+                )
                 await pilot.press("3")
                 await pilot.pause(0.5)
                 seen["requests"] = text(app, "#requests-note")
                 await pilot.press("6")
                 await pilot.pause(0.5)
                 seen["access"] = text(app, "#access-note")
+
             drive(app, scenario)
             return seen
 
@@ -277,8 +293,10 @@ def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
         seen = as_user(user, look)
         assert "exception" not in seen, seen
         assert f"{user} (client)" in seen["health"]
-        assert seen["denied"] == [f"permission denied: {user} lacks models.load; ask an "
-                                  "admin to grant it (edgellm access grant …)"]
+        assert seen["denied"] == [
+            f"permission denied: {user} lacks models.load; ask an "
+            "admin to grant it (edgellm access grant …)"
+        ]
         assert seen["requests"].startswith("0 in flight")  # only its own requests
         assert seen["access"].startswith("Access control is for admins")
         assert Client(d.socket).ps() == []  # nothing was loaded
@@ -289,9 +307,11 @@ def test_a_client_sees_a_read_only_view_and_denials_say_why(model_file: Path,
 def quiet_daemon(make_daemon: Any, tmp_path: Path) -> Daemon:
     """A daemon whose readings come from a fixed trace, so screens are the same each run."""
     trace = tmp_path / "steady.jsonl"
-    trace.write_text('{"t": 0, "mem_available_pct": 60, "cpu_pct": 25, '
-                     '"psi_memory_some_avg10": 1.5, "temp_c": 55, "temp_high_c": 80, '
-                     '"temp_critical_c": 95, "rss_mb": 120}\n')
+    trace.write_text(
+        '{"t": 0, "mem_available_pct": 60, "cpu_pct": 25, '
+        '"psi_memory_some_avg10": 1.5, "temp_c": 55, "temp_high_c": 80, '
+        '"temp_critical_c": 95, "rss_mb": 120}\n'
+    )
     return make_daemon(governor={"trace": str(trace), "poll_interval": "100ms"})
 
 
@@ -313,6 +333,7 @@ def _settled(*keys: str) -> Callable[[Pilot], Any]:
         await app.workers.wait_for_complete()
         await pilot.pause(0.5)
         await pilot.wait_for_scheduled_animations()
+
     return run_before
 
 
@@ -325,8 +346,9 @@ def test_snapshot_of_each_tab(snap_compare: Any, quiet_daemon: Daemon, tab: str)
 
 def test_snapshot_of_the_audit_tab_filtered(snap_compare: Any, quiet_daemon: Daemon) -> None:
     app = EdgeApp(quiet_daemon.socket, poll_interval=3600)
-    assert snap_compare(app, terminal_size=(80, 24), run_before=_settled(
-        "4", "slash", *"decision=deny", "enter"))
+    assert snap_compare(
+        app, terminal_size=(80, 24), run_before=_settled("4", "slash", *"decision=deny", "enter")
+    )
 
 
 @pytest.mark.parametrize("keys", [(), ("question_mark",)], ids=["down", "help"])
@@ -349,17 +371,20 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
     d: Daemon = make_daemon()
     Client(d.socket).load(MODEL)
     command = f"{sys.executable} -m edgellm tui --socket {d.socket}"
-    subprocess.run(["tmux", "new-session", "-d", "-s", tmux, "-x", "80", "-y", "24",
-                    command], check=True)
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", tmux, "-x", "80", "-y", "24", command], check=True
+    )
 
     def screen() -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", tmux], capture_output=True,
-                              text=True).stdout
+        return subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", tmux], capture_output=True, text=True
+        ).stdout
 
     def showing(*words: str) -> Callable[[], str | None]:
         def check() -> str | None:
             shown = screen()
             return shown if all(w in shown for w in words) else None
+
         return check
 
     dashboard = wait_for(showing(MODEL, "NORMAL"), timeout=30)
@@ -372,5 +397,9 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
     except AssertionError:
         raise AssertionError(f"the Models tab never showed {row!r}:\n{screen()}") from None
     subprocess.run(["tmux", "send-keys", "-t", tmux, "q"], check=True)
-    wait_for(lambda: subprocess.run(["tmux", "has-session", "-t", tmux],
-                                    capture_output=True).returncode != 0, timeout=10)
+    wait_for(
+        lambda: (
+            subprocess.run(["tmux", "has-session", "-t", tmux], capture_output=True).returncode != 0
+        ),
+        timeout=10,
+    )

@@ -38,29 +38,36 @@ def _s(text: str) -> bytes:
 
 def test_reads_a_handmade_header(tmp_path: Path) -> None:
     path = tmp_path / "tiny.gguf"
-    path.write_bytes(_gguf([
-        ("general.architecture", 8, _s("tiny")),
-        ("tiny.context_length", 4, struct.pack("<I", 2048)),
-        ("tiny.embedding_length", 4, struct.pack("<I", 64)),
-        ("tiny.attention.head_count", 4, struct.pack("<I", 4)),
-        ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + _s("a") + _s("b")),
-        ("general.file_type", 4, struct.pack("<I", 15)),
-    ]))
+    path.write_bytes(
+        _gguf(
+            [
+                ("general.architecture", 8, _s("tiny")),
+                ("tiny.context_length", 4, struct.pack("<I", 2048)),
+                ("tiny.embedding_length", 4, struct.pack("<I", 64)),
+                ("tiny.attention.head_count", 4, struct.pack("<I", 4)),
+                ("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2) + _s("a") + _s("b")),
+                ("general.file_type", 4, struct.pack("<I", 15)),
+            ]
+        )
+    )
     meta = read_gguf_metadata(path)
     assert meta["architecture"] == "tiny" and meta["context_length"] == 2048
     assert meta["head_dim"] == 16 and meta["n_head_kv"] == 4 and meta["n_vocab"] == 2
     assert meta["quantization"] == "Q4_K_M" and meta["has_chat_template"] is False
 
 
-@pytest.mark.parametrize("content,words", [
-    (b"", "not a valid GGUF"),
-    (b"PK\x03\x04 a zip file", "no GGUF magic"),
-    (b"GGUF" + struct.pack("<I", 9), "unsupported GGUF version 9"),
-    (_gguf([("general.architecture", 8, _s("x"))])[:-3], "truncated"),
-    (_gguf([("general.architecture", 77, b"")]), "unknown value type 77"),
-    (_gguf([("general.name", 8, _s("no arch"))]), "no architecture"),
-    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 60), "truncated"),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"", "not a valid GGUF"),
+        (b"PK\x03\x04 a zip file", "no GGUF magic"),
+        (b"GGUF" + struct.pack("<I", 9), "unsupported GGUF version 9"),
+        (_gguf([("general.architecture", 8, _s("x"))])[:-3], "truncated"),
+        (_gguf([("general.architecture", 77, b"")]), "unknown value type 77"),
+        (_gguf([("general.name", 8, _s("no arch"))]), "no architecture"),
+        (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1 << 60), "truncated"),
+    ],
+)
 def test_refuses_what_is_not_gguf(tmp_path: Path, content: bytes, words: str) -> None:
     path = tmp_path / "bad.gguf"
     path.write_bytes(content)
@@ -80,18 +87,20 @@ def test_settings_layer_defaults_file_env_flags(tmp_path: Path) -> None:
     assert s.max_body_bytes == 1024 * 1024 and s.socket_mode == 0o660
 
 
-@pytest.mark.parametrize("toml,env,words", [
-    ("colour = 'blue'\n", {}, "unknown setting 'colour'"),
-    ("max_queue = -1\n", {}, "'max_queue'"),
-    ("[models.x]\nn_cxt = 5\n", {}, "unknown setting 'models.x.n_cxt'"),
-    ("keep_alive = 'later'\n", {}, "keep_alive"),
-    ("socket_mode = '999'\n", {}, "octal"),
-    ("", {"EDGELLM_N_THREADS": "many"}, "EDGELLM_N_THREADS"),
-    ("", {"EDGELLM_NO_SUCH": "1"}, "EDGELLM_NO_SUCH"),
-    ("max_queue = [\n", {}, "not valid TOML"),
-])
-def test_bad_settings_are_named(tmp_path: Path, toml: str, env: dict[str, str],
-                                words: str) -> None:
+@pytest.mark.parametrize(
+    "toml,env,words",
+    [
+        ("colour = 'blue'\n", {}, "unknown setting 'colour'"),
+        ("max_queue = -1\n", {}, "'max_queue'"),
+        ("[models.x]\nn_cxt = 5\n", {}, "unknown setting 'models.x.n_cxt'"),
+        ("keep_alive = 'later'\n", {}, "keep_alive"),
+        ("socket_mode = '999'\n", {}, "octal"),
+        ("", {"EDGELLM_N_THREADS": "many"}, "EDGELLM_N_THREADS"),
+        ("", {"EDGELLM_NO_SUCH": "1"}, "EDGELLM_NO_SUCH"),
+        ("max_queue = [\n", {}, "not valid TOML"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path: Path, toml: str, env: dict[str, str], words: str) -> None:
     cfg = tmp_path / "edgellm.toml"
     cfg.write_text(toml)
     with pytest.raises(ConfigError, match=words):

@@ -27,18 +27,19 @@ def _start_without_key(make_daemon: Any, tmp_path: Path, **settings: Any) -> tup
     return d.start(), kept
 
 
-def test_a_locked_vault_refuses_what_needs_it_and_unlocks(make_daemon: Any,
-                                                          tmp_path: Path) -> None:
+def test_a_locked_vault_refuses_what_needs_it_and_unlocks(make_daemon: Any, tmp_path: Path) -> None:
     d, kept = _start_without_key(make_daemon, tmp_path)
     assert "event=vault_locked" in d.log_text()
     with d.http() as h:
         assert h.get("/health").json()["status"] == "ready"  # up, and says it is locked:
         assert h.get("/api/vault").json()["state"] == "locked"
         assert [m["id"] for m in h.get("/v1/models").json()["data"]] == [MODEL]
-        for method, path, body in [("POST", "/v1/chat/completions", CHAT),
-                                   ("POST", f"/api/models/{MODEL}/load", None),
-                                   ("GET", "/api/data/anything", None),
-                                   ("GET", "/api/audit/verify", None)]:
+        for method, path, body in [
+            ("POST", "/v1/chat/completions", CHAT),
+            ("POST", f"/api/models/{MODEL}/load", None),
+            ("GET", "/api/data/anything", None),
+            ("GET", "/api/audit/verify", None),
+        ]:
             r = h.request(method, path, json=body)
             assert r.status_code == 503, path
             assert r.json()["error"]["code"] == "vault_locked"
@@ -65,8 +66,11 @@ def test_a_locked_vault_refuses_what_needs_it_and_unlocks(make_daemon: Any,
         c.vault_unlock(key=kept.read_bytes())
         assert c.chat([{"role": "user", "content": "Hi"}], max_tokens=2)["usage"]
         rows = c.audit(action="vault.manage")
-        assert [r["resource"] for r in rows] == ["/api/vault/unlock", "/api/vault/lock",
-                                                "/api/vault/unlock"]
+        assert [r["resource"] for r in rows] == [
+            "/api/vault/unlock",
+            "/api/vault/lock",
+            "/api/vault/unlock",
+        ]
         assert c.audit_verify()["ok"]
     assert d.alive()
 
@@ -93,8 +97,9 @@ def test_rotation_through_the_daemon_and_a_restart(make_daemon: Any) -> None:
     d = make_daemon()
     old = d.key_file.read_bytes()
     with d.client() as c:
-        before = c.chat([{"role": "user", "content": "Say hi"}], max_tokens=4, seed=1,
-                        temperature=0)["choices"][0]["message"]["content"]
+        before = c.chat(
+            [{"role": "user", "content": "Say hi"}], max_tokens=4, seed=1, temperature=0
+        )["choices"][0]["message"]["content"]
         result = c.vault_rotate()
         assert result["rotated"] == 1 and result["key_source"] == "key"
     assert d.key_file.read_bytes() != old and d.key_file.stat().st_mode & 0o777 == 0o600
@@ -102,8 +107,9 @@ def test_rotation_through_the_daemon_and_a_restart(make_daemon: Any) -> None:
     d.start()  # opens with the new key file
     with d.client() as c:
         c.unload(MODEL)
-        after = c.chat([{"role": "user", "content": "Say hi"}], max_tokens=4, seed=1,
-                       temperature=0)["choices"][0]["message"]["content"]
+        after = c.chat(
+            [{"role": "user", "content": "Say hi"}], max_tokens=4, seed=1, temperature=0
+        )["choices"][0]["message"]["content"]
         assert after == before  # the same model, decrypted with the rewrapped data key
         assert c.vault_verify() == {"ok": True, "bad": []}
         assert c.audit_verify()["ok"]  # the chain's key survived the rotation
@@ -155,8 +161,9 @@ def test_bad_data_requests_get_clear_errors(make_daemon: Any, tmp_path: Path) ->
         assert r.status_code == 409 and "checksum mismatch for b.txt" in r.text
         assert h.get("/api/data").json()["data"][0]["name"] == "a.txt"  # nothing else stored
     catalog = sqlite3.connect(d.state_dir / "vault" / "catalog.db")
-    file = catalog.execute("SELECT file FROM objects WHERE kind = 'data' AND name = 'a.txt'"
-                           ).fetchone()[0]
+    file = catalog.execute(
+        "SELECT file FROM objects WHERE kind = 'data' AND name = 'a.txt'"
+    ).fetchone()[0]
     obj = d.state_dir / "vault" / "objects" / file
     raw = bytearray(obj.read_bytes())
     raw[(1 << 20) + 16 + 85 + 10] ^= 1  # inside segment 1
@@ -188,8 +195,10 @@ def test_audit_retention_keeps_a_signed_checkpoint(make_daemon: Any) -> None:
     with d.client() as c:
         verdict = c.audit_verify()
         assert not verdict["ok"] and f"before {first + 1} were deleted" in verdict["problem"]
-        db.execute("UPDATE checkpoint SET seq = seq + 1, mac = (SELECT mac FROM audit "
-                   "ORDER BY seq LIMIT 1)")  # and move the checkpoint to cover it
+        db.execute(
+            "UPDATE checkpoint SET seq = seq + 1, mac = (SELECT mac FROM audit "
+            "ORDER BY seq LIMIT 1)"
+        )  # and move the checkpoint to cover it
         verdict = c.audit_verify()
         assert not verdict["ok"] and "checkpoint was altered" in verdict["problem"]
     usage = d.cli("audit", "prune")

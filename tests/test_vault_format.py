@@ -38,8 +38,11 @@ SEALED = (1 << SHIFT) + TAG
 
 
 def seal(data: bytes, key: bytes = WRAP, shift: int = SHIFT) -> bytes:
-    return b"".join(encrypt_stream([data[i:i + 700] for i in range(0, len(data), 700)] or [b""],
-                                   key, KEY.key_id, shift))
+    return b"".join(
+        encrypt_stream(
+            [data[i : i + 700] for i in range(0, len(data), 700)] or [b""], key, KEY.key_id, shift
+        )
+    )
 
 
 def open_(blob: bytes, key: bytes = WRAP) -> bytes:
@@ -91,10 +94,12 @@ TAMPERING = {
     "truncated header": lambda b: b[:40],
     "appended bytes": lambda b: b + b"\x00" * 32,
     "appended copy of a segment": lambda b: b + b[_segment(b, 0)],
-    "swapped segments": lambda b: b[:HEADER_LEN] + b[_segment(b, 1)] + b[_segment(b, 0)]
-    + b[HEADER_LEN + 2 * SEALED:],
-    "segment spliced from another object": lambda b: b[:HEADER_LEN] + seal(DATA)[_segment(b, 0)]
-    + b[HEADER_LEN + SEALED:],
+    "swapped segments": lambda b: (
+        b[:HEADER_LEN] + b[_segment(b, 1)] + b[_segment(b, 0)] + b[HEADER_LEN + 2 * SEALED :]
+    ),
+    "segment spliced from another object": lambda b: (
+        b[:HEADER_LEN] + seal(DATA)[_segment(b, 0)] + b[HEADER_LEN + SEALED :]
+    ),
     "header from another object": lambda b: seal(DATA)[:HEADER_LEN] + b[HEADER_LEN:],
 }
 

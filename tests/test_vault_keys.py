@@ -76,19 +76,25 @@ class Crash(BaseException):
     """Stands for the process dying: nothing after it runs, nothing cleans up."""
 
 
-@pytest.mark.parametrize("step,survivor", [
-    ("rewrapping", "old"), ("journal written", "old"), ("committed", "new"),
-    ("half the headers written", "new")])
-def test_a_crash_at_any_step_leaves_exactly_one_key(tmp_path: Path, step: str, survivor: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "step,survivor",
+    [
+        ("rewrapping", "old"),
+        ("journal written", "old"),
+        ("committed", "new"),
+        ("half the headers written", "new"),
+    ],
+)
+def test_a_crash_at_any_step_leaves_exactly_one_key(
+    tmp_path: Path, step: str, survivor: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     old = create_key_file(tmp_path / "old.key")
     store = _filled(tmp_path / "v", old)
     new = MasterKey(os.urandom(32), "new")
     if step == "rewrapping":
         monkeypatch.setattr(rotation.fmt, "rewrap", lambda *a: (_ for _ in ()).throw(Crash()))
     elif step == "journal written":
-        monkeypatch.setattr(rotation.VaultMeta, "save", lambda *a: (_ for _ in ()).throw(
-            Crash()))
+        monkeypatch.setattr(rotation.VaultMeta, "save", lambda *a: (_ for _ in ()).throw(Crash()))
     elif step == "committed":
         monkeypatch.setattr(rotation, "_apply", lambda *a: (_ for _ in ()).throw(Crash()))
     else:
@@ -99,6 +105,7 @@ def test_a_crash_at_any_step_leaves_exactly_one_key(tmp_path: Path, step: str, s
             if len(calls) > len(PAYLOADS) // 2:
                 raise Crash()
             return real(fd, data, offset)
+
         monkeypatch.setattr(rotation.os, "pwrite", pwrite)
     with pytest.raises(Crash):
         store.rotate_key(new)
@@ -135,8 +142,10 @@ def test_kill_9_during_rotation_never_strands_the_vault(tmp_path: Path) -> None:
     span = 0.0
     for trial in range(16):
         new = MasterKey(os.urandom(32), f"new {trial}")
-        proc = subprocess.Popen([sys.executable, "-c", ROTATE, str(tmp_path / "v"),
-                                 key.key.hex(), new.key.hex()], stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", ROTATE, str(tmp_path / "v"), key.key.hex(), new.key.hex()],
+            stdout=subprocess.PIPE,
+        )
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"go"
         if trial == 0:  # the first runs to the end: how long a rotation takes here
             t0 = time.monotonic()
@@ -178,8 +187,10 @@ def test_kill_9_during_imports_always_leaves_a_vault_that_opens(tmp_path: Path) 
     rng = random.Random(9)
     seen = set()
     for _ in range(25):
-        proc = subprocess.Popen([sys.executable, "-c", IMPORT, str(tmp_path / "v"),
-                                 key.key.hex()], stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", IMPORT, str(tmp_path / "v"), key.key.hex()],
+            stdout=subprocess.PIPE,
+        )
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"go"
         time.sleep(rng.uniform(0, 0.6))
         proc.send_signal(signal.SIGKILL)
@@ -201,8 +212,9 @@ def test_passphrases(tmp_path: Path) -> None:
     assert kdf["n"] == 1 << 17 and kdf["r"] == 8 and kdf["p"] == 1
     store = VaultStore.create(tmp_path / "v", from_passphrase("correct horse", kdf), kdf)
     store.put_data([b"hello"], "greeting")
-    settings = load_settings(environ={}, overrides={
-        "state_dir": tmp_path, "vault_key_file": tmp_path / "unused.key"})
+    settings = load_settings(
+        environ={}, overrides={"state_dir": tmp_path, "vault_key_file": tmp_path / "unused.key"}
+    )
     (tmp_path / "vault").symlink_to(tmp_path / "v")
     with pytest.raises(NoKey, match="opened by a passphrase"):
         open_vault(settings, create=False)
@@ -220,10 +232,12 @@ def test_passphrases(tmp_path: Path) -> None:
 
 
 def test_key_file_rotation_finishes_after_a_crash_before_the_rename(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key_file = tmp_path / "vault.key"
-    settings = load_settings(environ={}, overrides={"state_dir": tmp_path,
-                                                    "vault_key_file": key_file})
+    settings = load_settings(
+        environ={}, overrides={"state_dir": tmp_path, "vault_key_file": key_file}
+    )
     store = open_vault(settings)  # creates the vault and the key file
     store.put_data([b"x" * 5000], "a")
     old = key_file.read_bytes()
@@ -233,6 +247,7 @@ def test_key_file_rotation_finishes_after_a_crash_before_the_rename(
         if Path(str(dst)) == key_file:
             raise Crash()
         real_replace(src, dst)
+
     monkeypatch.setattr("edgellm.vault.open.os.replace", crash_on_key_rename)
     with pytest.raises(Crash):
         rotate_to_new_key_file(store, key_file)

@@ -50,7 +50,8 @@ def test_import_list_open_and_remove(vault: VaultStore, model_file: Path) -> Non
 
 
 def test_records_are_read_fresh_after_a_change_by_another_process(
-        vault: VaultStore, model_file: Path, tmp_path: Path) -> None:
+    vault: VaultStore, model_file: Path, tmp_path: Path
+) -> None:
     """Records are kept in memory between catalog changes; a change made through
     another connection (another process: `edgellm vault` commands) is seen at once."""
     vault.add_file(model_file, "smol", info={"source": "first"})
@@ -94,8 +95,10 @@ def test_wrong_key_is_told_apart_from_corruption(vault: VaultStore, model_file: 
     data[5 * (1 << 20)] ^= 0xFF
     obj.write_bytes(bytes(data))
     assert vault.verify() == [("smol", "segment 4 failed authentication (it was altered)")]
-    with pytest.raises(IntegrityError, match=r"integrity check failed for smol \(segment 4\)"), \
-            vault.open("smol"):
+    with (
+        pytest.raises(IntegrityError, match=r"integrity check failed for smol \(segment 4\)"),
+        vault.open("smol"),
+    ):
         pass
 
 
@@ -112,16 +115,23 @@ def test_no_plaintext_on_disk_while_serving(make_daemon: Any, model_file: Path) 
     d: Daemon = make_daemon()
     raw = model_file.read_bytes()
     # pieces of the model from its header, its middle and its end
-    needles = [raw[4096:4096 + 256], raw[len(raw) // 2:len(raw) // 2 + 256], raw[-512:-256]]
+    needles = [raw[4096 : 4096 + 256], raw[len(raw) // 2 : len(raw) // 2 + 256], raw[-512:-256]]
     with d.client() as c:
         c.load(MODEL)
         assert c.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
         # everything in the state directory, and whatever anyone wrote to the temporary
         # directories since the daemon started
-        written = [p for root in (Path("/tmp"), Path("/var/tmp")) for p in root.rglob("*")
-                   if p.is_file() and p.stat().st_mtime >= started]
-        suspects = [p for p in [*d.state_dir.rglob("*"), *written]
-                    if p.is_file() and _holds_plaintext(p, needles)]
+        written = [
+            p
+            for root in (Path("/tmp"), Path("/var/tmp"))
+            for p in root.rglob("*")
+            if p.is_file() and p.stat().st_mtime >= started
+        ]
+        suspects = [
+            p
+            for p in [*d.state_dir.rglob("*"), *written]
+            if p.is_file() and _holds_plaintext(p, needles)
+        ]
         assert suspects == []
         # the daemon's copy lives in a memfd
         maps = Path(f"/proc/{d.proc.pid}/maps").read_text() if d.proc else ""
@@ -132,14 +142,21 @@ def test_vault_commands(tmp_path: Path, model_file: Path) -> None:
     import subprocess
     import sys
 
-    env = {**os.environ, "EDGELLM_STATE_DIR": str(tmp_path / "s"),
-           "EDGELLM_SOCKET": str(tmp_path / "none.sock")}
+    env = {
+        **os.environ,
+        "EDGELLM_STATE_DIR": str(tmp_path / "s"),
+        "EDGELLM_SOCKET": str(tmp_path / "none.sock"),
+    }
     key = tmp_path / "vault.key"
 
     def cli(*args: str, key_file: Path = key) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edgellm", *args, "--key-file",
-                               str(key_file)], env=env, capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "edgellm", *args, "--key-file", str(key_file)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     missing = cli("vault", "status")
     assert missing.returncode == 1 and "edgellm vault init" in missing.stderr

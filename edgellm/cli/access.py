@@ -29,13 +29,18 @@ def access() -> None:
 
 
 subject_arg = click.argument("subject")
-role_arg = click.argument("role", type=click.Choice(
-    ["admin", "operator", "auditor", "client", "data-reader", "data-writer"]))
-model_option = click.option("--model", default=None,
-                            help="For client grants: the model (default: * for all).")
-data_option = click.option("--data", default=None,
-                           help="For data grants: a data name, or a prefix ending in / or * "
-                                "(default: * for all).")
+role_arg = click.argument(
+    "role",
+    type=click.Choice(["admin", "operator", "auditor", "client", "data-reader", "data-writer"]),
+)
+model_option = click.option(
+    "--model", default=None, help="For client grants: the model (default: * for all)."
+)
+data_option = click.option(
+    "--data",
+    default=None,
+    help="For data grants: a data name, or a prefix ending in / or * (default: * for all).",
+)
 
 
 def _scope(model: str | None, data: str | None) -> str:
@@ -51,14 +56,16 @@ def _scope(model: str | None, data: str | None) -> str:
 @data_option
 @socket_option
 @friendly
-def access_grant(subject: str, role: str, model: str | None, data: str | None,
-                 socket: str | None) -> None:
+def access_grant(
+    subject: str, role: str, model: str | None, data: str | None, socket: str | None
+) -> None:
     """Grant ROLE to SUBJECT (user:NAME, group:NAME, uid:N or token:NAME)."""
     with client(socket) as c:
         g = c.grant(subject, role, _scope(model, data))
-    click.echo(f"granted {g['role']} to {g['subject']}"
-               + (f" on {g['scope']}" if g["role"] in ("client", "data-reader", "data-writer")
-                  else ""))
+    click.echo(
+        f"granted {g['role']} to {g['subject']}"
+        + (f" on {g['scope']}" if g["role"] in ("client", "data-reader", "data-writer") else "")
+    )
 
 
 @access.command("revoke")
@@ -68,8 +75,9 @@ def access_grant(subject: str, role: str, model: str | None, data: str | None,
 @data_option
 @socket_option
 @friendly
-def access_revoke(subject: str, role: str, model: str | None, data: str | None,
-                  socket: str | None) -> None:
+def access_revoke(
+    subject: str, role: str, model: str | None, data: str | None, socket: str | None
+) -> None:
     """Take a grant back."""
     with client(socket) as c:
         c.revoke(subject, role, _scope(model, data))
@@ -84,9 +92,15 @@ def access_list(socket: str | None, as_json: bool) -> None:
     """Every grant (root and the daemon's own user are admins without one)."""
     with client(socket) as c:
         rows = c.grants()
-    emit(rows, as_json, lambda rs: table([[r["subject"], r["role"], r["scope"]] for r in rs],
-                                           ["SUBJECT", "ROLE", "SCOPE"]) if rs
-          else click.echo("no grants (only root and the daemon's user can do anything)"))
+    emit(
+        rows,
+        as_json,
+        lambda rs: (
+            table([[r["subject"], r["role"], r["scope"]] for r in rs], ["SUBJECT", "ROLE", "SCOPE"])
+            if rs
+            else click.echo("no grants (only root and the daemon's user can do anything)")
+        ),
+    )
 
 
 @access.command("whoami")
@@ -99,11 +113,15 @@ def access_whoami(socket: str | None, as_json: bool) -> None:
         me = c.whoami()
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(f"{d['user'] or 'uid ' + str(d['uid'])} (uid {d['uid']}, pid {d['pid']}), "
-                   f"groups: {', '.join(d['groups']) or '-'}")
+        click.echo(
+            f"{d['user'] or 'uid ' + str(d['uid'])} (uid {d['uid']}, pid {d['pid']}), "
+            f"groups: {', '.join(d['groups']) or '-'}"
+        )
         roles = d["roles"]
-        click.echo("roles: " + (", ".join(f"{r} ({', '.join(m)})" for r, m in roles.items())
-                                if roles else "none"))
+        click.echo(
+            "roles: "
+            + (", ".join(f"{r} ({', '.join(m)})" for r, m in roles.items()) if roles else "none")
+        )
 
     emit(me, as_json, human)
 
@@ -117,8 +135,7 @@ def access_token(name: str, socket: str | None) -> None:
     with client(socket) as c:
         t = c.create_token(name)
     click.echo(t["token"])
-    click.echo(f"grant it roles as {t['subject']}; send it as 'Authorization: Bearer …'",
-               err=True)
+    click.echo(f"grant it roles as {t['subject']}; send it as 'Authorization: Bearer …'", err=True)
 
 
 # --- audit ------------------------------------------------------------------------------------
@@ -128,13 +145,18 @@ def audit() -> None:
 
 
 def _audit_line(r: dict[str, Any]) -> str:
-    tokens = (f" tokens={r['prompt_tokens']}+{r['completion_tokens']}"
-              if r.get("completion_tokens") is not None else "")
+    tokens = (
+        f" tokens={r['prompt_tokens']}+{r['completion_tokens']}"
+        if r.get("completion_tokens") is not None
+        else ""
+    )
     extra = f" status={r['status']}" if r.get("status") is not None else ""
     finish = f" finish={r['finish_reason']}" if r.get("finish_reason") else ""
-    return (f"{r['seq']:>6} {r['time']} {r['decision']:<7} {r['action'] or '-':<18} "
-            f"{r['resource'] or '-'} user={r['user'] or '-'} uid={r['uid']} pid={r['pid']}"
-            f"{extra}{tokens}{finish}")
+    return (
+        f"{r['seq']:>6} {r['time']} {r['decision']:<7} {r['action'] or '-':<18} "
+        f"{r['resource'] or '-'} user={r['user'] or '-'} uid={r['uid']} pid={r['pid']}"
+        f"{extra}{tokens}{finish}"
+    )
 
 
 @audit.command("tail")
@@ -159,13 +181,21 @@ def audit_tail(count: int, socket: str | None, as_json: bool) -> None:
 @socket_option
 @json_option
 @friendly
-def audit_search(since: str | None, until: str | None, user: str | None, action: str | None,
-                 decision: str | None, model: str | None, socket: str | None,
-                 as_json: bool) -> None:
+def audit_search(
+    since: str | None,
+    until: str | None,
+    user: str | None,
+    action: str | None,
+    decision: str | None,
+    model: str | None,
+    socket: str | None,
+    as_json: bool,
+) -> None:
     """Rows matching every filter given."""
     with client(socket) as c:
-        rows = c.audit(since=since, until=until, user=user, action=action, decision=decision,
-                       model=model)
+        rows = c.audit(
+            since=since, until=until, user=user, action=action, decision=decision, model=model
+        )
     emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
 
 
@@ -183,11 +213,15 @@ def audit_export(socket: str | None) -> None:
 @socket_option
 @state_dir_option
 @key_file_option
-@click.option("--offline", is_flag=True,
-              help="Read the state directory here, with the key, even if a daemon runs.")
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Read the state directory here, with the key, even if a daemon runs.",
+)
 @friendly
-def audit_verify(socket: str | None, state_dir: str | None, key_file: str | None,
-                 offline: bool) -> None:
+def audit_verify(
+    socket: str | None, state_dir: str | None, key_file: str | None, offline: bool
+) -> None:
     """Check the whole HMAC chain and the signed head; name the first row that was
     tampered with, or the rows deleted from the end. Through the daemon when one runs;
     otherwise (or with --offline) on a state directory, a copied one too, with its key."""
@@ -196,20 +230,29 @@ def audit_verify(socket: str | None, state_dir: str | None, key_file: str | None
         with c:
             result = c.audit_verify()
     else:
-        result = offline_store(state_dir, key_file, create=False, upgrade=False) \
-            .audit.verify()
+        result = offline_store(state_dir, key_file, create=False, upgrade=False).audit.verify()
     if not result["ok"]:
         where = f" at row {result['first_bad']}" if result["first_bad"] else ""
         raise EdgeError(f"audit chain broken{where}: {result['problem']}")
     cp = result.get("checkpoint")
-    click.echo(f"audit chain intact: {result['rows']} rows"
-               + (f" after a signed checkpoint at row {cp['seq']} ({cp['pruned']} rows pruned "
-                  f"by retention)" if cp else ""))
+    click.echo(
+        f"audit chain intact: {result['rows']} rows"
+        + (
+            f" after a signed checkpoint at row {cp['seq']} ({cp['pruned']} rows pruned "
+            f"by retention)"
+            if cp
+            else ""
+        )
+    )
 
 
 @audit.command("prune")
-@click.option("--older-than", "days", type=click.IntRange(min=0),
-              help="Delete rows older than this many days.")
+@click.option(
+    "--older-than",
+    "days",
+    type=click.IntRange(min=0),
+    help="Delete rows older than this many days.",
+)
 @click.option("--keep-rows", type=click.IntRange(min=0), help="Keep only the newest N rows.")
 @socket_option
 @friendly

@@ -15,8 +15,12 @@ from edgellm.client import Client, DaemonUnavailable
 from edgellm.config import load_settings
 from edgellm.errors import EdgeError
 
-socket_option = click.option("--socket", envvar="EDGELLM_SOCKET", type=click.Path(),
-                             help="The daemon's socket [env EDGELLM_SOCKET].")
+socket_option = click.option(
+    "--socket",
+    envvar="EDGELLM_SOCKET",
+    type=click.Path(),
+    help="The daemon's socket [env EDGELLM_SOCKET].",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
@@ -31,12 +35,14 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(1)
         except OSError as exc:
-            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
-                       err=True)
+            click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
             sys.exit(1)
         except httpx.HTTPError as exc:  # a daemon that stopped answering mid-way
-            click.echo(f"error: the daemon did not answer ({type(exc).__name__}: "
-                       f"{exc or 'no reply'}); see `edgellm status` and its log", err=True)
+            click.echo(
+                f"error: the daemon did not answer ({type(exc).__name__}: "
+                f"{exc or 'no reply'}); see `edgellm status` and its log",
+                err=True,
+            )
             sys.exit(1)
         except KeyboardInterrupt:
             sys.exit(130)
@@ -70,12 +76,14 @@ def main() -> None:
 
 def ask_passphrase(prompt: str = "vault passphrase", new: bool = False) -> str:
     """From the terminal, or one line of stdin when it is not a terminal."""
-    return click.prompt(prompt, hide_input=True, err=True, confirmation_prompt=new and
-                        sys.stdin.isatty())
+    return click.prompt(
+        prompt, hide_input=True, err=True, confirmation_prompt=new and sys.stdin.isatty()
+    )
 
 
-def offline_store(state_dir: str | None, key_file: str | None = None, create: bool = True,
-                  upgrade: bool = True) -> Any:
+def offline_store(
+    state_dir: str | None, key_file: str | None = None, create: bool = True, upgrade: bool = True
+) -> Any:
     """The vault opened here, with no daemon: by its key file, or by its passphrase
     (asked for). ``create=False, upgrade=False`` reads a vault as it is (an auditor's
     copy): none is created, and an older one is not migrated."""
@@ -90,8 +98,7 @@ def offline_store(state_dir: str | None, key_file: str | None = None, create: bo
     except NoKey as exc:
         if "passphrase" not in exc.message:
             raise
-        return open_vault(settings, create=create, upgrade=upgrade,
-                          passphrase=ask_passphrase())
+        return open_vault(settings, create=create, upgrade=upgrade, passphrase=ask_passphrase())
 
 
 def daemon_or_none(socket: str | None) -> Client | None:
@@ -104,8 +111,15 @@ def daemon_or_none(socket: str | None) -> Client | None:
         return None
 
 
-key_file_option = click.option("--key-file", envvar="EDGELLM_VAULT_KEY_FILE",
-                               type=click.Path(dir_okay=False),
-                               help="The vault key [env EDGELLM_VAULT_KEY_FILE].")
-state_dir_option = click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
-                                help="Used when no daemon runs [env EDGELLM_STATE_DIR].")
+key_file_option = click.option(
+    "--key-file",
+    envvar="EDGELLM_VAULT_KEY_FILE",
+    type=click.Path(dir_okay=False),
+    help="The vault key [env EDGELLM_VAULT_KEY_FILE].",
+)
+state_dir_option = click.option(
+    "--state-dir",
+    envvar="EDGELLM_STATE_DIR",
+    type=click.Path(),
+    help="Used when no daemon runs [env EDGELLM_STATE_DIR].",
+)

@@ -26,22 +26,41 @@ from edgellm.cli.base import (
 # --- serve -------------------------------------------------------------------------------
 @main.command()
 @socket_option
-@click.option("--state-dir", envvar="EDGELLM_STATE_DIR", type=click.Path(),
-              help="Models and state [env EDGELLM_STATE_DIR].")
-@click.option("--config", "config_file", envvar="EDGELLM_CONFIG", type=click.Path(),
-              help="edgellm.toml to read [env EDGELLM_CONFIG].")
+@click.option(
+    "--state-dir",
+    envvar="EDGELLM_STATE_DIR",
+    type=click.Path(),
+    help="Models and state [env EDGELLM_STATE_DIR].",
+)
+@click.option(
+    "--config",
+    "config_file",
+    envvar="EDGELLM_CONFIG",
+    type=click.Path(),
+    help="edgellm.toml to read [env EDGELLM_CONFIG].",
+)
 @click.option("--model", "default_model", help="The default model (pulled if missing).")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
-                                               case_sensitive=False))
+@click.option(
+    "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
+)
 @click.option("--no-pull", is_flag=True, help="Do not fetch the default model if missing.")
-@click.option("--governor-trace", type=click.Path(exists=True, dir_okay=False),
-              envvar="EDGELLM_GOVERNOR_TRACE",
-              help="Replay sensor readings from this JSON-lines trace (a rehearsal) "
-                   "[env EDGELLM_GOVERNOR_TRACE].")
+@click.option(
+    "--governor-trace",
+    type=click.Path(exists=True, dir_okay=False),
+    envvar="EDGELLM_GOVERNOR_TRACE",
+    help="Replay sensor readings from this JSON-lines trace (a rehearsal) "
+    "[env EDGELLM_GOVERNOR_TRACE].",
+)
 @friendly
-def serve(socket: str | None, state_dir: str | None, config_file: str | None,
-          default_model: str | None, log_level: str | None, no_pull: bool,
-          governor_trace: str | None) -> None:
+def serve(
+    socket: str | None,
+    state_dir: str | None,
+    config_file: str | None,
+    default_model: str | None,
+    log_level: str | None,
+    no_pull: bool,
+    governor_trace: str | None,
+) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
     from edgellm.runtime import failpoints
     from edgellm.server.daemon import serve as run
@@ -53,24 +72,29 @@ def serve(socket: str | None, state_dir: str | None, config_file: str | None,
         load_trace(Path(governor_trace))  # a bad trace stops here, by line number
         os.environ["EDGELLM_GOVERNOR_TRACE"] = str(Path(governor_trace).resolve())
 
-    flags = {"socket": socket, "state_dir": state_dir, "default_model": default_model,
-             "log_level": log_level.upper() if log_level else None}
+    flags = {
+        "socket": socket,
+        "state_dir": state_dir,
+        "default_model": default_model,
+        "log_level": log_level.upper() if log_level else None,
+    }
     config = Path(config_file) if config_file else None
     settings = load_settings(config, flags)
-    sys.exit(run(settings, pull_default=not no_pull,
-                 reload=lambda: load_settings(config, flags)))
+    sys.exit(run(settings, pull_default=not no_pull, reload=lambda: load_settings(config, flags)))
 
 
 # --- generation ----------------------------------------------------------------------------
 def _gen_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed([
-        socket_option,
-        click.option("--model", "-m", help="Model to use (default: the daemon's default)."),
-        click.option("--system", "-s", help="A system prompt."),
-        click.option("--max-tokens", type=click.IntRange(min=1)),
-        click.option("--temperature", type=click.FloatRange(0, 2)),
-        click.option("--seed", type=int),
-    ]):
+    for option in reversed(
+        [
+            socket_option,
+            click.option("--model", "-m", help="Model to use (default: the daemon's default)."),
+            click.option("--system", "-s", help="A system prompt."),
+            click.option("--max-tokens", type=click.IntRange(min=1)),
+            click.option("--temperature", type=click.FloatRange(0, 2)),
+            click.option("--seed", type=int),
+        ]
+    ):
         fn = option(fn)
     return fn
 
@@ -80,12 +104,20 @@ def _gen_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_gen_options
 @json_option
 @friendly
-def ask(prompt: str, socket: str | None, model: str | None, system: str | None,
-        max_tokens: int | None, temperature: float | None, seed: int | None,
-        as_json: bool) -> None:
+def ask(
+    prompt: str,
+    socket: str | None,
+    model: str | None,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    seed: int | None,
+    as_json: bool,
+) -> None:
     """Ask one question; the answer streams as it is generated."""
-    messages = ([{"role": "system", "content": system}] if system else []) + \
-        [{"role": "user", "content": prompt}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
     params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     with client(socket) as c:
         if as_json:
@@ -102,8 +134,14 @@ def ask(prompt: str, socket: str | None, model: str | None, system: str | None,
 @main.command()
 @_gen_options
 @friendly
-def chat(socket: str | None, model: str | None, system: str | None, max_tokens: int | None,
-         temperature: float | None, seed: int | None) -> None:
+def chat(
+    socket: str | None,
+    model: str | None,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    seed: int | None,
+) -> None:
     """Chat interactively; Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
@@ -149,11 +187,26 @@ def ps(socket: str | None, as_json: bool) -> None:
         if not rows:
             click.echo("no models loaded")
             return
-        table([[m["name"], f"{m['memory_mb']:.0f} MB", f"{m['slots_busy']}/{m['slots']}",
-                 m["queued"], m["device"],
-                 "pinned" if m["pinned"] else (f"{m['expires_in_seconds']:.0f}s"
-                                               if m["expires_in_seconds"] is not None else "busy")]
-                for m in rows], ["NAME", "MEMORY", "SLOTS", "QUEUED", "DEVICE", "UNLOAD IN"])
+        table(
+            [
+                [
+                    m["name"],
+                    f"{m['memory_mb']:.0f} MB",
+                    f"{m['slots_busy']}/{m['slots']}",
+                    m["queued"],
+                    m["device"],
+                    "pinned"
+                    if m["pinned"]
+                    else (
+                        f"{m['expires_in_seconds']:.0f}s"
+                        if m["expires_in_seconds"] is not None
+                        else "busy"
+                    ),
+                ]
+                for m in rows
+            ],
+            ["NAME", "MEMORY", "SLOTS", "QUEUED", "DEVICE", "UNLOAD IN"],
+        )
 
     emit(models, as_json, human)
 
@@ -169,8 +222,10 @@ def status(socket: str | None, as_json: bool) -> None:
     data = {**health, "loaded": loaded, "socket": str(c.socket)}
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(f"edgellm {d['version']}: {d['status']} on {d['socket']} "
-                   f"(up {d['uptime_seconds']:.0f}s)")
+        click.echo(
+            f"edgellm {d['version']}: {d['status']} on {d['socket']} "
+            f"(up {d['uptime_seconds']:.0f}s)"
+        )
         click.echo(f"requests: {d['active_requests']} active, {d['queue_depth']} queued")
         for name, state in d["models"].items():
             click.echo(f"  {name}: {state}")

@@ -35,8 +35,9 @@ def models() -> None:
 @key_file_option
 @json_option
 @friendly
-def models_list(socket: str | None, state_dir: str | None, as_json: bool,
-                key_file: str | None = None) -> None:
+def models_list(
+    socket: str | None, state_dir: str | None, as_json: bool, key_file: str | None = None
+) -> None:
     """Models on the device, then catalog models not pulled yet."""
     from edgellm.catalog import Catalog
 
@@ -52,9 +53,19 @@ def models_list(socket: str | None, state_dir: str | None, as_json: bool,
     data = {"models": rows, "catalog": [vars(m) for m in catalog]}
 
     def human(d: dict[str, Any]) -> None:
-        table([[r["name"], r["format"], r["quantization"], f"{r['size'] / 2**20:.0f} MB",
-                 r["state"]] for r in d["models"]],
-               ["NAME", "FORMAT", "QUANT", "SIZE", "STATE"])
+        table(
+            [
+                [
+                    r["name"],
+                    r["format"],
+                    r["quantization"],
+                    f"{r['size'] / 2**20:.0f} MB",
+                    r["state"],
+                ]
+                for r in d["models"]
+            ],
+            ["NAME", "FORMAT", "QUANT", "SIZE", "STATE"],
+        )
         for m in catalog:
             click.echo(f"{m.name} (in the catalog: `edgellm models pull {m.name}`)")
 
@@ -77,33 +88,43 @@ def models_show(name: str, socket: str | None) -> None:
 @state_dir_option
 @key_file_option
 @friendly
-def models_pull(name: str, socket: str | None, state_dir: str | None,
-                key_file: str | None = None) -> None:
+def models_pull(
+    name: str, socket: str | None, state_dir: str | None, key_file: str | None = None
+) -> None:
     """Fetch a catalog model, check its sha256 and store it (building it first if its
     manifest says how, e.g. an ONNX graph from safetensors, quantized to INT8)."""
     from edgellm.catalog import Catalog, prepare
 
     settings = load_settings(overrides={"state_dir": state_dir})
     manifest = Catalog(settings.catalog_dir).get(name)
-    click.echo(f"fetching {name} from {manifest.describe_source()} "
-               f"({manifest.size / 2**20:.0f} MB)…", err=True)
+    click.echo(
+        f"fetching {name} from {manifest.describe_source()} ({manifest.size / 2**20:.0f} MB)…",
+        err=True,
+    )
     if manifest.convert:
         steps = [manifest.convert["recipe"], manifest.convert.get("quantize", "")]
         click.echo(f"building it ({', '.join(filter(None, steps))})…", err=True)
     path = prepare(manifest, settings.cache_dir)
     # a built model's bytes are ours: the checksum checked is its source's, at fetch
     sha256 = None if manifest.convert else manifest.sha256
-    source = manifest.describe_source() + (f" (built: {manifest.convert['recipe']})"
-                                           if manifest.convert else "")
+    source = manifest.describe_source() + (
+        f" (built: {manifest.convert['recipe']})" if manifest.convert else ""
+    )
     c = daemon_or_none(socket)
     if c is not None:
         with c:
             c.import_model(name, path, sha256=sha256, source=source)
     else:
-        offline_store(state_dir, key_file).add_file(path, name, expected_sha256=sha256,
-                                           info={"source": source,
-                                                 "license": manifest.license,
-                                                 "quantization": manifest.quantization})
+        offline_store(state_dir, key_file).add_file(
+            path,
+            name,
+            expected_sha256=sha256,
+            info={
+                "source": source,
+                "license": manifest.license,
+                "quantization": manifest.quantization,
+            },
+        )
     click.echo(f"pulled {name} (sha256 {manifest.sha256[:12]}… verified)")
 
 
@@ -114,8 +135,13 @@ def models_pull(name: str, socket: str | None, state_dir: str | None,
 @state_dir_option
 @key_file_option
 @friendly
-def models_add(path: str, name: str | None, socket: str | None, state_dir: str | None,
-               key_file: str | None = None) -> None:
+def models_add(
+    path: str,
+    name: str | None,
+    socket: str | None,
+    state_dir: str | None,
+    key_file: str | None = None,
+) -> None:
     """Add a local model: a GGUF file, an .onnx file, or a directory holding model.onnx
     (with tokenizer.json and edgellm.json, or a sentence-transformers layout). Each is
     checked before anything is stored."""
@@ -126,19 +152,23 @@ def models_add(path: str, name: str | None, socket: str | None, state_dir: str |
     if where.is_dir() or where.suffix == ".onnx":
         from edgellm.runtime.onnx import bundle
 
-        files = bundle.from_directory(where) if where.is_dir() else {bundle.MODEL:
-                                                                     where.read_bytes()}
+        files = (
+            bundle.from_directory(where) if where.is_dir() else {bundle.MODEL: where.read_bytes()}
+        )
         data = bundle.pack(files)
         info = bundle.describe(data, name)  # refuse an invalid model before sending it
-        summary = (f"onnx, {info['quantization']}, inputs "
-                   f"{', '.join(i['name'] for i in info['extra']['inputs'])}")
+        summary = (
+            f"onnx, {info['quantization']}, inputs "
+            f"{', '.join(i['name'] for i in info['extra']['inputs'])}"
+        )
     else:
         from edgellm.runtime.gguf_meta import read_gguf_metadata
 
         meta = read_gguf_metadata(path)  # refuse a non-GGUF file before sending a byte
         data = None
-        summary = (f"{meta['architecture']}, {meta['quantization']}, "
-                   f"context {meta['context_length']}")
+        summary = (
+            f"{meta['architecture']}, {meta['quantization']}, context {meta['context_length']}"
+        )
     c = daemon_or_none(socket)
     if c is not None:
         with c:
@@ -158,13 +188,15 @@ def models_add(path: str, name: str | None, socket: str | None, state_dir: str |
 @click.option("--exclude", multiple=True, help="A node to keep in float (repeatable).")
 @socket_option
 @friendly
-def models_quantize(name: str, target: str | None, exclude: tuple[str, ...],
-                    socket: str | None) -> None:
+def models_quantize(
+    name: str, target: str | None, exclude: tuple[str, ...], socket: str | None
+) -> None:
     """Quantize an ONNX model to INT8 (dynamic, per channel), stored as a new model."""
     with client(socket) as c:
         m = c.quantize(name, target, list(exclude))
-    click.echo(f"quantized {name} into {m['name']} ({m['size'] / 2**20:.1f} MB, "
-               f"{m['quantization']})")
+    click.echo(
+        f"quantized {name} into {m['name']} ({m['size'] / 2**20:.1f} MB, {m['quantization']})"
+    )
 
 
 @models.command("rm")
@@ -173,8 +205,9 @@ def models_quantize(name: str, target: str | None, exclude: tuple[str, ...],
 @state_dir_option
 @key_file_option
 @friendly
-def models_rm(name: str, socket: str | None, state_dir: str | None,
-              key_file: str | None = None) -> None:
+def models_rm(
+    name: str, socket: str | None, state_dir: str | None, key_file: str | None = None
+) -> None:
     """Remove a model from the device."""
     c = daemon_or_none(socket)
     if c is not None:
@@ -228,8 +261,20 @@ def requests_list(socket: str | None, as_json: bool) -> None:
         if not rs:
             click.echo("no requests in flight")
             return
-        table([[r["id"], r["model"], r["state"], r["completion_tokens"], f"{r['age_seconds']}s",
-                 r.get("uid", "")] for r in rs], ["ID", "MODEL", "STATE", "TOKENS", "AGE", "UID"])
+        table(
+            [
+                [
+                    r["id"],
+                    r["model"],
+                    r["state"],
+                    r["completion_tokens"],
+                    f"{r['age_seconds']}s",
+                    r.get("uid", ""),
+                ]
+                for r in rs
+            ],
+            ["ID", "MODEL", "STATE", "TOKENS", "AGE", "UID"],
+        )
 
     emit(rows, as_json, human)
 

@@ -42,23 +42,43 @@ def onnx_show(model: str, socket: str | None, as_json: bool) -> None:
         info = c.onnx_model(model)
 
     def human(d: dict[str, Any]) -> None:
-        table([[kind, t["name"], t["dtype"], show_shape(t["shape"])]
-               for kind in ("input", "output") for t in d[kind + "s"]],
-              ["", "NAME", "DTYPE", "SHAPE"])
+        table(
+            [
+                [kind, t["name"], t["dtype"], show_shape(t["shape"])]
+                for kind in ("input", "output")
+                for t in d[kind + "s"]
+            ],
+            ["", "NAME", "DTYPE", "SHAPE"],
+        )
+
     emit(info, as_json, human)
 
 
 @onnx.command("run")
 @click.argument("model")
-@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", required=True,
-              help="An input tensor from a .npy file (repeat for each input).")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE.npy",
+    required=True,
+    help="An input tensor from a .npy file (repeat for each input).",
+)
 @click.option("--output", "outputs", multiple=True, help="An output to return (default all).")
-@click.option("--save", type=click.Path(file_okay=False),
-              help="Write each output to DIR/NAME.npy instead of printing it.")
+@click.option(
+    "--save",
+    type=click.Path(file_okay=False),
+    help="Write each output to DIR/NAME.npy instead of printing it.",
+)
 @socket_option
 @friendly
-def onnx_run(model: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
-             save: str | None, socket: str | None) -> None:
+def onnx_run(
+    model: str,
+    inputs: tuple[str, ...],
+    outputs: tuple[str, ...],
+    save: str | None,
+    socket: str | None,
+) -> None:
     """Run MODEL on .npy inputs; print the outputs as JSON (or save them as .npy)."""
     import numpy as np
 
@@ -79,5 +99,11 @@ def onnx_run(model: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
             np.save(Path(save) / f"{name}.npy", array, allow_pickle=False)
             click.echo(f"{name}: {array.dtype} {list(array.shape)} → {Path(save) / name}.npy")
         return
-    click.echo(json.dumps({k: {"dtype": v.dtype.name, "shape": list(v.shape),
-                               "data": v.tolist()} for k, v in result.items()}))
+    click.echo(
+        json.dumps(
+            {
+                k: {"dtype": v.dtype.name, "shape": list(v.shape), "data": v.tolist()}
+                for k, v in result.items()
+            }
+        )
+    )

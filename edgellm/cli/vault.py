@@ -39,8 +39,12 @@ def _settings(state_dir: str | None, key_file: str | None) -> Any:
 
 
 @vault.command("init")
-@click.option("--passphrase", "use_passphrase", is_flag=True,
-              help="Open the vault by a passphrase (asked for) instead of a key file.")
+@click.option(
+    "--passphrase",
+    "use_passphrase",
+    is_flag=True,
+    help="Open the vault by a passphrase (asked for) instead of a key file.",
+)
 @state_dir_option
 @key_file_option
 @friendly
@@ -63,8 +67,10 @@ def vault_init(use_passphrase: bool, state_dir: str | None, key_file: str | None
     existed = settings.vault_key_file.exists()
     open_vault(settings)
     click.echo(f"created a vault in {root}")
-    click.echo(("opened with the key in " if existed else "created a new key in ")
-               + f"{settings.vault_key_file}: keep it safe, without it the vault cannot be read")
+    click.echo(
+        ("opened with the key in " if existed else "created a new key in ")
+        + f"{settings.vault_key_file}: keep it safe, without it the vault cannot be read"
+    )
 
 
 def _new_passphrase() -> str:
@@ -80,8 +86,9 @@ def _new_passphrase() -> str:
 @key_file_option
 @json_option
 @friendly
-def vault_status(socket: str | None, state_dir: str | None, key_file: str | None,
-                 as_json: bool) -> None:
+def vault_status(
+    socket: str | None, state_dir: str | None, key_file: str | None, as_json: bool
+) -> None:
     """Locked or unlocked, the key's id and kind, and what the vault holds."""
     c = daemon_or_none(socket)
     if c is not None:
@@ -92,11 +99,11 @@ def vault_status(socket: str | None, state_dir: str | None, key_file: str | None
 
     def human(d: dict[str, Any]) -> None:
         opener = "passphrase" if d["passphrase"] else "key file or credential"
-        click.echo(f"vault {d['path']} (key id {d['key_id']}, opened by {opener}): "
-                   f"{d['state']}")
+        click.echo(f"vault {d['path']} (key id {d['key_id']}, opened by {opener}): {d['state']}")
         if d.get("models") is not None:
-            click.echo(f"  {d['models']} model(s), {d['data']} data object(s), "
-                       f"{d['bytes'] / 2**20:.0f} MB")
+            click.echo(
+                f"  {d['models']} model(s), {d['data']} data object(s), {d['bytes'] / 2**20:.0f} MB"
+            )
         if d.get("reason"):
             click.echo(f"  {d['reason']}")
 
@@ -112,11 +119,18 @@ def _offline_status(settings: Any) -> dict[str, Any]:
         raise EdgeError(f"no vault in {root}: create one with `edgellm vault init`")
     store = VaultStore(root)
     meta = store.meta
-    data: dict[str, Any] = {"path": str(root), "key_id": meta.key_id, "via": "offline",
-                            "passphrase": meta.kdf is not None}
+    data: dict[str, Any] = {
+        "path": str(root),
+        "key_id": meta.key_id,
+        "via": "offline",
+        "passphrase": meta.kdf is not None,
+    }
     models, objects = store.list(), store.list_data()
-    data.update(models=len(models), data=len(objects),
-                bytes=sum(m.size for m in models) + sum(o["size"] for o in objects))
+    data.update(
+        models=len(models),
+        data=len(objects),
+        bytes=sum(m.size for m in models) + sum(o["size"] for o in objects),
+    )
     try:
         open_vault(settings, create=False)
         data["state"] = "unlocked"
@@ -128,15 +142,20 @@ def _offline_status(settings: Any) -> dict[str, Any]:
 def _need_daemon(socket: str | None, what: str) -> Any:
     c = daemon_or_none(socket)
     if c is None:
-        raise EdgeError(f"no daemon is running: {what} is about the running daemon (offline "
-                        "commands open the vault with --key-file or the passphrase)")
+        raise EdgeError(
+            f"no daemon is running: {what} is about the running daemon (offline "
+            "commands open the vault with --key-file or the passphrase)"
+        )
     return c
 
 
 @vault.command("unlock")
 @socket_option
-@click.option("--key-file", type=click.Path(exists=True, dir_okay=False),
-              help="Send this key (else the daemon tries its own key file or credential).")
+@click.option(
+    "--key-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Send this key (else the daemon tries its own key file or credential).",
+)
 @friendly
 def vault_unlock(socket: str | None, key_file: str | None) -> None:
     """Give the running daemon its key (a passphrase vault asks for the passphrase)."""
@@ -164,14 +183,19 @@ def vault_lock(socket: str | None) -> None:
 
 
 @vault.command("rotate-key")
-@click.option("--passphrase", "use_passphrase", is_flag=True,
-              help="Move to a new passphrase (asked for) instead of a new random key file.")
+@click.option(
+    "--passphrase",
+    "use_passphrase",
+    is_flag=True,
+    help="Move to a new passphrase (asked for) instead of a new random key file.",
+)
 @socket_option
 @state_dir_option
 @key_file_option
 @friendly
-def vault_rotate(use_passphrase: bool, socket: str | None, state_dir: str | None,
-                 key_file: str | None) -> None:
+def vault_rotate(
+    use_passphrase: bool, socket: str | None, state_dir: str | None, key_file: str | None
+) -> None:
     """Rewrap every data key under a new master key, atomically (payloads untouched).
 
     By default a new random key replaces the key file; the old key stops working."""
@@ -192,9 +216,14 @@ def vault_rotate(use_passphrase: bool, socket: str | None, state_dir: str | None
         else:
             count = rotate_to_new_key_file(store, _settings(state_dir, key_file).vault_key_file)
         key_id = store.meta.key_id
-    click.echo(f"rotated: {count} object(s) rewrapped under key {key_id}"
-               + ("; the vault now opens by the new passphrase" if passphrase else
-                  "; the key file now holds the new key"))
+    click.echo(
+        f"rotated: {count} object(s) rewrapped under key {key_id}"
+        + (
+            "; the vault now opens by the new passphrase"
+            if passphrase
+            else "; the key file now holds the new key"
+        )
+    )
 
 
 @vault.command("verify")
@@ -234,8 +263,14 @@ def data() -> None:
 @state_dir_option
 @key_file_option
 @friendly
-def data_put(name: str, path: str, no_replace: bool, socket: str | None, state_dir: str | None,
-             key_file: str | None) -> None:
+def data_put(
+    name: str,
+    path: str,
+    no_replace: bool,
+    socket: str | None,
+    state_dir: str | None,
+    key_file: str | None,
+) -> None:
     """Encrypt the file at PATH into the vault as NAME (e.g. docs/manual.pdf)."""
     c = daemon_or_none(socket)
     if c is not None:
@@ -244,21 +279,28 @@ def data_put(name: str, path: str, no_replace: bool, socket: str | None, state_d
     else:
         with open(path, "rb") as f:
             info = offline_store(state_dir, key_file).put_data(
-                iter(lambda: f.read(1 << 20), b""), name, replace=not no_replace,
-                source=f"file:{Path(path).name}")
+                iter(lambda: f.read(1 << 20), b""),
+                name,
+                replace=not no_replace,
+                source=f"file:{Path(path).name}",
+            )
     click.echo(f"stored {info['name']} ({info['size']} bytes, sha256 {info['sha256'][:12]}…)")
 
 
 @data.command("get")
 @click.argument("name")
-@click.option("--out", type=click.Path(dir_okay=False),
-              help="Write it here (0600) instead of to standard output.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write it here (0600) instead of to standard output.",
+)
 @socket_option
 @state_dir_option
 @key_file_option
 @friendly
-def data_get(name: str, out: str | None, socket: str | None, state_dir: str | None,
-             key_file: str | None) -> None:
+def data_get(
+    name: str, out: str | None, socket: str | None, state_dir: str | None, key_file: str | None
+) -> None:
     """Decrypt NAME (authenticated whole before a byte is written)."""
     c = daemon_or_none(socket)
     if c is not None:
@@ -295,8 +337,9 @@ def _write(chunks: Any, out: str | None) -> None:
 @key_file_option
 @json_option
 @friendly
-def data_ls(prefix: str, socket: str | None, state_dir: str | None, key_file: str | None,
-            as_json: bool) -> None:
+def data_ls(
+    prefix: str, socket: str | None, state_dir: str | None, key_file: str | None, as_json: bool
+) -> None:
     """Data objects (those you may read), optionally under PREFIX."""
     from edgellm.vault.open import vault_dir
     from edgellm.vault.store import VaultStore
@@ -310,9 +353,18 @@ def data_ls(prefix: str, socket: str | None, state_dir: str | None, key_file: st
         if not VaultStore.exists(root):
             raise EdgeError(f"no vault in {root}: create one with `edgellm vault init`")
         rows = VaultStore(root).list_data(prefix)
-    emit(rows, as_json, lambda rs: table(
-        [[r["name"], r["size"], r["added"], r["sha256"][:12]] for r in rs],
-        ["NAME", "BYTES", "ADDED", "SHA256"]) if rs else click.echo("no data objects"))
+    emit(
+        rows,
+        as_json,
+        lambda rs: (
+            table(
+                [[r["name"], r["size"], r["added"], r["sha256"][:12]] for r in rs],
+                ["NAME", "BYTES", "ADDED", "SHA256"],
+            )
+            if rs
+            else click.echo("no data objects")
+        ),
+    )
 
 
 @data.command("rm")

@@ -43,9 +43,14 @@ class Sensors(Protocol):
 
 
 class Governor:
-    def __init__(self, settings: GovernorSettings, runtime: Any, sensors: Sensors,
-                 record: Callable[..., None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: GovernorSettings,
+        runtime: Any,
+        sensors: Sensors,
+        record: Callable[..., None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.sensors = sensors
@@ -70,17 +75,35 @@ class Governor:
     def signals(self, readings: Readings) -> dict[str, Signal]:
         g = self.settings
         out = {
-            "memory": Signal("mem_available_pct", *g.memory.triple(), higher_is_worse=False,
-                             unit="%", describe="memory"),
-            "cgroup_memory": Signal("cgroup_memory_used_pct", *g.cgroup_memory.triple(),
-                                    unit="%", describe="cgroup memory"),
-            "memory_pressure": Signal("psi_memory_some_avg10", *g.memory_pressure.triple(),
-                                      unit="%", describe="memory pressure"),
+            "memory": Signal(
+                "mem_available_pct",
+                *g.memory.triple(),
+                higher_is_worse=False,
+                unit="%",
+                describe="memory",
+            ),
+            "cgroup_memory": Signal(
+                "cgroup_memory_used_pct",
+                *g.cgroup_memory.triple(),
+                unit="%",
+                describe="cgroup memory",
+            ),
+            "memory_pressure": Signal(
+                "psi_memory_some_avg10",
+                *g.memory_pressure.triple(),
+                unit="%",
+                describe="memory pressure",
+            ),
             "temperature": temperature_signal(
-                "temp_c", readings.get("temp_high_c"), readings.get("temp_critical_c"),
-                g.temperature_below_high, g.temperature_margin),
-            "gpu_temperature": Signal("gpu_temp_c", *g.gpu_temperature.triple(), unit="°C",
-                                      describe="GPU temperature"),
+                "temp_c",
+                readings.get("temp_high_c"),
+                readings.get("temp_critical_c"),
+                g.temperature_below_high,
+                g.temperature_margin,
+            ),
+            "gpu_temperature": Signal(
+                "gpu_temp_c", *g.gpu_temperature.triple(), unit="°C", describe="GPU temperature"
+            ),
         }
         return out
 
@@ -95,8 +118,13 @@ class Governor:
             level = verdict.level if self.pinned is None else self.pinned
             changed = level != self.level
             # the reason a level was entered stays its reason until it is left
-            reason = self.reason if not changed else verdict.reason if self.pinned is None \
+            reason = (
+                self.reason
+                if not changed
+                else verdict.reason
+                if self.pinned is None
                 else f"pinned at {LEVELS[self.pinned]} by an operator"
+            )
         if changed:
             self._event("level", level=LEVELS[level], reason=reason)
         self._act(level, reason, verdict, readings)
@@ -111,15 +139,19 @@ class Governor:
         limits = Limits(available_mb=_available_mb(readings))
         if level >= 2:
             heat = verdict.signal in HEAT and self.pinned is None
-            limits = replace(limits, thread_fraction=g.throttled_thread_fraction,
-                             slot_fraction=g.throttled_slot_fraction,
-                             max_tokens=g.throttled_max_tokens or None,
-                             tokens_per_second=g.throttled_tokens_per_second if heat else None)
+            limits = replace(
+                limits,
+                thread_fraction=g.throttled_thread_fraction,
+                slot_fraction=g.throttled_slot_fraction,
+                max_tokens=g.throttled_max_tokens or None,
+                tokens_per_second=g.throttled_tokens_per_second if heat else None,
+            )
         if level >= 3:
             limits = replace(limits, shed=f"governor: {reason}", retry_after=g.shed_retry_after)
         if _without_memory(limits) != _without_memory(self.limits):
-            self._event("limits", **{k: v for k, v in asdict(limits).items()
-                                     if k != "available_mb"})
+            self._event(
+                "limits", **{k: v for k, v in asdict(limits).items() if k != "available_mb"}
+            )
         self.runtime.apply_limits(limits)
         self.limits = limits  # shown once in force
         if level >= 1:
@@ -131,18 +163,31 @@ class Governor:
             self._event("cancel", request=request_id, reason=reason)
 
     def _event(self, kind: str, **detail: Any) -> None:
-        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": kind,
-                 **detail}
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "event": kind,
+            **detail,
+        }
         self.history.append(entry)
-        log.log(logging.WARNING if kind in ("level", "stuck", "leak") else logging.INFO,
-                "event=governor_%s %s",
-                kind, " ".join(f"{k}={v!r}" for k, v in detail.items()))
+        log.log(
+            logging.WARNING if kind in ("level", "stuck", "leak") else logging.INFO,
+            "event=governor_%s %s",
+            kind,
+            " ".join(f"{k}={v!r}" for k, v in detail.items()),
+        )
         if self.record is not None:
             try:
-                self.record(action=f"governor.{kind}", resource=str(
-                    detail.get("model") or detail.get("request") or detail.get("level")
-                    or "limits"), decision="allow", finish_reason=str(detail.get("reason", ""))[
-                        :200])
+                self.record(
+                    action=f"governor.{kind}",
+                    resource=str(
+                        detail.get("model")
+                        or detail.get("request")
+                        or detail.get("level")
+                        or "limits"
+                    ),
+                    decision="allow",
+                    finish_reason=str(detail.get("reason", ""))[:200],
+                )
             except Exception as exc:  # a locked vault: the daemon's log still has it
                 log.debug("event=governor_audit_skipped error=%r", exc)
 
@@ -165,34 +210,45 @@ class Governor:
             self._thread.join(5)
 
     # --- operators -----------------------------------------------------------------------
-    def configure(self, pin: str | None = None, unpin: bool = False,
-                  thresholds: dict[str, dict[str, float]] | None = None) -> None:
+    def configure(
+        self,
+        pin: str | None = None,
+        unpin: bool = False,
+        thresholds: dict[str, dict[str, float]] | None = None,
+    ) -> None:
         """Pin a level (maintenance), unpin, or change thresholds; takes effect at
         the next poll."""
-        if thresholds is not None and not (isinstance(thresholds, dict) and all(
-                isinstance(v, dict) for v in thresholds.values())):
-            raise InvalidRequest("thresholds must be an object of signals, each an object "
-                                 "of levels: {\"memory\": {\"elevated\": 0.8, …}}",
-                                 param="thresholds")
+        if thresholds is not None and not (
+            isinstance(thresholds, dict) and all(isinstance(v, dict) for v in thresholds.values())
+        ):
+            raise InvalidRequest(
+                "thresholds must be an object of signals, each an object "
+                'of levels: {"memory": {"elevated": 0.8, …}}',
+                param="thresholds",
+            )
         with self._lock:
             if pin is not None:
                 if not isinstance(pin, str) or pin not in LEVELS:
-                    raise InvalidRequest(f"unknown level {pin!r}: one of {', '.join(LEVELS)}",
-                                         param="pin")
+                    raise InvalidRequest(
+                        f"unknown level {pin!r}: one of {', '.join(LEVELS)}", param="pin"
+                    )
                 self.pinned = LEVELS.index(pin)
             if unpin:
                 self.pinned = None
             for name, values in (thresholds or {}).items():
                 current = getattr(self.settings, name, None)
                 if not hasattr(current, "triple"):
-                    raise InvalidRequest(f"no signal {name!r} with thresholds: one of memory, "
-                                         "cgroup_memory, memory_pressure, gpu_temperature",
-                                         param="thresholds")
+                    raise InvalidRequest(
+                        f"no signal {name!r} with thresholds: one of memory, "
+                        "cgroup_memory, memory_pressure, gpu_temperature",
+                        param="thresholds",
+                    )
                 try:  # validated whole before anything changes
                     updated = current.__class__(**{**current.model_dump(), **values})
                 except Exception as exc:
-                    raise InvalidRequest(f"bad thresholds for {name}: {exc}",
-                                         param="thresholds") from None
+                    raise InvalidRequest(
+                        f"bad thresholds for {name}: {exc}", param="thresholds"
+                    ) from None
                 setattr(self.settings, name, updated)
 
     def snapshot(self) -> dict[str, Any]:
@@ -203,14 +259,17 @@ class Governor:
             "level": LEVELS[level],
             "reason": reason,
             "pinned": None if pinned is None else LEVELS[pinned],
-            "source": f"trace {self.sensors.path}" if isinstance(self.sensors, TraceSensors)
+            "source": f"trace {self.sensors.path}"
+            if isinstance(self.sensors, TraceSensors)
             else "sensors",
             "trace_seconds": round(self.sensors.elapsed(), 3)
-            if isinstance(self.sensors, TraceSensors) else None,
+            if isinstance(self.sensors, TraceSensors)
+            else None,
             "sensors": dict(self.sensors.status),
             "signals": verdict.signals,
-            "readings": {k: round(v, 2) if isinstance(v, float) else v
-                         for k, v in sorted(readings.items())},
+            "readings": {
+                k: round(v, 2) if isinstance(v, float) else v for k, v in sorted(readings.items())
+            },
             "limits": asdict(self.limits),
             "poll_interval": self.settings.poll_interval,
             "polls": self.polls,

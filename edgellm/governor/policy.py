@@ -48,14 +48,16 @@ class Signal:
         return level
 
 
-def temperature_signal(reading: str, high: float | None, critical: float | None,
-                       below_high: float, margin: float) -> Signal:
+def temperature_signal(
+    reading: str, high: float | None, critical: float | None, below_high: float, margin: float
+) -> Signal:
     """Elevated within ``below_high`` °C of the sensor's high mark, throttled at it,
     critical at its critical mark (defaults where the sensor has none)."""
     high = 85.0 if high is None else high
     critical = max(high + 1.0, 95.0 if critical is None else critical)
-    return Signal(reading, high - below_high, high, critical, margin, unit="°C",
-                  describe="temperature")
+    return Signal(
+        reading, high - below_high, high, critical, margin, unit="°C", describe="temperature"
+    )
 
 
 @dataclass
@@ -82,8 +84,9 @@ class Policy:
         self.hold = hold
         self.states: dict[str, SignalState] = {}
 
-    def evaluate(self, signals: dict[str, Signal], readings: dict[str, float | None],
-                 now: float) -> Verdict:
+    def evaluate(
+        self, signals: dict[str, Signal], readings: dict[str, float | None], now: float
+    ) -> Verdict:
         out: dict[str, dict[str, Any]] = {}
         worst, reason, worst_name = 0, "all signals normal", None
         for name, sig in signals.items():
@@ -105,12 +108,18 @@ class Policy:
                     state.safe_since = None if state.level == entered else now
             else:
                 state.safe_since = None
-            out[name] = {"level": LEVELS[state.level], "value": value,
-                         "thresholds": dict(zip(LEVELS[1:], sig.thresholds(), strict=True)),
-                         "leaving_in": None if state.safe_since is None else
-                         round(max(0.0, self.hold - (now - state.safe_since)), 2)}
+            out[name] = {
+                "level": LEVELS[state.level],
+                "value": value,
+                "thresholds": dict(zip(LEVELS[1:], sig.thresholds(), strict=True)),
+                "leaving_in": None
+                if state.safe_since is None
+                else round(max(0.0, self.hold - (now - state.safe_since)), 2),
+            }
             if state.level > worst:
                 worst, worst_name = state.level, name
-                reason = (f"{sig.describe or name} {LEVELS[state.level]} "
-                          f"({sig.reading} {value:g}{sig.unit})")
+                reason = (
+                    f"{sig.describe or name} {LEVELS[state.level]} "
+                    f"({sig.reading} {value:g}{sig.unit})"
+                )
         return Verdict(worst, reason, out, worst_name)

@@ -68,28 +68,42 @@ def read_cgroup_memory(version: int, where: Path) -> Readings:
     if version == 2:
         current = _number((where / "memory.current").read_text())
         limit = _number((where / "memory.max").read_text())
-        high = _number((where / "memory.high").read_text()) \
-            if (where / "memory.high").exists() else None
-        events = dict(line.split() for line in (where / "memory.events").read_text()
-                      .splitlines()) if (where / "memory.events").exists() else {}
+        high = (
+            _number((where / "memory.high").read_text())
+            if (where / "memory.high").exists()
+            else None
+        )
+        events = (
+            dict(line.split() for line in (where / "memory.events").read_text().splitlines())
+            if (where / "memory.events").exists()
+            else {}
+        )
         oom = float(events.get("oom_kill", 0))
-        pressure = parse_psi((where / "memory.pressure").read_text()) \
-            if (where / "memory.pressure").exists() else {}
+        pressure = (
+            parse_psi((where / "memory.pressure").read_text())
+            if (where / "memory.pressure").exists()
+            else {}
+        )
     else:
         current = _number((where / "memory.usage_in_bytes").read_text())
         limit = _number((where / "memory.limit_in_bytes").read_text())
         high, oom, pressure = None, None, {}
         control = where / "memory.oom_control"
         if control.exists():
-            oom = float(dict(line.split() for line in control.read_text().splitlines())
-                        .get("oom_kill", 0))
+            oom = float(
+                dict(line.split() for line in control.read_text().splitlines()).get("oom_kill", 0)
+            )
     # The working set, as kubelet counts it: usage less inactive file cache, which the
     # kernel reclaims before it would OOM-kill anything (reading a model fills the cache).
     stat_file = where / "memory.stat"
-    stat = dict(line.split()[:2] for line in stat_file.read_text().splitlines()) \
-        if stat_file.exists() else {}
-    inactive = stat.get("inactive_file" if version == 2 else "total_inactive_file",
-                        stat.get("inactive_file", "0"))
+    stat = (
+        dict(line.split()[:2] for line in stat_file.read_text().splitlines())
+        if stat_file.exists()
+        else {}
+    )
+    inactive = stat.get(
+        "inactive_file" if version == 2 else "total_inactive_file", stat.get("inactive_file", "0")
+    )
     working = None if current is None else max(0, current - int(inactive))
     bound = min(b for b in (limit, high, float("inf")) if b is not None)
     return {
@@ -97,7 +111,8 @@ def read_cgroup_memory(version: int, where: Path) -> Readings:
         "cgroup_memory_working_set_mb": None if working is None else working / MB,
         "cgroup_memory_max_mb": None if limit is None else limit / MB,
         "cgroup_memory_high_mb": None if high is None else high / MB,
-        "cgroup_memory_used_pct": None if working is None or bound == float("inf")
+        "cgroup_memory_used_pct": None
+        if working is None or bound == float("inf")
         else 100.0 * working / bound,
         "cgroup_oom_kills": oom,
         "cgroup_psi_memory_some_avg10": pressure.get("some_avg10"),
@@ -118,9 +133,16 @@ def read_thermal_zones(root: Path = Path("/sys/class/thermal")) -> list[dict[str
             value = Path(str(trip).replace("_type", "_temp"))
             with contextlib.suppress(OSError, ValueError):
                 trips.setdefault(kind, int(value.read_text()) / 1000)
-        zones.append({"label": (zone / "type").read_text().strip() if (zone / "type").exists()
-                      else zone.name, "current": temp, "high": trips.get("passive")
-                      or trips.get("hot"), "critical": trips.get("critical")})
+        zones.append(
+            {
+                "label": (zone / "type").read_text().strip()
+                if (zone / "type").exists()
+                else zone.name,
+                "current": temp,
+                "high": trips.get("passive") or trips.get("hot"),
+                "critical": trips.get("critical"),
+            }
+        )
     return zones
 
 
@@ -131,9 +153,13 @@ def hottest(sensors: list[dict[str, Any]]) -> Readings:
 
     def headroom(s: dict[str, Any]) -> float:
         return (s["high"] or 85.0) - s["current"]
+
     worst = min(sensors, key=headroom)
-    return {"temp_c": worst["current"], "temp_high_c": worst["high"],
-            "temp_critical_c": worst["critical"]}
+    return {
+        "temp_c": worst["current"],
+        "temp_high_c": worst["high"],
+        "temp_critical_c": worst["critical"],
+    }
 
 
 def _rss_anon_mb(status: Path = Path("/proc/self/status")) -> float | None:
@@ -156,9 +182,14 @@ class SystemSensors:
         self.status: dict[str, str] = {}
         psutil.cpu_percent(None)  # the first call only sets the baseline
         self.sources: dict[str, Callable[[], Readings]] = {
-            "memory": self._memory, "cgroup": self._cgroup, "pressure": self._pressure,
-            "cpu": self._cpu, "temperature": self._temperature, "battery": self._battery,
-            "gpu": self._gpu}
+            "memory": self._memory,
+            "cgroup": self._cgroup,
+            "pressure": self._pressure,
+            "cpu": self._cpu,
+            "temperature": self._temperature,
+            "battery": self._battery,
+            "gpu": self._gpu,
+        }
         self._nvml: Any = None
 
     def read(self) -> Readings:
@@ -177,10 +208,14 @@ class SystemSensors:
 
     def _memory(self) -> Readings:
         vm, swap = psutil.virtual_memory(), psutil.swap_memory()
-        return {"mem_available_mb": vm.available / MB, "mem_total_mb": vm.total / MB,
-                "mem_available_pct": 100.0 * vm.available / vm.total,
-                "swap_used_pct": swap.percent if swap.total else None,
-                "rss_mb": self.process.memory_info().rss / MB, "rss_anon_mb": _rss_anon_mb()}
+        return {
+            "mem_available_mb": vm.available / MB,
+            "mem_total_mb": vm.total / MB,
+            "mem_available_pct": 100.0 * vm.available / vm.total,
+            "swap_used_pct": swap.percent if swap.total else None,
+            "rss_mb": self.process.memory_info().rss / MB,
+            "rss_anon_mb": _rss_anon_mb(),
+        }
 
     def _cgroup(self) -> Readings:
         version, where = cgroup_dir(Path("/proc/self/cgroup").read_text())
@@ -200,15 +235,23 @@ class SystemSensors:
 
     def _cpu(self) -> Readings:
         freq = psutil.cpu_freq()
-        return {"cpu_pct": psutil.cpu_percent(None),
-                "cpu_freq_mhz": freq.current if freq else None,
-                "load_avg_1m": os.getloadavg()[0]}
+        return {
+            "cpu_pct": psutil.cpu_percent(None),
+            "cpu_freq_mhz": freq.current if freq else None,
+            "load_avg_1m": os.getloadavg()[0],
+        }
 
     def _temperature(self) -> Readings:
-        sensors = [{"label": f"{chip}/{t.label or i}", "current": t.current, "high": t.high,
-                    "critical": t.critical}
-                   for chip, temps in (psutil.sensors_temperatures() or {}).items()
-                   for i, t in enumerate(temps)]
+        sensors = [
+            {
+                "label": f"{chip}/{t.label or i}",
+                "current": t.current,
+                "high": t.high,
+                "critical": t.critical,
+            }
+            for chip, temps in (psutil.sensors_temperatures() or {}).items()
+            for i, t in enumerate(temps)
+        ]
         if not sensors or all(s["high"] is None for s in sensors):
             zones = read_thermal_zones()
             sensors = zones or sensors
@@ -218,13 +261,16 @@ class SystemSensors:
         battery = psutil.sensors_battery()
         if battery is None:
             raise Unavailable("no battery")
-        return {"battery_pct": battery.percent,
-                "on_ac": None if battery.power_plugged is None else float(battery.power_plugged)}
+        return {
+            "battery_pct": battery.percent,
+            "on_ac": None if battery.power_plugged is None else float(battery.power_plugged),
+        }
 
     def _gpu(self) -> Readings:
         if self._nvml is None:
             try:
                 import pynvml  # the optional nvidia-ml-py
+
                 pynvml.nvmlInit()
             except Exception:
                 raise Unavailable("no NVML") from None
@@ -232,7 +278,8 @@ class SystemSensors:
         nv = self._nvml
         handle = nv.nvmlDeviceGetHandleByIndex(0)
         mem = nv.nvmlDeviceGetMemoryInfo(handle)
-        return {"gpu_mem_used_pct": 100.0 * mem.used / mem.total,
-                "gpu_temp_c": float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)),
-                "gpu_util_pct": float(nv.nvmlDeviceGetUtilizationRates(handle).gpu)}
-
+        return {
+            "gpu_mem_used_pct": 100.0 * mem.used / mem.total,
+            "gpu_temp_c": float(nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU)),
+            "gpu_util_pct": float(nv.nvmlDeviceGetUtilizationRates(handle).gpu),
+        }

@@ -33,8 +33,10 @@ def load_trace(path: Path) -> list[tuple[float, Readings]]:
             t = float(entry.pop("t"))
             readings = {str(k): None if v is None else float(v) for k, v in entry.items()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidRequest(f"{path}, line {number}: not a trace line ({exc}); expected "
-                                 "{\"t\": seconds, \"reading\": number, …}") from None
+            raise InvalidRequest(
+                f"{path}, line {number}: not a trace line ({exc}); expected "
+                '{"t": seconds, "reading": number, …}'
+            ) from None
         lines.append((t, readings))
     if not lines:
         raise InvalidRequest(f"{path}: the trace has no readings")

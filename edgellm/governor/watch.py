@@ -20,8 +20,9 @@ from edgellm.governor.sensors import Readings
 
 
 class StabilityWatch:
-    def __init__(self, settings: GovernorSettings, runtime: Any,
-                 event: Callable[..., None]) -> None:
+    def __init__(
+        self, settings: GovernorSettings, runtime: Any, event: Callable[..., None]
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.event = event
@@ -63,17 +64,27 @@ class StabilityWatch:
         base, since = self._baseline
         if rss - base >= g.leak_growth_mb:
             minutes = (now - since) / 60
-            self.leak = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "baseline_mb": round(base, 1), "rss_mb": round(rss, 1),
-                         "growth_mb": round(rss - base, 1), "minutes": round(minutes, 1)}
+            self.leak = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "baseline_mb": round(base, 1),
+                "rss_mb": round(rss, 1),
+                "growth_mb": round(rss - base, 1),
+                "minutes": round(minutes, 1),
+            }
             self.leaks += 1
-            self.event("leak", reason=f"memory grew {rss - base:.0f} MB in {minutes:.1f} min "
-                                      f"with the same models loaded")
+            self.event(
+                "leak",
+                reason=f"memory grew {rss - base:.0f} MB in {minutes:.1f} min "
+                f"with the same models loaded",
+            )
             self._baseline = (rss, now)
 
     def snapshot(self) -> dict[str, Any]:
         base = self._baseline
-        return {"stuck_after": self.settings.stuck_after, "recovered": self.recovered,
-                "failures": self.runtime.failures.describe(),
-                "memory_baseline_mb": None if base is None else round(base[0], 1),
-                "suspected_leak": self.leak}
+        return {
+            "stuck_after": self.settings.stuck_after,
+            "recovered": self.recovered,
+            "failures": self.runtime.failures.describe(),
+            "memory_baseline_mb": None if base is None else round(base[0], 1),
+            "suspected_leak": self.leak,
+        }

@@ -33,8 +33,9 @@ STARTUP_TIMEOUT = 60.0
 class TemplateRenderer:
     """One worker for one model's template; called from that model's engine thread."""
 
-    def __init__(self, template: str, bos: str, eos: str, timeout: float = 2.0,
-                 max_output: int = 1 << 20) -> None:
+    def __init__(
+        self, template: str, bos: str, eos: str, timeout: float = 2.0, max_output: int = 1 << 20
+    ) -> None:
         self.template, self.bos, self.eos = template, bos, eos
         self.timeout, self.max_output = timeout, max_output
         self._proc: subprocess.Popen[bytes] | None = None
@@ -43,11 +44,18 @@ class TemplateRenderer:
     def _start(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgellm.runtime.chat_template"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONNOUSERSITE": "1"})
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONNOUSERSITE": "1"},
+        )
         assert proc.stdin is not None
-        setup = {"template": self.template, "bos": self.bos, "eos": self.eos,
-                 "max_output": self.max_output}
+        setup = {
+            "template": self.template,
+            "bos": self.bos,
+            "eos": self.eos,
+            "max_output": self.max_output,
+        }
         proc.stdin.write(json.dumps(setup).encode() + b"\n")
         proc.stdin.flush()
         assert proc.stdout is not None
@@ -59,11 +67,14 @@ class TemplateRenderer:
         if "error" in reply:
             proc.kill()
             proc.wait()
-            raise InvalidRequest(f"the model's chat template cannot be used: {reply['error']}",
-                                 param="model")
+            raise InvalidRequest(
+                f"the model's chat template cannot be used: {reply['error']}", param="model"
+            )
         if not reply.get("memory_capped"):
-            log.warning("event=template_memory_uncapped note=\"setrlimit is not allowed here; "
-                        "chat templates are bounded in time and output only\"")
+            log.warning(
+                'event=template_memory_uncapped note="setrlimit is not allowed here; '
+                'chat templates are bounded in time and output only"'
+            )
         return proc
 
     def start(self) -> None:
@@ -84,8 +95,10 @@ class TemplateRenderer:
                 proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 self._kill()
-                raise InvalidRequest("the model's chat template could not be run (its "
-                                     "worker exited)", param="messages") from None
+                raise InvalidRequest(
+                    "the model's chat template could not be run (its worker exited)",
+                    param="messages",
+                ) from None
             ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
             line = proc.stdout.readline() if ready else b""
             if not line:
@@ -94,14 +107,19 @@ class TemplateRenderer:
                 if overran:
                     raise InvalidRequest(
                         f"the model's chat template took longer than {self.timeout:g}s to "
-                        "render these messages; it was stopped", param="messages")
-                raise InvalidRequest("the model's chat template ran out of memory (over "
-                                     f"{WORKER_MEMORY >> 20} MB) rendering these messages",
-                                     param="messages")
+                        "render these messages; it was stopped",
+                        param="messages",
+                    )
+                raise InvalidRequest(
+                    "the model's chat template ran out of memory (over "
+                    f"{WORKER_MEMORY >> 20} MB) rendering these messages",
+                    param="messages",
+                )
         reply = json.loads(line)
         if "error" in reply:
-            raise InvalidRequest(f"the chat template rejected the messages: {reply['error']}",
-                                 param="messages")
+            raise InvalidRequest(
+                f"the chat template rejected the messages: {reply['error']}", param="messages"
+            )
         return str(reply["prompt"])
 
     def _kill(self) -> None:
@@ -128,8 +146,12 @@ def _environment() -> Any:
                 raise ValueError("exponent too large")
             if operator == "*" and isinstance(left, int | float) and hasattr(right, "__len__"):
                 left, right = right, left
-            if operator == "*" and hasattr(left, "__len__") and isinstance(right, int) and \
-                    len(left) * right > LIMIT[0]:
+            if (
+                operator == "*"
+                and hasattr(left, "__len__")
+                and isinstance(right, int)
+                and len(left) * right > LIMIT[0]
+            ):
                 raise ValueError("a repeated string or list larger than the output limit")
             return super().call_binop(context, operator, left, right)
 
@@ -167,8 +189,13 @@ def _worker() -> None:
         try:
             parts, size = [], 0
             for piece in template.generate(
-                    bos_token=setup["bos"], eos_token=setup["eos"], add_generation_prompt=True,
-                    raise_exception=raise_exception, strftime_now=strftime_now, **request):
+                bos_token=setup["bos"],
+                eos_token=setup["eos"],
+                add_generation_prompt=True,
+                raise_exception=raise_exception,
+                strftime_now=strftime_now,
+                **request,
+            ):
                 size += len(piece)
                 if size > LIMIT[0]:
                     raise ValueError(f"its output is longer than {LIMIT[0]} characters")

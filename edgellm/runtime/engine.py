@@ -73,8 +73,7 @@ class EngineThread(ABC):
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._load_error: EdgeError | None = None
-        self._thread = threading.Thread(target=self._main, name=f"engine-{self.name}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"engine-{self.name}", daemon=True)
         self.last_progress = time.monotonic()
         self.busy_since = time.monotonic()  # when it last went from idle to busy
 
@@ -123,9 +122,13 @@ class EngineThread(ABC):
             self.failure = f"its engine thread died: {type(exc).__name__}: {exc}"
             if self._on_died is not None:  # first, so no one is sent here any more
                 self._on_died(self, self.failure)
-            self._fail_requests(EngineFailed(
-                f"{self.name} failed while {self.activity} ({self.failure}); it is reloaded "
-                f"on the next request", retry_after=1))
+            self._fail_requests(
+                EngineFailed(
+                    f"{self.name} failed while {self.activity} ({self.failure}); it is reloaded "
+                    f"on the next request",
+                    retry_after=1,
+                )
+            )
         finally:
             self._close()
 
@@ -178,8 +181,14 @@ class EngineThread(ABC):
 
 
 class LlamaEngine(EngineThread):
-    def __init__(self, record: ModelRecord, model_path: str, settings: ModelSettings,
-                 on_request_done: Any = None, on_died: Any = None) -> None:
+    def __init__(
+        self,
+        record: ModelRecord,
+        model_path: str,
+        settings: ModelSettings,
+        on_request_done: Any = None,
+        on_died: Any = None,
+    ) -> None:
         self.record = record
         self.name = record.name
         self.model_path = model_path
@@ -222,8 +231,12 @@ class LlamaEngine(EngineThread):
         for request in self._drain():
             request.emit(Failed(error))
 
-    def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None,
-                   tokens_per_second: float | None = None) -> None:
+    def set_limits(
+        self,
+        n_threads: int | None = None,
+        n_parallel: int | None = None,
+        tokens_per_second: float | None = None,
+    ) -> None:
         """Fewer threads or slots, or a cap on tokens per second (0: none), from the
         next step on, without reloading the model. Sequences already running in slots
         above the new limit finish normally."""
@@ -241,10 +254,14 @@ class LlamaEngine(EngineThread):
     def describe(self) -> dict[str, Any]:
         """What /api/ps shows of this engine beyond what every engine has."""
         st = self.stats
-        return {"format": "gguf", "n_gpu_layers": self.settings.n_gpu_layers or 0,
-                "tokens_per_second": round(self.tokens_per_second(), 1),
-                "mean_sequences_per_step": round(st.decode_step_sequences / st.decode_steps, 2)
-                if st.decode_steps else 0.0}
+        return {
+            "format": "gguf",
+            "n_gpu_layers": self.settings.n_gpu_layers or 0,
+            "tokens_per_second": round(self.tokens_per_second(), 1),
+            "mean_sequences_per_step": round(st.decode_step_sequences / st.decode_steps, 2)
+            if st.decode_steps
+            else 0.0,
+        }
 
     def tokens_per_second(self, window: float = 5.0) -> float:
         return self.rate(window)
@@ -312,11 +329,17 @@ class LlamaEngine(EngineThread):
             except EdgeError as exc:
                 request.emit(Failed(exc))
             except Exception as exc:  # one request's content must never end the engine
-                log.exception("event=request_failed_in_engine model=%s id=%s", self.name,
-                              request.id)
-                request.emit(Failed(InternalError(
-                    f"{self.name} could not start this request ({type(exc).__name__}: "
-                    f"{exc}); the model keeps serving others")))
+                log.exception(
+                    "event=request_failed_in_engine model=%s id=%s", self.name, request.id
+                )
+                request.emit(
+                    Failed(
+                        InternalError(
+                            f"{self.name} could not start this request ({type(exc).__name__}: "
+                            f"{exc}); the model keeps serving others"
+                        )
+                    )
+                )
 
     def _place(self, request: GenerationRequest) -> None:
         llm = self._llm
@@ -327,7 +350,8 @@ class LlamaEngine(EngineThread):
             raise ContextOverflow(
                 f"the prompt is {n} tokens but {self.name}'s context is {self.n_ctx} tokens "
                 f"per request; shorten it (or raise n_ctx)",
-                param="messages" if request.messages is not None else "prompt")
+                param="messages" if request.messages is not None else "prompt",
+            )
         free = [s for s in self.slots if not s.busy]
         source, keep = None, 0
         if self.prefix_cache:
@@ -353,8 +377,9 @@ class LlamaEngine(EngineThread):
         slot.prefilled = slot.reused = keep
         slot.pos, slot.generated, slot.prompt_seconds = keep, 0, 0.0
         slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        slot.sampler = llm.sampler(p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty,
-                                   seed, p.ignore_eos)
+        slot.sampler = llm.sampler(
+            p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, seed, p.ignore_eos
+        )
         slot.stops = StopMatcher(list(request.stop) + template_stops)
         slot.admitted = time.monotonic()
         request.state, request.prompt_tokens = "running", n
@@ -380,11 +405,16 @@ class LlamaEngine(EngineThread):
         end = min(start + self.prefill_chunk, len(slot.prompt))
         last = end == len(slot.prompt)
         t0 = time.monotonic()
-        entries = [(slot.prompt[i], i, slot.index, last and i == end - 1)
-                   for i in range(start, end)]
+        entries = [
+            (slot.prompt[i], i, slot.index, last and i == end - 1) for i in range(start, end)
+        ]
         if llm.decode(entries) != 0:
-            self._finish(slot, Failed(InternalError(
-                f"llama.cpp could not fit the prompt in {self.name}'s KV cache")))
+            self._finish(
+                slot,
+                Failed(
+                    InternalError(f"llama.cpp could not fit the prompt in {self.name}'s KV cache")
+                ),
+            )
             return
         elapsed = time.monotonic() - t0
         slot.prompt_seconds += elapsed
@@ -408,8 +438,14 @@ class LlamaEngine(EngineThread):
         code = llm.decode([(s.last_token, s.pos, s.index, True) for s in active])
         if code != 0:
             for s in active:
-                self._finish(s, Failed(InternalError(
-                    f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full")))
+                self._finish(
+                    s,
+                    Failed(
+                        InternalError(
+                            f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full"
+                        )
+                    ),
+                )
             return
         for i, slot in enumerate(active):
             slot.pos += 1
@@ -422,8 +458,7 @@ class LlamaEngine(EngineThread):
         self._recent.append((now, len(active)))
         self.last_progress = now
         if self.tokens_per_second_cap:  # idle out the rest of this step's time share
-            self._stopping.wait(max(0.0, len(active) / self.tokens_per_second_cap
-                                    - (now - t0)))
+            self._stopping.wait(max(0.0, len(active) / self.tokens_per_second_cap - (now - t0)))
 
     def _take(self, slot: Slot, token: int) -> None:
         """A sampled token: emit its text, and end the sequence if it is done."""
@@ -454,8 +489,15 @@ class LlamaEngine(EngineThread):
             if tail and slot.request is not None:
                 slot.request.emit(Delta(tail))
         decode_s = time.monotonic() - slot.first_token_at if slot.first_token_at else 0.0
-        self._finish(slot, Finished(reason, self._usage(slot), slot.prompt_seconds,  # type: ignore[arg-type]
-                                    decode_s if slot.state == "generate" else 0.0))
+        self._finish(
+            slot,
+            Finished(
+                reason,
+                self._usage(slot),
+                slot.prompt_seconds,  # type: ignore[arg-type]
+                decode_s if slot.state == "generate" else 0.0,
+            ),
+        )
 
     def _finish(self, slot: Slot, final: Finished | Failed) -> None:
         """Free the slot (keeping its reusable prefix), then tell the client: whatever

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from edgellm.config import ConfigError
 
 log = logging.getLogger("edgellm.failpoints")
-ENTRY = re.compile(r"^(?P<name>[\w.]+)=(?P<action>hang|raise)(?:@(?P<skip>\d+))?"
-                   r"(?:\*(?P<times>\d+))?$")
+ENTRY = re.compile(
+    r"^(?P<name>[\w.]+)=(?P<action>hang|raise)(?:@(?P<skip>\d+))?"
+    r"(?:\*(?P<times>\d+))?$"
+)
 
 
 class FailpointError(RuntimeError):
@@ -43,8 +45,10 @@ def configure(spec: str | None) -> None:
     for entry in filter(None, (e.strip() for e in (spec or "").split(";"))):
         m = ENTRY.match(entry)
         if m is None:
-            raise ConfigError(f"EDGELLM_FAILPOINTS: bad failpoint {entry!r}: expected "
-                              "NAME=hang|raise[@SKIP][*TIMES]")
+            raise ConfigError(
+                f"EDGELLM_FAILPOINTS: bad failpoint {entry!r}: expected "
+                "NAME=hang|raise[@SKIP][*TIMES]"
+            )
         points[m["name"]] = _Point(m["action"], int(m["skip"] or 0), int(m["times"] or 1))
         log.warning("event=failpoint_armed %s", entry)
     with _lock:

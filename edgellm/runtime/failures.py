@@ -25,8 +25,9 @@ class Failure:
 
 
 class FailureBook:
-    def __init__(self, backoff: float, max_backoff: float = 300.0,
-                 forget_after: float = 600.0) -> None:
+    def __init__(
+        self, backoff: float, max_backoff: float = 300.0, forget_after: float = 600.0
+    ) -> None:
         self.backoff, self.max_backoff, self.forget_after = backoff, max_backoff, forget_after
         self._failures: dict[str, Failure] = {}
 
@@ -35,8 +36,9 @@ class FailureBook:
         last = self._failures.get(name)
         count = 1 if last is None or now - last.at > self.forget_after else last.count + 1
         delay = 0.0 if count == 1 else min(self.max_backoff, self.backoff * 2 ** (count - 2))
-        failure = Failure(reason, count, now, now + delay,
-                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        failure = Failure(
+            reason, count, now, now + delay, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
         self._failures[name] = failure
         return failure
 
@@ -49,10 +51,16 @@ class FailureBook:
         wait = failure.retry_at - now
         raise ModelBackingOff(
             f"{name} failed {failure.count} times in a row (last: {failure.reason}); "
-            f"it is loaded again in {wait:.0f}s", retry_after=max(1.0, round(wait)))
+            f"it is loaded again in {wait:.0f}s",
+            retry_after=max(1.0, round(wait)),
+        )
 
     def describe(self, now: float | None = None) -> dict[str, dict[str, Any]]:
         now = time.monotonic() if now is None else now
-        return {name: {**{k: v for k, v in asdict(f).items() if k not in ("at", "retry_at")},
-                       "retry_in_seconds": round(max(0.0, f.retry_at - now), 1)}
-                for name, f in self._failures.items()}
+        return {
+            name: {
+                **{k: v for k, v in asdict(f).items() if k not in ("at", "retry_at")},
+                "retry_in_seconds": round(max(0.0, f.retry_at - now), 1),
+            }
+            for name, f in self._failures.items()
+        }

@@ -18,29 +18,91 @@ from typing import Any
 from edgellm.errors import InvalidRequest
 
 # value types: (struct format, size) for scalars; 8 = string, 9 = array
-_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_SCALARS = {
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
+}
 _STRING, _ARRAY = 8, 9
 _MAX_KV = 1 << 20
 
 # llama.cpp's file-type numbers (general.file_type) for the common quantizations
 _FILE_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-    10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-    16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 24: "IQ1_S",
-    25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS",
-    31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    19: "IQ2_XXS",
+    20: "IQ2_XS",
+    24: "IQ1_S",
+    25: "IQ4_NL",
+    26: "IQ3_S",
+    27: "IQ3_M",
+    28: "IQ2_S",
+    29: "IQ2_M",
+    30: "IQ4_XS",
+    31: "IQ1_M",
+    32: "BF16",
+    36: "TQ1_0",
+    37: "TQ2_0",
+    38: "MXFP4",
 }
 
 
 # ggml tensor types: (elements per block, bytes per block), from ggml.h / ggml.c
 _TENSOR_TYPES = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176),
-    14: (256, 210), 15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98),
-    19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1),
-    25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54),
-    35: (256, 66), 39: (32, 17),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    16: (256, 66),
+    17: (256, 74),
+    18: (256, 98),
+    19: (256, 50),
+    20: (32, 18),
+    21: (256, 110),
+    22: (256, 82),
+    23: (256, 136),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    29: (256, 56),
+    30: (1, 2),
+    34: (256, 54),
+    35: (256, 66),
+    39: (32, 17),
 }
 _MAX_TENSORS = 1 << 16
 _MAX_DIMS = 4
@@ -132,9 +194,10 @@ def check_gguf_tensors(head: bytes | bytearray, file_size: int, name: str) -> No
                 tensors.append((tname, dims, ttype, offset))
             data_start = (r.pos + align - 1) // align * align
     except (_Bad, struct.error) as exc:
-        raise InvalidRequest(f"{name} is not a valid GGUF file ({exc}; or its tensor list "
-                             f"is longer than the {len(head) >> 20} MB edgellm reads)"
-                             ) from None
+        raise InvalidRequest(
+            f"{name} is not a valid GGUF file ({exc}; or its tensor list "
+            f"is longer than the {len(head) >> 20} MB edgellm reads)"
+        ) from None
     for tname, dims, ttype, offset in tensors:
         if ttype not in _TENSOR_TYPES:
             raise InvalidRequest(f"{name}: tensor {tname!r} has unknown type {ttype}")
@@ -148,11 +211,11 @@ def check_gguf_tensors(head: bytes | bytearray, file_size: int, name: str) -> No
         if offset % align or end > file_size:
             raise InvalidRequest(
                 f"{name} is truncated or corrupt: tensor {tname!r} lies at bytes "
-                f"{data_start + offset}–{end} of a {file_size}-byte file")
+                f"{data_start + offset}–{end} of a {file_size}-byte file"
+            )
 
 
-def read_gguf_kv(source: str | Path | bytes | bytearray, name: str | None = None
-                 ) -> dict[str, Any]:
+def read_gguf_kv(source: str | Path | bytes | bytearray, name: str | None = None) -> dict[str, Any]:
     """The key/value section of a GGUF file, from its path or from its first bytes
     in memory (the vault checks uploads without writing plaintext anywhere)."""
     label = name or (Path(source).name if isinstance(source, str | Path) else "the upload")
@@ -170,8 +233,9 @@ def read_gguf_kv(source: str | Path | bytes | bytearray, name: str | None = None
         raise InvalidRequest(f"{label} is not a valid GGUF file ({exc})") from None
 
 
-def read_gguf_metadata(source: str | Path | bytes | bytearray,
-                       name: str | None = None) -> dict[str, Any]:
+def read_gguf_metadata(
+    source: str | Path | bytes | bytearray, name: str | None = None
+) -> dict[str, Any]:
     """Architecture, sizes, quantization and chat template of a GGUF file.
 
     Raises InvalidRequest naming the file when it is not valid GGUF.

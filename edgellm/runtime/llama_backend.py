@@ -83,8 +83,9 @@ class LlamaBackend:
         try:
             self.model = _internals.LlamaModel(path_model=path, params=mp, verbose=False)
         except ValueError as exc:
-            raise ModelLoadFailed(f"llama.cpp could not load the model: "
-                                  f"{_reason(str(exc))}") from None
+            raise ModelLoadFailed(
+                f"llama.cpp could not load the model: {_reason(str(exc))}"
+            ) from None
         self.n_batch = max(settings.n_batch or 512, n_seq)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx * n_seq
@@ -99,8 +100,9 @@ class LlamaBackend:
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=cp, verbose=False)
         except ValueError as exc:
-            raise ModelLoadFailed(f"llama.cpp could not create a context: "
-                                  f"{_reason(str(exc))}") from None
+            raise ModelLoadFailed(
+                f"llama.cpp could not create a context: {_reason(str(exc))}"
+            ) from None
         self._mem = self.ctx.memory
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab = self.model.vocab
@@ -109,20 +111,25 @@ class LlamaBackend:
         self.eos = self.model.token_eos()
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
-        self.eog_tokens = [t for t in range(self.n_vocab)
-                           if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        self.eog_tokens = [
+            t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)
+        ]
         meta = self.model.metadata()
         template = meta.get("tokenizer.chat_template")
         self.chat: TemplateRenderer | None = None
         self._eos_text = ""
         if template:
+
             def text(tok: int) -> str:
                 return self.model.token_get_text(tok) if tok != -1 else ""
 
             self._eos_text = text(self.eos)
-            self.chat = TemplateRenderer(template, bos=text(self.model.token_bos()),
-                                         eos=self._eos_text,
-                                         timeout=settings.template_timeout or 2.0)
+            self.chat = TemplateRenderer(
+                template,
+                bos=text(self.model.token_bos()),
+                eos=self._eos_text,
+                timeout=settings.template_timeout or 2.0,
+            )
             try:
                 self.chat.start()
             except InvalidRequest as exc:
@@ -140,8 +147,9 @@ class LlamaBackend:
         self.model.close()
 
     # --- text ----------------------------------------------------------------------
-    def prompt_tokens(self, prompt: str | None,
-                      messages: list[dict[str, Any]] | None) -> tuple[list[int], list[str]]:
+    def prompt_tokens(
+        self, prompt: str | None, messages: list[dict[str, Any]] | None
+    ) -> tuple[list[int], list[str]]:
         if messages is None:
             return self.model.tokenize((prompt or "").encode(), True, True), []
         if self.chat is None:
@@ -198,8 +206,16 @@ class LlamaBackend:
     def set_threads(self, n: int) -> None:
         self._c.llama_set_n_threads(self.ctx.ctx, n, n)
 
-    def sampler(self, temperature: float, top_k: int, top_p: float, min_p: float,
-                repeat_penalty: float, seed: int, ignore_eos: bool) -> Any:
+    def sampler(
+        self,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        repeat_penalty: float,
+        seed: int,
+        ignore_eos: bool,
+    ) -> Any:
         from llama_cpp._internals import LlamaSampler
 
         s = LlamaSampler()

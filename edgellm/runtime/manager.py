@@ -78,8 +78,13 @@ class Runtime:
         self._closing = False
         self._wake = threading.Event()
         self._retired = EngineStats()  # counters of engines already unloaded
-        self.stats = {"loads": 0, "unloads": 0, "evictions": 0, "load_failures": 0,
-                      "engine_failures": 0}
+        self.stats = {
+            "loads": 0,
+            "unloads": 0,
+            "evictions": 0,
+            "load_failures": 0,
+            "engine_failures": 0,
+        }
         self.failures = FailureBook(settings.failure_backoff)
         # models whose file failed to load: (its sha256, the error every request gets)
         self._unusable: dict[str, tuple[str, ModelUnusable]] = {}
@@ -105,8 +110,11 @@ class Runtime:
             if request.model not in self._loaded:
                 self._check_usable(record)
                 self.failures.check(request.model)
-            if isinstance(request, GenerationRequest) and limits.max_tokens and (
-                    request.max_tokens is None or request.max_tokens > limits.max_tokens):
+            if (
+                isinstance(request, GenerationRequest)
+                and limits.max_tokens
+                and (request.max_tokens is None or request.max_tokens > limits.max_tokens)
+            ):
                 request.max_tokens = limits.max_tokens
             waiting = self.queue_depth()
             if waiting >= self.settings.max_queue and not self._has_free_slot(request.model):
@@ -136,8 +144,12 @@ class Runtime:
             self._waiting.setdefault(request.model, []).append(request)
             if request.model not in self._loading:
                 self._loading.add(request.model)
-                threading.Thread(target=self._load_for_waiting, args=(request.model,),
-                                 name=f"load-{request.model}", daemon=True).start()
+                threading.Thread(
+                    target=self._load_for_waiting,
+                    args=(request.model,),
+                    name=f"load-{request.model}",
+                    daemon=True,
+                ).start()
 
     def _beyond_slots(self, name: str, engine: Engine) -> int:
         """Requests for ``name`` that no free slot will take (lock held): admitted and
@@ -159,9 +171,9 @@ class Runtime:
     def queue_depth(self) -> int:
         """Requests waiting: for a slot beyond the free ones, or for their model to load."""
         with self._lock:
-            return sum(max(0, self._beyond_slots(name, m.engine))
-                       for name, m in self._loaded.items()) + sum(
-                len(v) for v in self._waiting.values())
+            return sum(
+                max(0, self._beyond_slots(name, m.engine)) for name, m in self._loaded.items()
+            ) + sum(len(v) for v in self._waiting.values())
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -217,8 +229,9 @@ class Runtime:
             opened = self.source.open(name)
             path = opened.__enter__()
             before = rss_bytes()
-            engine = engine_for(record, path, ms, on_request_done=self._request_done,
-                                on_died=self._engine_died)
+            engine = engine_for(
+                record, path, ms, on_request_done=self._request_done, on_died=self._engine_died
+            )
             try:
                 engine.start()
             except BaseException as exc:
@@ -226,9 +239,13 @@ class Runtime:
                 opened.__exit__(None, None, None)
                 if isinstance(exc, ModelLoadFailed):  # the file itself: not retried
                     with self._lock:
-                        self._unusable[name] = (record.sha256, ModelUnusable(
-                            f"{exc.message}; it is not loaded again until it is replaced "
-                            f"or loaded by hand (edgellm models load {name})"))
+                        self._unusable[name] = (
+                            record.sha256,
+                            ModelUnusable(
+                                f"{exc.message}; it is not loaded again until it is replaced "
+                                f"or loaded by hand (edgellm models load {name})"
+                            ),
+                        )
                     log.error("event=model_unusable model=%s reason=%r", name, exc.message)
                     raise self._unusable[name][1] from None
                 raise
@@ -236,7 +253,10 @@ class Runtime:
                 self._unusable.pop(name, None)
             with self._lock:
                 loaded = LoadedModel(
-                    name=name, engine=engine, estimate=need, opened=opened,
+                    name=name,
+                    engine=engine,
+                    estimate=need,
+                    opened=opened,
                     load_growth=max(0, rss_bytes() - before) if record.format == "onnx" else 0,
                     keep_alive=self.settings.keep_alive if ms.keep_alive is None else ms.keep_alive,
                 )
@@ -244,8 +264,13 @@ class Runtime:
                 self._loaded[name] = loaded
                 self.stats["loads"] += 1
                 self._limit(loaded)
-            log.info("event=model_loaded model=%s seconds=%.2f memory_mb=%d gpu=%s",
-                     name, time.monotonic() - t0, need // MB, engine.gpu_offload)
+            log.info(
+                "event=model_loaded model=%s seconds=%.2f memory_mb=%d gpu=%s",
+                name,
+                time.monotonic() - t0,
+                need // MB,
+                engine.gpu_offload,
+            )
             return loaded
 
     def _estimate(self, record: ModelRecord) -> int:
@@ -255,8 +280,9 @@ class Runtime:
         if record.format == "onnx":
             return self._measured.get(record.name) or 2 * record.size + 32 * MB
         ms = self.settings.for_model(record.name)
-        return estimate_bytes(record, min(ms.n_ctx or 4096, record.context_length or 1 << 30),
-                              ms.n_parallel or 1)
+        return estimate_bytes(
+            record, min(ms.n_ctx or 4096, record.context_length or 1 << 30), ms.n_parallel or 1
+        )
 
     def _make_room(self, name: str, need: int) -> None:
         """Evict idle, unpinned models (least recently used first) until ``need`` fits."""
@@ -270,24 +296,33 @@ class Runtime:
                     reading, freed = self.limits, 0
                 used = sum(m.memory_bytes for m in self._loaded.values())
                 seen = reading.available_mb
-                room = headroom(s.memory_reserve_mb, s.memory_budget_mb, used,
-                                None if seen is None else seen + freed / MB)
+                room = headroom(
+                    s.memory_reserve_mb,
+                    s.memory_budget_mb,
+                    used,
+                    None if seen is None else seen + freed / MB,
+                )
                 too_many = len(self._loaded) >= s.max_loaded_models
                 if room.available >= need and not too_many:
                     return
-                idle = sorted((m for m in self._loaded.values() if not m.pinned and not m.busy),
-                              key=lambda m: m.last_used)
+                idle = sorted(
+                    (m for m in self._loaded.values() if not m.pinned and not m.busy),
+                    key=lambda m: m.last_used,
+                )
             if not idle:
                 if too_many:
                     raise InsufficientMemory(
                         f"cannot load {name}: {len(self._loaded)} models are loaded "
                         f"(max_loaded_models={s.max_loaded_models}) and none is idle and unpinned",
-                        retry_after=5)
+                        retry_after=5,
+                    )
                 short = (need - room.available + MB - 1) // MB
                 raise InsufficientMemory(
                     f"not enough memory to load {name}: it needs {need // MB} MB, "
                     f"{max(0, room.available) // MB} MB is free under the {room.reason} "
-                    f"(short by {short} MB)", retry_after=30)
+                    f"(short by {short} MB)",
+                    retry_after=30,
+                )
             victim = idle[0]
             log.info("event=evict model=%s for=%s", victim.name, name)
             self.stats["evictions"] += 1
@@ -335,8 +370,11 @@ class Runtime:
             self._wake.clear()
             now = time.monotonic()
             with self._lock:
-                expired = [m.name for m in self._loaded.values()
-                           if (left := m.expires_in(now)) is not None and left <= 0]
+                expired = [
+                    m.name
+                    for m in self._loaded.values()
+                    if (left := m.expires_in(now)) is not None and left <= 0
+                ]
             for name in expired:
                 log.info("event=idle_unload model=%s", name)
                 self.unload(name)
@@ -348,8 +386,7 @@ class Runtime:
         now = time.monotonic()
         with self._lock:
             models = list(self._loaded.values())
-        return [m.name for m in models
-                if not m.engine.alive or m.engine.stalled_for(now) > after]
+        return [m.name for m in models if not m.engine.alive or m.engine.stalled_for(now) > after]
 
     def recover(self, name: str, reason: str) -> bool:
         """Give up on a model's engine (stuck, or dead): its requests fail with a clear
@@ -359,9 +396,11 @@ class Runtime:
             loaded = self._loaded.get(name)
         if loaded is None:
             return False
-        loaded.engine.abandon(EngineFailed(
-            f"{name} {reason}; its requests were ended and the model is reloaded",
-            retry_after=1))
+        loaded.engine.abandon(
+            EngineFailed(
+                f"{name} {reason}; its requests were ended and the model is reloaded", retry_after=1
+            )
+        )
         return self._retire(loaded.engine, reason)
 
     def _engine_died(self, engine: Engine, reason: str) -> None:
@@ -376,13 +415,23 @@ class Runtime:
             failure = self.failures.record(engine.name, reason)
             self.stats["engine_failures"] += 1
             self._keep_counters(loaded)
-        log.error("event=engine_failed model=%s reason=%r failures=%d retry_in=%.0f",
-                  engine.name, reason, failure.count, failure.retry_at - time.monotonic())
-        threading.Thread(target=self._bury, args=(loaded,), name=f"bury-{engine.name}",
-                         daemon=True).start()
+        log.error(
+            "event=engine_failed model=%s reason=%r failures=%d retry_in=%.0f",
+            engine.name,
+            reason,
+            failure.count,
+            failure.retry_at - time.monotonic(),
+        )
+        threading.Thread(
+            target=self._bury, args=(loaded,), name=f"bury-{engine.name}", daemon=True
+        ).start()
         if loaded.pinned:
-            threading.Thread(target=self._reload_pinned, args=(engine.name, failure.retry_at),
-                             name=f"reload-{engine.name}", daemon=True).start()
+            threading.Thread(
+                target=self._reload_pinned,
+                args=(engine.name, failure.retry_at),
+                name=f"reload-{engine.name}",
+                daemon=True,
+            ).start()
         return True
 
     def _bury(self, loaded: LoadedModel) -> None:
@@ -391,9 +440,12 @@ class Runtime:
         returns or the daemon restarts, and the log says so."""
         loaded.engine.stop(timeout=5)
         if loaded.engine.alive:
-            log.warning("event=engine_abandoned model=%s note=\"its thread is stuck in "
-                        "llama.cpp; its memory is held until it returns or the daemon "
-                        "restarts\"", loaded.name)
+            log.warning(
+                'event=engine_abandoned model=%s note="its thread is stuck in '
+                "llama.cpp; its memory is held until it returns or the daemon "
+                'restarts"',
+                loaded.name,
+            )
             loaded.engine.stop(timeout=None)
         if loaded.opened is not None:
             loaded.opened.__exit__(None, None, None)
@@ -414,8 +466,13 @@ class Runtime:
             return self.stats["loads"] + self.stats["unloads"] + self.stats["engine_failures"]
 
     # --- limits (the governor's handle) ----------------------------------------------
-    def set_limits(self, model: str | None = None, *, n_threads: int | None = None,
-                   n_parallel: int | None = None) -> None:
+    def set_limits(
+        self,
+        model: str | None = None,
+        *,
+        n_threads: int | None = None,
+        n_parallel: int | None = None,
+    ) -> None:
         """Lower (or restore) threads and parallel slots of one or every loaded model,
         applied between decode steps, without reloading anything."""
         with self._lock:
@@ -433,17 +490,22 @@ class Runtime:
 
     def _limit(self, loaded: LoadedModel) -> None:
         ms, lim, engine = self.settings.for_model(loaded.name), self.limits, loaded.engine
-        engine.set_limits(n_threads=max(1, int((ms.n_threads or 1) * lim.thread_fraction)),
-                          n_parallel=max(1, int(engine.capacity * lim.slot_fraction)),
-                          tokens_per_second=lim.tokens_per_second or 0.0)
+        engine.set_limits(
+            n_threads=max(1, int((ms.n_threads or 1) * lim.thread_fraction)),
+            n_parallel=max(1, int(engine.capacity * lim.slot_fraction)),
+            tokens_per_second=lim.tokens_per_second or 0.0,
+        )
 
     def unload_idle(self, idle_for: float) -> list[str]:
         """Unload unpinned, idle models unused for ``idle_for`` seconds (early, before
         their keep-alive runs out); the names unloaded."""
         now = time.monotonic()
         with self._lock:
-            names = [m.name for m in self._loaded.values()
-                     if not m.pinned and not m.busy and now - m.last_used >= idle_for]
+            names = [
+                m.name
+                for m in self._loaded.values()
+                if not m.pinned and not m.busy and now - m.last_used >= idle_for
+            ]
         return [n for n in names if self.unload(n)]
 
     def cancel_newest(self) -> str | None:
@@ -465,23 +527,25 @@ class Runtime:
         for m in models:
             e = m.engine
             expires = m.expires_in(now)
-            out.append({
-                "name": m.name,
-                "memory_mb": round(m.memory_bytes / MB, 1),
-                "size_mb": round(e.record.size / MB, 1),
-                "slots": e.capacity,
-                "slots_busy": e.busy_slots,
-                "queued": e.pending,
-                "n_ctx": e.n_ctx,
-                "pinned": m.pinned,
-                "keep_alive_seconds": m.keep_alive,
-                "expires_in_seconds": None if expires is None else round(expires, 1),
-                "idle_seconds": round(now - m.last_used, 1),
-                "device": "gpu" if e.gpu_offload else "cpu",
-                "slot_limit": e.max_active,
-                "n_threads": e.n_threads,
-                **e.describe(),
-            })
+            out.append(
+                {
+                    "name": m.name,
+                    "memory_mb": round(m.memory_bytes / MB, 1),
+                    "size_mb": round(e.record.size / MB, 1),
+                    "slots": e.capacity,
+                    "slots_busy": e.busy_slots,
+                    "queued": e.pending,
+                    "n_ctx": e.n_ctx,
+                    "pinned": m.pinned,
+                    "keep_alive_seconds": m.keep_alive,
+                    "expires_in_seconds": None if expires is None else round(expires, 1),
+                    "idle_seconds": round(now - m.last_used, 1),
+                    "device": "gpu" if e.gpu_offload else "cpu",
+                    "slot_limit": e.max_active,
+                    "n_threads": e.n_threads,
+                    **e.describe(),
+                }
+            )
         return out
 
     def model_state(self, name: str) -> str:
@@ -536,10 +600,16 @@ class Runtime:
 def check_kind(record: ModelRecord, request: Request) -> None:
     """GGUF models generate text; ONNX models run tensors (and embed texts)."""
     if record.format == "onnx" and request.kind != "tensor":
-        raise InvalidRequest(f"{record.name} is an ONNX model: it answers /v1/embeddings "
-                             f"(if it embeds text) and /api/onnx/{record.name}/infer, not "
-                             "completions", param="model")
+        raise InvalidRequest(
+            f"{record.name} is an ONNX model: it answers /v1/embeddings "
+            f"(if it embeds text) and /api/onnx/{record.name}/infer, not "
+            "completions",
+            param="model",
+        )
     if record.format != "onnx" and request.kind == "tensor":
-        raise InvalidRequest(f"{record.name} is a {record.format.upper()} language model: it "
-                             "answers /v1/chat/completions and /v1/completions; embeddings "
-                             "and tensors come from ONNX models", param="model")
+        raise InvalidRequest(
+            f"{record.name} is a {record.format.upper()} language model: it "
+            "answers /v1/chat/completions and /v1/completions; embeddings "
+            "and tensors come from ONNX models",
+            param="model",
+        )

@@ -24,8 +24,9 @@ class Headroom:
     reason: str  # which limit binds: "system memory" or "memory budget"
 
 
-def headroom(reserve_mb: int, budget_mb: int, used_by_models: int,
-             governor_available_mb: float | None = None) -> Headroom:
+def headroom(
+    reserve_mb: int, budget_mb: int, used_by_models: int, governor_available_mb: float | None = None
+) -> Headroom:
     system = psutil.virtual_memory().available - reserve_mb * MB
     if governor_available_mb is not None:
         seen = int(governor_available_mb * MB) - reserve_mb * MB

@@ -68,9 +68,15 @@ class ModelSource(Protocol):
 class ModelStore(ModelSource, Protocol):
     """A ModelSource that can also take models in and let them go (the vault)."""
 
-    def add_stream(self, chunks: Iterable[bytes], name: str, *,
-                   expected_sha256: str | None = None, replace: bool = False,
-                   info: dict[str, Any] | None = None) -> ModelRecord: ...
+    def add_stream(
+        self,
+        chunks: Iterable[bytes],
+        name: str,
+        *,
+        expected_sha256: str | None = None,
+        replace: bool = False,
+        info: dict[str, Any] | None = None,
+    ) -> ModelRecord: ...
 
     def add_file(self, path: Any, name: str, **kw: Any) -> ModelRecord: ...
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
 
+
 def new_request_id() -> str:
     """Unguessable: knowing one's own ids tells nothing about another caller's."""
     return f"req-{secrets.token_hex(12)}"

@@ -80,8 +80,13 @@ GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions", *onnx_routes.USE
 
 async def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
     try:
-        await _state(request).record(request, action=exc.param or "", decision="deny", status=403,
-                               resource=request.match_info.get("name") or request.path)
+        await _state(request).record(
+            request,
+            action=exc.param or "",
+            decision="deny",
+            status=403,
+            resource=request.match_info.get("name") or request.path,
+        )
     except EdgeError:
         log.error("event=audit_failed decision=deny path=%s", request.path)
 
@@ -96,9 +101,11 @@ def _identify(request: web.Request) -> Principal:
     if auth.startswith("Bearer ") and policy is not None:
         token = auth[7:].strip()
         if not token.isascii():  # aiohttp hands undecodable bytes on as surrogates
-            raise InvalidRequest("the Authorization header's bearer token is not ASCII; "
-                                 "tokens are edg_ followed by URL-safe characters",
-                                 param="Authorization")
+            raise InvalidRequest(
+                "the Authorization header's bearer token is not ASCII; "
+                "tokens are edg_ followed by URL-safe characters",
+                param="Authorization",
+            )
         # an unknown token adds nothing (the openai SDK always sends one)
         principal.token = policy.token_name(token)
     return principal
@@ -115,16 +122,20 @@ def route_permission(request: web.Request) -> str | tuple[str, str] | None:
     key = (method, resource.canonical)
     if key not in ROUTE_PERMISSIONS:
         log.error("event=route_without_policy method=%s route=%s", method, key[1])
-        raise PermissionDenied(f"{method} {key[1]} has no declared access policy; "
-                               "refused", param="policy")
+        raise PermissionDenied(
+            f"{method} {key[1]} has no declared access policy; refused", param="policy"
+        )
     return ROUTE_PERMISSIONS[key]
 
 
 @web.middleware
 async def errors_and_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
     metrics: Metrics = request.app["metrics"]
-    route = request.match_info.route.resource.canonical if request.match_info.route.resource \
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
         else "unmatched"
+    )
     t0 = time.monotonic()
     try:
         principal = _identify(request)
@@ -140,13 +151,18 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         st = _state(request)
         if permission is not None and st.access is not None:
             st.access.require(principal, permission, resource)
-        changes = request.method not in ("GET", "HEAD") and route not in GENERATION_ROUTES | \
-            vault_routes.RECORDED_BY_HANDLER
+        changes = (
+            request.method not in ("GET", "HEAD")
+            and route not in GENERATION_ROUTES | vault_routes.RECORDED_BY_HANDLER
+        )
         if route != "unmatched" and (changes or route in vault_routes.AUDITED_READS):
             # state changes are recorded before they happen: no row, no action
-            await st.record(request, action=permission or f"{request.method} {route}",
-                      resource=request.match_info.get("name") or request.match_info.get("id")
-                      or route, decision="allow")
+            await st.record(
+                request,
+                action=permission or f"{request.method} {route}",
+                resource=request.match_info.get("name") or request.match_info.get("id") or route,
+                decision="allow",
+            )
         response = await handler(request)
     except PermissionDenied as exc:
         await _record_denial(request, exc)
@@ -170,12 +186,20 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         raise
     except Exception:
         log.exception("event=internal_error path=%s", request.path)
-        response = error_response(InternalError(
-            f"internal error in edgellm while serving {request.path}; see the daemon's log"))
+        response = error_response(
+            InternalError(
+                f"internal error in edgellm while serving {request.path}; see the daemon's log"
+            )
+        )
     metrics.requests.labels(route, str(response.status)).inc()
-    log.debug("event=request method=%s path=%s status=%d seconds=%.3f uid=%s",
-              request.method, request.path, response.status, time.monotonic() - t0,
-              request.get("principal", {}).get("uid"))
+    log.debug(
+        "event=request method=%s path=%s status=%d seconds=%.3f uid=%s",
+        request.method,
+        request.path,
+        response.status,
+        time.monotonic() - t0,
+        request.get("principal", {}).get("uid"),
+    )
     return response
 
 
@@ -197,22 +221,32 @@ async def health(request: web.Request) -> web.Response:
         status = "degraded"
     else:
         status = "ready"
-    return web.json_response({
-        "status": status, "version": __version__, "draining": st.draining,
-        "uptime_seconds": round(time.monotonic() - st.started, 1), "models": models,
-        "queue_depth": st.runtime.queue_depth(), "active_requests": st.runtime.active_count(),
-    })
+    return web.json_response(
+        {
+            "status": status,
+            "version": __version__,
+            "draining": st.draining,
+            "uptime_seconds": round(time.monotonic() - st.started, 1),
+            "models": models,
+            "queue_depth": st.runtime.queue_depth(),
+            "active_requests": st.runtime.active_count(),
+        }
+    )
 
 
 async def ps(request: web.Request) -> web.Response:
     names = {r.name for r in visible_models(request)}
-    return web.json_response({"models": [m for m in _state(request).runtime.loaded()
-                                         if m["name"] in names]})
+    return web.json_response(
+        {"models": [m for m in _state(request).runtime.loaded() if m["name"] in names]}
+    )
 
 
 def model_view(st: State, record: Any) -> dict[str, Any]:
-    return {**record.as_dict(), "state": st.runtime.model_state(record.name),
-            "default": record.name == st.settings.default_model}
+    return {
+        **record.as_dict(),
+        "state": st.runtime.model_state(record.name),
+        "default": record.name == st.settings.default_model,
+    }
 
 
 def visible_models(request: web.Request) -> list[Any]:
@@ -235,12 +269,12 @@ async def load_model(request: web.Request) -> web.Response:
     st = _state(request)
     st.check_accepting()
     name = request.match_info["name"]
-    body = parse(LoadRequest, await read_json(request)) if request.can_read_body \
-        else LoadRequest()
+    body = parse(LoadRequest, await read_json(request)) if request.can_read_body else LoadRequest()
     st.store.get(name)
     try:
-        await asyncio.get_running_loop().run_in_executor(None, st.runtime.load, name,
-                                                         body.keep_alive)
+        await asyncio.get_running_loop().run_in_executor(
+            None, st.runtime.load, name, body.keep_alive
+        )
     except EdgeError as exc:
         st.load_failures[name] = exc.message
         raise
@@ -253,8 +287,9 @@ async def unload_model(request: web.Request) -> web.Response:
     st = _state(request)
     name = request.match_info["name"]
     st.store.get(name)
-    busy = [m for m in st.runtime.loaded() if m["name"] == name and
-            (m["slots_busy"] or m["queued"])]
+    busy = [
+        m for m in st.runtime.loaded() if m["name"] == name and (m["slots_busy"] or m["queued"])
+    ]
     if busy and request.query.get("force") not in ("1", "true"):
         raise Conflict(f"model {name} is serving requests; cancel them first or add ?force=true")
     done = await asyncio.get_running_loop().run_in_executor(None, st.runtime.unload, name)
@@ -267,9 +302,16 @@ async def import_model(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     chunks = body_chunks(request)
     expected = request.headers.get("X-Content-Sha256")
-    record = await asyncio.get_running_loop().run_in_executor(None, lambda: st.store.add_stream(
-        chunks, name, expected_sha256=expected, replace=request.query.get("replace") == "1",
-        info={"source": request.headers.get("X-Model-Source", "upload")}))
+    record = await asyncio.get_running_loop().run_in_executor(
+        None,
+        lambda: st.store.add_stream(
+            chunks,
+            name,
+            expected_sha256=expected,
+            replace=request.query.get("replace") == "1",
+            info={"source": request.headers.get("X-Model-Source", "upload")},
+        ),
+    )
     return web.json_response(model_view(st, record), status=201)
 
 
@@ -305,8 +347,9 @@ async def cancel_request(request: web.Request) -> web.Response:
     owner = next((r.get("uid") for r in st.runtime.requests() if r["id"] == request_id), None)
     mine = owner is not None and owner == request["principal"].get("uid")
     # another caller's request is answered as unknown: ids cannot be probed
-    hidden = owner is not None and not mine and \
-        not _sees_all_requests(request, "requests.cancel_any")
+    hidden = (
+        owner is not None and not mine and not _sees_all_requests(request, "requests.cancel_any")
+    )
     if hidden or not st.runtime.cancel(request_id):
         raise NotFound(f"no request {request_id!r} is in flight", param="id")
     return web.json_response({"id": request_id, "cancelled": True})
@@ -327,10 +370,12 @@ async def governor_configure(request: web.Request) -> web.Response:
     """``{"pin": LEVEL}``, ``{"unpin": true}``, ``{"thresholds": {SIGNAL: {…}}}``."""
     gov, body = _governor(request), await read_json(request)
     if not isinstance(body, dict) or not {"pin", "unpin", "thresholds"} & set(body):
-        raise InvalidRequest("send {\"pin\": LEVEL}, {\"unpin\": true} or "
-                             "{\"thresholds\": {SIGNAL: {\"elevated\": …}}}")
-    gov.configure(pin=body.get("pin"), unpin=bool(body.get("unpin")),
-                  thresholds=body.get("thresholds"))
+        raise InvalidRequest(
+            'send {"pin": LEVEL}, {"unpin": true} or {"thresholds": {SIGNAL: {"elevated": …}}}'
+        )
+    gov.configure(
+        pin=body.get("pin"), unpin=bool(body.get("unpin")), thresholds=body.get("thresholds")
+    )
     await asyncio.get_running_loop().run_in_executor(None, gov.poll)  # in force now
     return web.json_response(gov.snapshot())
 
@@ -341,8 +386,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openai_models(request: web.Request) -> web.Response:
-    data = [{"id": r.name, "object": "model", "owned_by": "edgellm",
-             "created": _epoch(r.added)} for r in visible_models(request)]
+    data = [
+        {"id": r.name, "object": "model", "owned_by": "edgellm", "created": _epoch(r.added)}
+        for r in visible_models(request)
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -354,8 +401,9 @@ def _epoch(stamp: str) -> int:
 
 
 def build_app(state: State) -> web.Application:
-    app = web.Application(middlewares=[errors_and_identity],
-                          client_max_size=state.settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_and_identity], client_max_size=state.settings.max_body_bytes
+    )
     app["state"] = state
     app["metrics"] = Metrics(state.runtime, state.governor)
     add_routes(app.router)

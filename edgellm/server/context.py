@@ -94,8 +94,13 @@ class State:
             raise VaultLocked()
         creds, who = request.get("principal", {}), request.get("who")
         user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")
-        return dict(uid=creds.get("uid"), pid=creds.get("pid"), user=user,
-                    exe=creds.get("exe", ""), **fields)
+        return dict(
+            uid=creds.get("uid"),
+            pid=creds.get("pid"),
+            user=user,
+            exe=creds.get("exe", ""),
+            **fields,
+        )
 
     async def write_audit(self, row: dict[str, Any] | None) -> None:
         """Write a row (raises AuditUnavailable). The write is a SQLite commit that may
@@ -108,8 +113,9 @@ class State:
         """One audit row about this request's caller, written before going on."""
         await self.write_audit(self.audit_row(request, **fields))
 
-    def record_soon(self, request: Any, after: asyncio.Future[None] | None = None,
-                    **fields: Any) -> None:
+    def record_soon(
+        self, request: Any, after: asyncio.Future[None] | None = None, **fields: Any
+    ) -> None:
         """A row that nothing waits for (a request's outcome, once its answer is sent),
         queued after ``after`` (the request's allow row), so the two stay in order. It
         joins the next commit, usually the next request's allow row, or is committed
@@ -118,8 +124,11 @@ class State:
         try:
             row = self.audit_row(request, **fields)
         except EdgeError:
-            log.error("event=audit_failed decision=%s id=%s", fields.get("decision"),
-                      fields.get("request_id"))
+            log.error(
+                "event=audit_failed decision=%s id=%s",
+                fields.get("decision"),
+                fields.get("request_id"),
+            )
             return
 
         async def write() -> None:
@@ -152,8 +161,12 @@ def may_see(request: web.Request, name: str) -> bool:
     grants is answered as unknown, so names cannot be probed."""
     st: State = request.app["state"]
     policy, who = st.access, request.get("who")
-    return policy is None or who is None or policy.allowed(who, "models.load") or \
-        policy.allowed(who, "models.use", name)
+    return (
+        policy is None
+        or who is None
+        or policy.allowed(who, "models.load")
+        or policy.allowed(who, "models.use", name)
+    )
 
 
 def visible_record(request: web.Request, name: str) -> Any:
@@ -173,11 +186,15 @@ def check_keep_alive(request: web.Request, model: str, keep_alive: float | None)
     limit = st.settings.keep_alive if configured is None else configured
     beyond = limit >= 0 and (keep_alive < 0 or keep_alive > limit)
     if beyond and not st.access.allowed(request["who"], "models.load"):
-        what = "pins the model (-1)" if keep_alive < 0 else \
-            f"is longer than the configured {limit:g}s"
-        raise PermissionDenied(f"permission denied: keep_alive {keep_alive:g} {what}, "
-                               "which needs models.load; ask an operator, or leave "
-                               "keep_alive out", param="models.load")
+        what = (
+            "pins the model (-1)" if keep_alive < 0 else f"is longer than the configured {limit:g}s"
+        )
+        raise PermissionDenied(
+            f"permission denied: keep_alive {keep_alive:g} {what}, "
+            "which needs models.load; ask an operator, or leave "
+            "keep_alive out",
+            param="models.load",
+        )
 
 
 def body_chunks(request: web.Request) -> Iterator[bytes]:
@@ -191,8 +208,7 @@ def body_chunks(request: web.Request) -> Iterator[bytes]:
         try:
             return await asyncio.wait_for(request.content.read(1 << 20), idle)
         except TimeoutError:
-            raise BodyTimeout(f"the upload stalled: no data for {idle:g}s "
-                              "(idle_timeout)") from None
+            raise BodyTimeout(f"the upload stalled: no data for {idle:g}s (idle_timeout)") from None
         except (ConnectionResetError, ClientPayloadError, RequestPayloadError):
             raise ClientGone("the client closed the connection mid-upload") from None
 
@@ -207,18 +223,20 @@ async def read_json(request: web.Request) -> Any:
     limit = request.app["state"].settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
-            f"request body is {request.content_length} bytes; the limit is {limit} bytes")
+            f"request body is {request.content_length} bytes; the limit is {limit} bytes"
+        )
     idle = request.app["state"].settings.idle_timeout
     try:
         raw = await asyncio.wait_for(request.read(), idle)
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body is larger than the limit of {limit} bytes") from None
     except TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within {idle:g}s (idle_timeout; "
-                          f"Content-Length said {request.content_length} bytes)") from None
+        raise BodyTimeout(
+            f"the request body did not arrive within {idle:g}s (idle_timeout; "
+            f"Content-Length said {request.content_length} bytes)"
+        ) from None
     except (ConnectionResetError, ClientPayloadError, RequestPayloadError):
-        raise ClientGone("the client closed the connection before sending its whole "
-                         "body") from None
+        raise ClientGone("the client closed the connection before sending its whole body") from None
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
@@ -226,13 +244,14 @@ async def read_json(request: web.Request) -> Any:
         # lets UTF-8-encoded surrogates through as text
         data = json.loads(raw.decode("utf-8"))
     except RecursionError:
-        raise InvalidRequest("the request body is nested more deeply than edgellm parses "
-                             "(arrays and objects within each other)") from None
+        raise InvalidRequest(
+            "the request body is nested more deeply than edgellm parses "
+            "(arrays and objects within each other)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     except ValueError as exc:  # Python's limit on digits in an integer
-        raise InvalidRequest(f"the request body has a number edgellm cannot read: {exc}") \
-            from None
+        raise InvalidRequest(f"the request body has a number edgellm cannot read: {exc}") from None
     if b"\\ud" in raw or b"\\uD" in raw:  # the only way JSON spells a lone surrogate
         check_text(data)
     return data
@@ -246,13 +265,18 @@ def check_text(value: Any, path: str = "body") -> None:
         item, where = stack.pop()
         if isinstance(item, str):
             if not _encodable(item):
-                raise InvalidRequest(f"{where} holds text that is not valid Unicode (a lone "
-                                     "surrogate such as \\ud800)", param=where)
+                raise InvalidRequest(
+                    f"{where} holds text that is not valid Unicode (a lone "
+                    "surrogate such as \\ud800)",
+                    param=where,
+                )
         elif isinstance(item, dict):
             for k, v in item.items():
                 if not _encodable(k):
-                    raise InvalidRequest(f"a key in {where} is not valid Unicode (a lone "
-                                         "surrogate such as \\ud800)", param=where)
+                    raise InvalidRequest(
+                        f"a key in {where} is not valid Unicode (a lone surrogate such as \\ud800)",
+                        param=where,
+                    )
                 stack.append((v, f"{where}.{k}"))
         elif isinstance(item, list):
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))

@@ -36,8 +36,9 @@ log = logging.getLogger("edgellm.daemon")
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(BadHttpLines())
 
@@ -57,25 +58,46 @@ def ensure_default_model(settings: Settings, store: ModelStore) -> None:
         return
     except ModelNotFound:
         if getattr(store, "locked", False):
-            log.warning("event=pull_skipped model=%s reason=\"the vault is locked\"", name)
+            log.warning('event=pull_skipped model=%s reason="the vault is locked"', name)
             return
     manifest = Catalog(settings.catalog_dir).get(name)
-    log.info("event=pull model=%s source=%s size_mb=%d", name, manifest.describe_source(),
-             manifest.size // 2**20)
+    log.info(
+        "event=pull model=%s source=%s size_mb=%d",
+        name,
+        manifest.describe_source(),
+        manifest.size // 2**20,
+    )
     path = fetch(manifest, settings.cache_dir)
-    store.add_file(path, name, expected_sha256=manifest.sha256,
-                   info={"source": manifest.describe_source(), "license": manifest.license,
-                         "quantization": manifest.quantization})
+    store.add_file(
+        path,
+        name,
+        expected_sha256=manifest.sha256,
+        info={
+            "source": manifest.describe_source(),
+            "license": manifest.license,
+            "quantization": manifest.quantization,
+        },
+    )
 
 
 # settings a SIGHUP cannot change: they name things the running daemon holds
-RESTART_ONLY = ("socket", "socket_mode", "state_dir", "cache_dir", "catalog_dir",
-                "max_body_bytes", "max_connections", "max_connections_per_peer",
-                "header_timeout", "idle_timeout")
+RESTART_ONLY = (
+    "socket",
+    "socket_mode",
+    "state_dir",
+    "cache_dir",
+    "catalog_dir",
+    "max_body_bytes",
+    "max_connections",
+    "max_connections_per_peer",
+    "header_timeout",
+    "idle_timeout",
+)
 
 
-def serve(settings: Settings, *, pull_default: bool = True,
-          reload: Callable[[], Settings] | None = None) -> int:
+def serve(
+    settings: Settings, *, pull_default: bool = True, reload: Callable[[], Settings] | None = None
+) -> int:
     setup_logging(settings.log_level)
     store = open_store(settings)
     if pull_default:
@@ -83,8 +105,9 @@ def serve(settings: Settings, *, pull_default: bool = True,
     return asyncio.run(_serve(settings, store, reload))
 
 
-async def _serve(settings: Settings, store: ModelStore,
-                 reload: Callable[[], Settings] | None) -> int:
+async def _serve(
+    settings: Settings, store: ModelStore, reload: Callable[[], Settings] | None
+) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
     activated = listen_socket()
@@ -99,19 +122,30 @@ async def _serve(settings: Settings, store: ModelStore,
     state.governor = start_governor(state)
     raise_file_limit(settings.max_connections + 256)
     quiet_exhaustion(loop)
-    runner = web.AppRunner(build_app(state), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace + 5,
-                           keepalive_timeout=settings.idle_timeout)
+    runner = web.AppRunner(
+        build_app(state),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace + 5,
+        keepalive_timeout=settings.idle_timeout,
+    )
     await runner.setup()
     # pinned models load before we accept: connections wait in the listen backlog
     for name in settings.preload:
         if getattr(store, "locked", False):
-            log.warning("event=preload_skipped model=%s reason=\"the vault is locked\"", name)
+            log.warning('event=preload_skipped model=%s reason="the vault is locked"', name)
             continue
         await loop.run_in_executor(None, runtime.load, name, -1.0)
-    site = GuardedSockSite(runner, sock, lambda server: ConnectionGuard(
-        server, settings.max_connections, settings.max_connections_per_peer,
-        settings.header_timeout))
+    site = GuardedSockSite(
+        runner,
+        sock,
+        lambda server: ConnectionGuard(
+            server,
+            settings.max_connections,
+            settings.max_connections_per_peer,
+            settings.header_timeout,
+        ),
+    )
     await site.start()
 
     stop = asyncio.Event()
@@ -119,21 +153,31 @@ async def _serve(settings: Settings, store: ModelStore,
     loop.add_signal_handler(signal.SIGINT, stop.set)
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(state, reload, notifier))
-    log.info("event=ready socket=%s state_dir=%s pid=%d", settings.socket, settings.state_dir,
-             os.getpid())
+    log.info(
+        "event=ready socket=%s state_dir=%s pid=%d",
+        settings.socket,
+        settings.state_dir,
+        os.getpid(),
+    )
     notifier.ready(_status_line(state))
     _banner(settings)
-    tasks = [asyncio.create_task(_report_status(state, notifier)),
-             asyncio.create_task(_audit_retention(state))]
+    tasks = [
+        asyncio.create_task(_report_status(state, notifier)),
+        asyncio.create_task(_audit_retention(state)),
+    ]
     interval = watchdog_interval()
     if interval and notifier.enabled:
-        tasks.append(asyncio.create_task(_feed_watchdog(Watchdog(runtime, 2 * interval),
-                                                        notifier, interval)))
+        tasks.append(
+            asyncio.create_task(_feed_watchdog(Watchdog(runtime, 2 * interval), notifier, interval))
+        )
     await stop.wait()
 
     notifier.stopping()
-    log.info("event=draining grace_seconds=%.1f active=%d", state.settings.shutdown_grace,
-             runtime.active_count())
+    log.info(
+        "event=draining grace_seconds=%.1f active=%d",
+        state.settings.shutdown_grace,
+        runtime.active_count(),
+    )
     state.draining = True
     for task in tasks:
         task.cancel()
@@ -159,7 +203,7 @@ def start_governor(state: State) -> Any:
 
     settings = state.settings.governor
     if not settings.enabled:
-        log.warning("event=governor_off note=\"nothing watches memory or heat\"")
+        log.warning('event=governor_off note="nothing watches memory or heat"')
         return None
     trace = os.environ.get("EDGELLM_GOVERNOR_TRACE") or settings.trace
     sensors = TraceSensors(Path(trace)) if trace else SystemSensors()
@@ -171,9 +215,12 @@ def start_governor(state: State) -> Any:
     governor = Governor(settings, state.runtime, sensors, record=record)
     governor.poll()  # a level before the first request
     governor.start()
-    log.info("event=governor_started source=%s poll_seconds=%.2f level=%s",
-             f"trace {trace}" if trace else "sensors", settings.poll_interval,
-             governor.snapshot()["level"])
+    log.info(
+        "event=governor_started source=%s poll_seconds=%.2f level=%s",
+        f"trace {trace}" if trace else "sensors",
+        settings.poll_interval,
+        governor.snapshot()["level"],
+    )
     return governor
 
 
@@ -181,8 +228,10 @@ def _status_line(state: State) -> str:
     loaded = state.runtime.loaded()
     busy = sum(m["slots_busy"] for m in loaded)
     health = "draining" if state.draining else "ready"
-    return (f"{health}; {len(loaded)} model(s) loaded, {busy} busy slot(s), "
-            f"{state.runtime.queue_depth()} queued")
+    return (
+        f"{health}; {len(loaded)} model(s) loaded, {busy} busy slot(s), "
+        f"{state.runtime.queue_depth()} queued"
+    )
 
 
 async def _report_status(state: State, notifier: Notifier, every: float = 5.0) -> None:
@@ -202,8 +251,9 @@ async def _audit_retention(state: State, every: float = 3600.0) -> None:
         s, audit = state.settings, state.audit
         if audit is not None:
             try:
-                await loop.run_in_executor(None, audit.apply_retention, s.audit_keep_days,
-                                           s.audit_keep_rows)
+                await loop.run_in_executor(
+                    None, audit.apply_retention, s.audit_keep_days, s.audit_keep_rows
+                )
             except EdgeError as exc:
                 log.error("event=audit_prune_failed error=%s", exc.message)
         await asyncio.sleep(every)
@@ -239,11 +289,20 @@ def _reload(state: State, reload: Callable[[], Settings], notifier: Notifier) ->
         state.governor.policy.hold = new.governor.hold
     logging.getLogger().setLevel(new.log_level)
     applied = [k for k in changed if k not in RESTART_ONLY]
-    log.info("event=reload applied=%s needs_restart=%s", ",".join(applied) or "-",
-             ",".join(needs_restart) or "-")
-    notifier.send("READY=1", "STATUS=" + (
-        f"reloaded; {', '.join(needs_restart)} change(s) need a restart" if needs_restart
-        else f"reloaded; {_status_line(state)}"))
+    log.info(
+        "event=reload applied=%s needs_restart=%s",
+        ",".join(applied) or "-",
+        ",".join(needs_restart) or "-",
+    )
+    notifier.send(
+        "READY=1",
+        "STATUS="
+        + (
+            f"reloaded; {', '.join(needs_restart)} change(s) need a restart"
+            if needs_restart
+            else f"reloaded; {_status_line(state)}"
+        ),
+    )
 
 
 def _banner(settings: Settings) -> None:
@@ -251,11 +310,17 @@ def _banner(settings: Settings) -> None:
         return
     sock = settings.socket
     exe = shutil.which("edgellm") or str(Path(sys.executable).parent / "edgellm")
-    flag = "" if os.environ.get("EDGELLM_SOCKET") == str(sock) or sock == default_socket_path() \
+    flag = (
+        ""
+        if os.environ.get("EDGELLM_SOCKET") == str(sock) or sock == default_socket_path()
         else f" --socket {sock}"
-    print(f"\nedgellm is serving {settings.default_model} on {sock}\n"
-          f"Try:\n  {exe} ask{flag} \"Why is the sky blue?\"\n"
-          f"  curl --unix-socket {sock} http://localhost/v1/chat/completions \\\n"
-          f"    -H 'Content-Type: application/json' \\\n"
-          f"    -d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n"
-          f"Ctrl-C stops it.\n", flush=True)
+    )
+    print(
+        f"\nedgellm is serving {settings.default_model} on {sock}\n"
+        f'Try:\n  {exe} ask{flag} "Why is the sky blue?"\n'
+        f"  curl --unix-socket {sock} http://localhost/v1/chat/completions \\\n"
+        f"    -H 'Content-Type: application/json' \\\n"
+        f'    -d \'{{"messages":[{{"role":"user","content":"Hello!"}}]}}\'\n'
+        f"Ctrl-C stops it.\n",
+        flush=True,
+    )

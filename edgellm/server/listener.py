@@ -41,11 +41,21 @@ def peer_key(transport: asyncio.BaseTransport) -> str:
 
 
 def refusal(message: str, retry_after: int = 1) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "server_error",
-                                 "code": "too_many_connections", "param": None}}).encode()
-    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-            % (retry_after, len(body))) + body
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "server_error",
+                "code": "too_many_connections",
+                "param": None,
+            }
+        }
+    ).encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        % (retry_after, len(body))
+    ) + body
 
 
 class RateLimitedLog:
@@ -69,8 +79,9 @@ class ConnectionGuard:
     """The protocol factory given to the event loop in place of aiohttp's: it makes
     aiohttp's handler for each connection and watches it."""
 
-    def __init__(self, server: web.Server, max_connections: int, per_peer: int,
-                 header_timeout: float) -> None:
+    def __init__(
+        self, server: web.Server, max_connections: int, per_peer: int, header_timeout: float
+    ) -> None:
         self.server = server
         self.max_connections, self.per_peer = max_connections, per_peer
         self.header_timeout = header_timeout
@@ -114,24 +125,39 @@ class _Guarded(asyncio.Protocol):
         why = self.guard.admit(key)
         if why is not None:
             self.guard.refused += 1
-            self.guard.log(key, lambda held: log.warning(
-                "event=connection_refused peer=%s reason=%r refused_since_last=%d",
-                key, why, held))
+            self.guard.log(
+                key,
+                lambda held: log.warning(
+                    "event=connection_refused peer=%s reason=%r refused_since_last=%d",
+                    key,
+                    why,
+                    held,
+                ),
+            )
             assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal(f"too many connections: {why}; close idle ones or "
-                                    "retry shortly"))
+            transport.write(
+                refusal(f"too many connections: {why}; close idle ones or retry shortly")
+            )
             transport.close()
             return
         self.key = key
         self.timer = asyncio.get_running_loop().call_later(
-            self.guard.header_timeout, self._too_slow, transport)
+            self.guard.header_timeout, self._too_slow, transport
+        )
         self.inner.connection_made(transport)
 
     def _too_slow(self, transport: asyncio.BaseTransport) -> None:
         self.timer = None
-        self.guard.log("slow_headers", lambda held: log.warning(
-            "event=connection_timed_out peer=%s reason=\"no request headers within %.0fs\" "
-            "timed_out_since_last=%d", self.key, self.guard.header_timeout, held))
+        self.guard.log(
+            "slow_headers",
+            lambda held: log.warning(
+                'event=connection_timed_out peer=%s reason="no request headers within %.0fs" '
+                "timed_out_since_last=%d",
+                self.key,
+                self.guard.header_timeout,
+                held,
+            ),
+        )
         transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -168,8 +194,9 @@ class _Guarded(asyncio.Protocol):
 class GuardedSockSite(web.SockSite):
     """aiohttp's SockSite, serving through a ConnectionGuard."""
 
-    def __init__(self, runner: web.BaseRunner, sock: Any, guard: Callable[[web.Server],
-                 ConnectionGuard]) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, sock: Any, guard: Callable[[web.Server], ConnectionGuard]
+    ) -> None:
         super().__init__(runner, sock)
         self._make_guard = guard
         self.guard: ConnectionGuard | None = None
@@ -180,7 +207,8 @@ class GuardedSockSite(web.SockSite):
         assert server is not None
         self.guard = self._make_guard(server)
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard, sock=self._sock, backlog=self._backlog)
+            self.guard, sock=self._sock, backlog=self._backlog
+        )
 
 
 def raise_file_limit(needed: int) -> int:
@@ -194,9 +222,12 @@ def raise_file_limit(needed: int) -> int:
         except (ValueError, OSError):
             pass
     if soft < needed:
-        log.warning("event=file_limit_low soft=%d needed=%d note=\"max_connections is above "
-                    "what the open-file limit allows; lower it or raise LimitNOFILE\"",
-                    soft, needed)
+        log.warning(
+            'event=file_limit_low soft=%d needed=%d note="max_connections is above '
+            'what the open-file limit allows; lower it or raise LimitNOFILE"',
+            soft,
+            needed,
+        )
     return soft
 
 
@@ -208,10 +239,17 @@ def quiet_exhaustion(loop: asyncio.AbstractEventLoop) -> None:
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno is not None and \
-                "accept" in str(context.get("message", "")):
-            limited(f"accept:{exc.errno}", lambda held: log.error(
-                "event=accept_failed error=%r suppressed_since_last=%d", str(exc), held))
+        if (
+            isinstance(exc, OSError)
+            and exc.errno is not None
+            and "accept" in str(context.get("message", ""))
+        ):
+            limited(
+                f"accept:{exc.errno}",
+                lambda held: log.error(
+                    "event=accept_failed error=%r suppressed_since_last=%d", str(exc), held
+                ),
+            )
             return
         if default is not None:
             default(loop, context)
@@ -237,8 +275,9 @@ class BadHttpLines(logging.Filter):
 
         def emit(held: int) -> None:
             first = (str(exc.message).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("event=bad_http status=%s problem=%r held_back=%d",
-                        exc.code, first[:200], held)
+            log.warning(
+                "event=bad_http status=%s problem=%r held_back=%d", exc.code, first[:200], held
+            )
 
         self._limited("bad_http", emit)
         return False

@@ -25,42 +25,57 @@ class RuntimeCollector(Collector):
     def collect(self) -> Iterator[Any]:
         rt = self.runtime
         totals = rt.totals()
-        yield CounterMetricFamily("llamacpp:prompt_tokens", "Prompt tokens processed.",
-                                  value=totals.prompt_tokens)
-        yield CounterMetricFamily("llamacpp:prompt_seconds", "Prompt processing time.",
-                                  value=totals.prompt_seconds)
-        yield CounterMetricFamily("llamacpp:tokens_predicted", "Generated tokens.",
-                                  value=totals.generated_tokens)
-        yield CounterMetricFamily("llamacpp:tokens_predicted_seconds", "Generation time.",
-                                  value=totals.decode_seconds)
-        yield CounterMetricFamily("edgellm_prompt_tokens_reused",
-                                  "Prompt tokens taken from the prefix cache.",
-                                  value=totals.reused_prompt_tokens)
-        yield CounterMetricFamily("llamacpp:n_decode", "Decode steps (one token per sequence).",
-                                  value=totals.decode_steps)
-        yield CounterMetricFamily("edgellm_decode_step_sequences",
-                                  "Sequences decoded, summed over steps (divide by "
-                                  "llamacpp:n_decode_total for the mean batch).",
-                                  value=totals.decode_step_sequences)
+        yield CounterMetricFamily(
+            "llamacpp:prompt_tokens", "Prompt tokens processed.", value=totals.prompt_tokens
+        )
+        yield CounterMetricFamily(
+            "llamacpp:prompt_seconds", "Prompt processing time.", value=totals.prompt_seconds
+        )
+        yield CounterMetricFamily(
+            "llamacpp:tokens_predicted", "Generated tokens.", value=totals.generated_tokens
+        )
+        yield CounterMetricFamily(
+            "llamacpp:tokens_predicted_seconds", "Generation time.", value=totals.decode_seconds
+        )
+        yield CounterMetricFamily(
+            "edgellm_prompt_tokens_reused",
+            "Prompt tokens taken from the prefix cache.",
+            value=totals.reused_prompt_tokens,
+        )
+        yield CounterMetricFamily(
+            "llamacpp:n_decode", "Decode steps (one token per sequence).", value=totals.decode_steps
+        )
+        yield CounterMetricFamily(
+            "edgellm_decode_step_sequences",
+            "Sequences decoded, summed over steps (divide by "
+            "llamacpp:n_decode_total for the mean batch).",
+            value=totals.decode_step_sequences,
+        )
         loaded = rt.loaded()
         busy = sum(m["slots_busy"] for m in loaded)
         yield GaugeMetricFamily("llamacpp:requests_processing", "Requests in a slot.", value=busy)
-        yield GaugeMetricFamily("llamacpp:requests_deferred", "Requests waiting.",
-                                value=rt.queue_depth())
-        yield GaugeMetricFamily("edgellm_queue_depth", "Requests waiting for a slot or a load.",
-                                value=rt.queue_depth())
+        yield GaugeMetricFamily(
+            "llamacpp:requests_deferred", "Requests waiting.", value=rt.queue_depth()
+        )
+        yield GaugeMetricFamily(
+            "edgellm_queue_depth", "Requests waiting for a slot or a load.", value=rt.queue_depth()
+        )
         slots = GaugeMetricFamily("edgellm_busy_slots", "Busy slots per model.", labels=["model"])
         for m in loaded:
             slots.add_metric([m["name"]], m["slots_busy"])
         yield slots
         yield GaugeMetricFamily("edgellm_loaded_models", "Models loaded.", value=len(loaded))
-        rate = GaugeMetricFamily("edgellm_tokens_per_second",
-                                 "Generated tokens per second over the last 5 s.", labels=["model"])
+        rate = GaugeMetricFamily(
+            "edgellm_tokens_per_second",
+            "Generated tokens per second over the last 5 s.",
+            labels=["model"],
+        )
         for m in loaded:
             rate.add_metric([m["name"]], m["tokens_per_second"])
         yield rate
-        mem = GaugeMetricFamily("edgellm_model_memory_bytes", "Estimated memory per loaded model.",
-                                labels=["model"])
+        mem = GaugeMetricFamily(
+            "edgellm_model_memory_bytes", "Estimated memory per loaded model.", labels=["model"]
+        )
         for m in loaded:
             mem.add_metric([m["name"]], m["memory_mb"] * 1024 * 1024)
         yield mem
@@ -74,20 +89,33 @@ class GovernorCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         g = self.governor
-        yield GaugeMetricFamily("edgellm_governor_level", "0 normal, 1 elevated, 2 throttled, "
-                                "3 critical.", value=g.level)
-        readings = GaugeMetricFamily("edgellm_governor_reading", "The governor's readings.",
-                                     labels=["name"])
+        yield GaugeMetricFamily(
+            "edgellm_governor_level",
+            "0 normal, 1 elevated, 2 throttled, 3 critical.",
+            value=g.level,
+        )
+        readings = GaugeMetricFamily(
+            "edgellm_governor_reading", "The governor's readings.", labels=["name"]
+        )
         for name, value in sorted(g.readings.items()):
             if value is not None:
                 readings.add_metric([name], value)
         yield readings
-        yield CounterMetricFamily("edgellm_governor_cancelled", "Generations cancelled at "
-                                  "the critical level.", value=g.cancelled)
-        yield CounterMetricFamily("edgellm_governor_recovered", "Stuck or dead engines "
-                                  "recovered by the stability watch.", value=g.watch.recovered)
-        yield CounterMetricFamily("edgellm_governor_suspected_leaks", "Memory growth reported "
-                                  "as a suspected leak.", value=g.watch.leaks)
+        yield CounterMetricFamily(
+            "edgellm_governor_cancelled",
+            "Generations cancelled at the critical level.",
+            value=g.cancelled,
+        )
+        yield CounterMetricFamily(
+            "edgellm_governor_recovered",
+            "Stuck or dead engines recovered by the stability watch.",
+            value=g.watch.recovered,
+        )
+        yield CounterMetricFamily(
+            "edgellm_governor_suspected_leaks",
+            "Memory growth reported as a suspected leak.",
+            value=g.watch.leaks,
+        )
 
 
 class Metrics:
@@ -96,8 +124,12 @@ class Metrics:
         self.registry.register(RuntimeCollector(runtime))
         if governor is not None:
             self.registry.register(GovernorCollector(governor))
-        self.requests = Counter("edgellm_requests", "HTTP requests by route and status.",
-                                ["route", "status"], registry=self.registry)
+        self.requests = Counter(
+            "edgellm_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

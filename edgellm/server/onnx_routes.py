@@ -44,8 +44,10 @@ class EmbeddingsBody(_Run):
     @classmethod
     def _texts(cls, v: Any) -> Any:
         if isinstance(v, list) and v and not all(isinstance(t, str) for t in v):
-            raise ValueError("input must be a string or a list of strings (token ids are "
-                             "not taken: send the text)")
+            raise ValueError(
+                "input must be a string or a list of strings (token ids are "
+                "not taken: send the text)"
+            )
         return v
 
 
@@ -62,8 +64,10 @@ def _state(request: web.Request) -> State:
 def _onnx_record(st: State, name: str) -> ModelRecord:
     record = st.store.get(name)
     if record.format != "onnx":
-        raise InvalidRequest(f"{name} is a {record.format.upper()} model; only ONNX models "
-                             "take tensors", param="model")
+        raise InvalidRequest(
+            f"{name} is a {record.format.upper()} model; only ONNX models take tensors",
+            param="model",
+        )
     return record
 
 
@@ -71,8 +75,9 @@ def _replaced(event: Any) -> None:
     """A request's sink until ``_run`` gives it the real one."""
 
 
-async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
-               prompt: str | None = None) -> Result:
+async def _run(
+    request: web.Request, tensor: TensorRequest, body: _Run, prompt: str | None = None
+) -> Result:
     """Access, audit (before and after), the runtime, and the result or its error.
 
     The allow row is committed while the model runs, and the answer is released only
@@ -82,11 +87,9 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
     st = _state(request)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[Any] = loop.create_future()
-    tensor.sink = lambda ev: loop.call_soon_threadsafe(
-        lambda: done.done() or done.set_result(ev))
+    tensor.sink = lambda ev: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ev))
     tensor.keep_alive = body.keep_alive
-    tensor.timeout = min(body.timeout or st.settings.request_timeout,
-                         st.settings.request_timeout)
+    tensor.timeout = min(body.timeout or st.settings.request_timeout, st.settings.request_timeout)
     tensor.principal = request.get("principal", {})
     request["request_id"] = tensor.id
     if st.access is not None:
@@ -94,9 +97,18 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
     check_keep_alive(request, tensor.model, tensor.keep_alive)
     st.check_accepting()
     prompt_hmac = st.audit.prompt_hash(prompt) if st.audit and prompt is not None else None
-    allow = asyncio.ensure_future(st.write_audit(st.audit_row(
-        request, request_id=tensor.id, action="models.use", resource=tensor.model,
-        decision="allow", prompt_hmac=prompt_hmac)))
+    allow = asyncio.ensure_future(
+        st.write_audit(
+            st.audit_row(
+                request,
+                request_id=tensor.id,
+                action="models.use",
+                resource=tensor.model,
+                decision="allow",
+                prompt_hmac=prompt_hmac,
+            )
+        )
+    )
     status, event = 499, None
     try:
         st.runtime.submit(tensor)
@@ -112,12 +124,20 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run,
     finally:
         if event is None:
             tensor.cancel()  # the client went away, or the allow row failed: stop its run
-        st.record_soon(request, after=allow, request_id=tensor.id, action="models.use",
-                       resource=tensor.model, decision="outcome", status=status,
-                       prompt_tokens=tensor.prompt_tokens, completion_tokens=0,
-                       latency_ms=round((time.monotonic() - tensor.started) * 1000, 1),
-                       finish_reason="stop" if status == 200 else "error",
-                       prompt_hmac=prompt_hmac)
+        st.record_soon(
+            request,
+            after=allow,
+            request_id=tensor.id,
+            action="models.use",
+            resource=tensor.model,
+            decision="outcome",
+            status=status,
+            prompt_tokens=tensor.prompt_tokens,
+            completion_tokens=0,
+            latency_ms=round((time.monotonic() - tensor.started) * 1000, 1),
+            finish_reason="stop" if status == 200 else "error",
+            prompt_hmac=prompt_hmac,
+        )
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -131,13 +151,17 @@ async def embeddings(request: web.Request) -> web.Response:
     name = body.model or st.settings.default_embedding_model
     record = _onnx_record(st, name)
     if "embedding" not in record.extra:
-        raise InvalidRequest(f"{name} is not an embedding model (its bundle has no tokenizer "
-                             f"and embedding config); run it with /api/onnx/{name}/infer",
-                             param="model")
+        raise InvalidRequest(
+            f"{name} is not an embedding model (its bundle has no tokenizer "
+            f"and embedding config); run it with /api/onnx/{name}/infer",
+            param="model",
+        )
     if body.dimensions is not None and body.dimensions != record.n_embd:
-        raise InvalidRequest(f"{name} gives {record.n_embd} dimensions and cannot shorten "
-                             f"them; leave out dimensions or ask for {record.n_embd}",
-                             param="dimensions")
+        raise InvalidRequest(
+            f"{name} gives {record.n_embd} dimensions and cannot shorten "
+            f"them; leave out dimensions or ask for {record.n_embd}",
+            param="dimensions",
+        )
     tensor = TensorRequest(model=name, sink=_replaced, texts=texts)
     result = await _run(request, tensor, body, prompt="\n".join(texts))
     vectors = result.outputs["embeddings"]
@@ -146,21 +170,34 @@ async def embeddings(request: web.Request) -> web.Response:
     else:
         data = [v.tolist() for v in vectors]
     tokens = result.usage.prompt_tokens
-    return web.json_response({
-        "object": "list", "model": name,
-        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
-        headers={"X-Request-Id": request["request_id"]})
+    return web.json_response(
+        {
+            "object": "list",
+            "model": name,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        },
+        headers={"X-Request-Id": request["request_id"]},
+    )
 
 
 async def signature(request: web.Request) -> web.Response:
     visible_record(request, request.match_info["name"])
     record = _onnx_record(_state(request), request.match_info["name"])
     extra = record.extra
-    return web.json_response({"name": record.name, "inputs": extra["inputs"],
-                              "outputs": extra["outputs"], "task": extra.get("task", "tensor"),
-                              "embedding": extra.get("embedding"), "opset": extra.get("opset"),
-                              "quantization": record.quantization})
+    return web.json_response(
+        {
+            "name": record.name,
+            "inputs": extra["inputs"],
+            "outputs": extra["outputs"],
+            "task": extra.get("task", "tensor"),
+            "embedding": extra.get("embedding"),
+            "opset": extra.get("opset"),
+            "quantization": record.quantization,
+        }
+    )
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -174,24 +211,34 @@ async def infer(request: web.Request) -> web.Response:
     known = {s["name"]: s["dtype"] for s in signature}
     unknown = [n for n in body.inputs if n not in known]
     if unknown:
-        raise InvalidRequest(f"{name} has no input {unknown[0]!r}; its inputs are "
-                             f"{', '.join(known)}", param=f"inputs.{unknown[0]}")
+        raise InvalidRequest(
+            f"{name} has no input {unknown[0]!r}; its inputs are {', '.join(known)}",
+            param=f"inputs.{unknown[0]}",
+        )
     arrays = {n: tensors.decode(n, spec, known[n]) for n, spec in body.inputs.items()}
     tensors.check(arrays, signature, name)
     outputs = [o["name"] for o in record.extra["outputs"]]
     for wanted in body.outputs or []:
         if wanted not in outputs:
-            raise InvalidRequest(f"{name} has no output {wanted!r}; its outputs are "
-                                 f"{', '.join(outputs)}", param="outputs")
-    tensor = TensorRequest(model=name, sink=_replaced, inputs=arrays,
-                           outputs=body.outputs or None)
+            raise InvalidRequest(
+                f"{name} has no output {wanted!r}; its outputs are {', '.join(outputs)}",
+                param="outputs",
+            )
+    tensor = TensorRequest(model=name, sink=_replaced, inputs=arrays, outputs=body.outputs or None)
     result = await _run(request, tensor, body)
     as_npy = body.encoding == "npy"
-    return web.json_response({
-        "model": name, "id": request["request_id"],
-        "outputs": {k: tensors.encode(np.asarray(v), as_npy) for k, v in result.outputs.items()},
-        "seconds": round(result.seconds, 4)}, headers={"X-Request-Id": request["request_id"]},
-        dumps=lambda o: json.dumps(o, separators=(",", ":")))
+    return web.json_response(
+        {
+            "model": name,
+            "id": request["request_id"],
+            "outputs": {
+                k: tensors.encode(np.asarray(v), as_npy) for k, v in result.outputs.items()
+            },
+            "seconds": round(result.seconds, 4),
+        },
+        headers={"X-Request-Id": request["request_id"]},
+        dumps=lambda o: json.dumps(o, separators=(",", ":")),
+    )
 
 
 async def quantize(request: web.Request) -> web.Response:
@@ -204,7 +251,7 @@ async def quantize(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     body = await read_json(request) if request.can_read_body else {}
     if not isinstance(body, dict) or set(body) - {"target", "exclude"}:
-        raise InvalidRequest("send {\"target\": NAME, \"exclude\": [NODE, …]} (both optional)")
+        raise InvalidRequest('send {"target": NAME, "exclude": [NODE, …]} (both optional)')
     record = _onnx_record(st, name)
     target = check_name(str(body.get("target") or f"{name}-int8"))
     exclude = body.get("exclude") or []
@@ -214,9 +261,14 @@ async def quantize(request: web.Request) -> web.Response:
     def work() -> Any:
         with st.store.open(name) as path, open(path, "rb") as f:
             quantized = quantize_in_memory(f.read(), exclude)
-        return st.store.add_stream(iter([quantized]), target, info={
-            "source": f"quantized from {name} ({record.sha256[:12]}), dynamic int8",
-            "quantization": "int8"})
+        return st.store.add_stream(
+            iter([quantized]),
+            target,
+            info={
+                "source": f"quantized from {name} ({record.sha256[:12]}), dynamic int8",
+                "quantization": "int8",
+            },
+        )
 
     new = await asyncio.get_running_loop().run_in_executor(None, work)
     return web.json_response(model_view(st, new), status=201)

@@ -18,28 +18,45 @@ from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, par
 log = logging.getLogger("edgellm.requests")
 
 
-def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None,
-              request: web.Request | None = None) -> None:
+def _log_done(
+    gen: GenerationRequest, event: Finished, ttft: float | None, request: web.Request | None = None
+) -> None:
     if request is not None:
         request["outcome"] = {"status": 200, "finish_reason": event.finish_reason}
-    log.info("event=request_done id=%s model=%s uid=%s finish=%s prompt_tokens=%d "
-             "completion_tokens=%d prompt_s=%.3f decode_s=%.3f ttft_s=%s total_s=%.3f",
-             gen.id, gen.model, gen.principal.get("uid"), event.finish_reason,
-             event.usage.prompt_tokens, event.usage.completion_tokens, event.prompt_seconds,
-             event.decode_seconds, "-" if ttft is None else f"{ttft:.3f}",
-             time.monotonic() - gen.started)
+    log.info(
+        "event=request_done id=%s model=%s uid=%s finish=%s prompt_tokens=%d "
+        "completion_tokens=%d prompt_s=%.3f decode_s=%.3f ttft_s=%s total_s=%.3f",
+        gen.id,
+        gen.model,
+        gen.principal.get("uid"),
+        event.finish_reason,
+        event.usage.prompt_tokens,
+        event.usage.completion_tokens,
+        event.prompt_seconds,
+        event.decode_seconds,
+        "-" if ttft is None else f"{ttft:.3f}",
+        time.monotonic() - gen.started,
+    )
 
 
-async def _record_outcome(state: State, request: web.Request, gen: GenerationRequest,
-                          prompt_hmac: str | None) -> None:
+async def _record_outcome(
+    state: State, request: web.Request, gen: GenerationRequest, prompt_hmac: str | None
+) -> None:
     outcome = request.get("outcome") or {}
     try:
-        await state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
-                     decision="outcome", status=outcome.get("status", 499),
-                     prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens,
-                     latency_ms=round((time.monotonic() - gen.started) * 1000, 1),
-                     finish_reason=outcome.get("finish_reason", "cancelled"),
-                     prompt_hmac=prompt_hmac)
+        await state.record(
+            request,
+            request_id=gen.id,
+            action="models.use",
+            resource=gen.model,
+            decision="outcome",
+            status=outcome.get("status", 499),
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            latency_ms=round((time.monotonic() - gen.started) * 1000, 1),
+            finish_reason=outcome.get("finish_reason", "cancelled"),
+            prompt_hmac=prompt_hmac,
+        )
     except EdgeError:
         log.error("event=audit_failed decision=outcome id=%s", gen.id)
 
@@ -59,19 +76,27 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, body, prompt=body.prompt, chat=False)
 
 
-async def _generate(request: web.Request, body: Any, *, chat: bool,
-                    messages: list[dict[str, Any]] | None = None,
-                    prompt: str | None = None) -> web.StreamResponse:
+async def _generate(
+    request: web.Request,
+    body: Any,
+    *,
+    chat: bool,
+    messages: list[dict[str, Any]] | None = None,
+    prompt: str | None = None,
+) -> web.StreamResponse:
     state: State = request.app["state"]
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Any] = asyncio.Queue()
     gen = GenerationRequest(
         model=body.model or state.settings.default_model,
         sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-        prompt=prompt, messages=messages, max_tokens=body.limit(), stop=body.stop,
-        sampling=body.sampling(), keep_alive=body.keep_alive,
-        timeout=min(body.timeout or state.settings.request_timeout,
-                    state.settings.request_timeout),
+        prompt=prompt,
+        messages=messages,
+        max_tokens=body.limit(),
+        stop=body.stop,
+        sampling=body.sampling(),
+        keep_alive=body.keep_alive,
+        timeout=min(body.timeout or state.settings.request_timeout, state.settings.request_timeout),
         principal=request.get("principal", {}),
     )
     request["request_id"] = gen.id
@@ -81,8 +106,14 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
     state.check_accepting()
     prompt_text = prompt if prompt is not None else json.dumps(messages, sort_keys=True)
     prompt_hmac = state.audit.prompt_hash(prompt_text) if state.audit else None
-    await state.record(request, request_id=gen.id, action="models.use", resource=gen.model,
-                       decision="allow", prompt_hmac=prompt_hmac)  # no row, no service
+    await state.record(
+        request,
+        request_id=gen.id,
+        action="models.use",
+        resource=gen.model,
+        decision="allow",
+        prompt_hmac=prompt_hmac,
+    )  # no row, no service
     finished = False
     state.opened()
     try:
@@ -99,8 +130,11 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
             request["outcome"] = {"status": getattr(err, "status", 500), "finish_reason": "error"}
             raise err
         kind = "chat.completion" if chat else "text_completion"
-        base = {"id": ("chatcmpl-" if chat else "cmpl-") + gen.id, "created": int(time.time()),
-                "model": gen.model}
+        base = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + gen.id,
+            "created": int(time.time()),
+            "model": gen.model,
+        }
         if body.stream:
             response = await _stream(request, gen, body, base, first, events, chat, kind)
         else:
@@ -116,9 +150,15 @@ async def _generate(request: web.Request, body: Any, *, chat: bool,
             state.closed()
 
 
-async def _collect(request: web.Request, gen: GenerationRequest, base: dict[str, Any],
-                   first: Any, events: asyncio.Queue[Any], chat: bool,
-                   kind: str) -> web.Response:
+async def _collect(
+    request: web.Request,
+    gen: GenerationRequest,
+    base: dict[str, Any],
+    first: Any,
+    events: asyncio.Queue[Any],
+    chat: bool,
+    kind: str,
+) -> web.Response:
     parts: list[str] = []
     event = first
     while not isinstance(event, Finished):
@@ -138,13 +178,23 @@ async def _collect(request: web.Request, gen: GenerationRequest, base: dict[str,
     return web.json_response(payload, headers={"X-Request-Id": gen.id})
 
 
-async def _stream(request: web.Request, gen: GenerationRequest, body: Any, base: dict[str, Any],
-                  first: Any, events: asyncio.Queue[Any], chat: bool,
-                  kind: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-        "X-Request-Id": gen.id,
-    })
+async def _stream(
+    request: web.Request,
+    gen: GenerationRequest,
+    body: Any,
+    base: dict[str, Any],
+    first: Any,
+    events: asyncio.Queue[Any],
+    chat: bool,
+    kind: str,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Request-Id": gen.id,
+        }
+    )
     await response.prepare(request)
     obj = f"{kind}.chunk" if chat else kind
 
@@ -169,16 +219,18 @@ async def _stream(request: web.Request, gen: GenerationRequest, body: Any, base:
             await response.write(chunk(event.text))
         elif isinstance(event, Failed):
             err = event.error
-            body_err = err.body() if isinstance(err, EdgeError) \
-                else {"error": {"message": str(err)}}
+            body_err = (
+                err.body() if isinstance(err, EdgeError) else {"error": {"message": str(err)}}
+            )
             await response.write(_sse(body_err))
             break
         elif isinstance(event, Finished):
             _log_done(gen, event, ttft, request)
             await response.write(chunk(None, event.finish_reason))
             if body.include_usage:
-                await response.write(_sse({**base, "object": obj, "choices": [],
-                                           "usage": event.usage.as_dict()}))
+                await response.write(
+                    _sse({**base, "object": obj, "choices": [], "usage": event.usage.as_dict()})
+                )
             break
         event = await events.get()
     await response.write(b"data: [DONE]\n\n")

@@ -81,8 +81,12 @@ class _Generation(BaseModel):
 
     def sampling(self) -> Sampling:
         return Sampling(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=self.seed,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repeat_penalty=self.repeat_penalty,
+            seed=self.seed,
             ignore_eos=self.ignore_eos,
         )
 

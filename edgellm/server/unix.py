@@ -28,8 +28,9 @@ def bind_unix_socket(path: Path, mode: int = 0o660) -> socket.socket:
         except (ConnectionRefusedError, FileNotFoundError):
             path.unlink(missing_ok=True)  # left by a daemon that died
         except OSError as exc:
-            raise Conflict(f"cannot tell whether {path} is in use ({exc}); remove it by hand") \
-                from None
+            raise Conflict(
+                f"cannot tell whether {path} is in use ({exc}); remove it by hand"
+            ) from None
         else:
             raise AlreadyRunning(
                 f"another edgellm daemon is already serving on {path}; stop it first, "

@@ -55,12 +55,18 @@ async def vault_status(request: web.Request) -> web.Response:
     v = _state(request).vault
     meta = v.meta
     models, data = v.list(), v.list_data()
-    return web.json_response({
-        "state": "locked" if v.locked else "unlocked", "path": str(v.root),
-        "key_id": meta.key_id, "passphrase": meta.kdf is not None,
-        "key_source": v.key_source.split(" ")[0] if v.key_source else None,
-        "models": len(models), "data": len(data),
-        "bytes": sum(m.size for m in models) + sum(d["size"] for d in data)})
+    return web.json_response(
+        {
+            "state": "locked" if v.locked else "unlocked",
+            "path": str(v.root),
+            "key_id": meta.key_id,
+            "passphrase": meta.kdf is not None,
+            "key_source": v.key_source.split(" ")[0] if v.key_source else None,
+            "models": len(models),
+            "data": len(data),
+            "bytes": sum(m.size for m in models) + sum(d["size"] for d in data),
+        }
+    )
 
 
 def _key_from_body(st: State, body: Any, who: str) -> MasterKey:
@@ -69,8 +75,9 @@ def _key_from_body(st: State, body: Any, who: str) -> MasterKey:
         body = {}
     if "passphrase" in body:
         if meta.kdf is None:
-            raise InvalidRequest("this vault is opened by a key file, not a passphrase",
-                                 param="passphrase")
+            raise InvalidRequest(
+                "this vault is opened by a key file, not a passphrase", param="passphrase"
+            )
         return from_passphrase(str(body["passphrase"]), meta.kdf)
     if "key" in body:
         try:
@@ -96,8 +103,9 @@ async def vault_unlock(request: web.Request) -> web.Response:
         log.warning("event=vault_unlock_failed by=%s reason=%s", who, exc.message)
         raise
     log.info("event=vault_unlocked by=%s", who)
-    await st.record(request, action="vault.manage", resource="/api/vault/unlock", decision="allow",
-                    status=200)
+    await st.record(
+        request, action="vault.manage", resource="/api/vault/unlock", decision="allow", status=200
+    )
     return web.json_response({"state": "unlocked", "already": False})
 
 
@@ -129,15 +137,21 @@ async def vault_rotate(request: web.Request) -> web.Response:
 
         passphrase = str(body["passphrase"])
         if len(passphrase) < 8:
-            raise InvalidRequest("the new passphrase is shorter than 8 characters",
-                                 param="passphrase")
+            raise InvalidRequest(
+                "the new passphrase is shorter than 8 characters", param="passphrase"
+            )
         kdf = new_kdf_params()
         new = await _run(from_passphrase, passphrase, kdf)
         count = await _run(vault.rotate_key, new, kdf)
     else:
         count = await _run(rotate_to_new_key_file, vault, st.settings.vault_key_file)
-    return web.json_response({"rotated": count, "key_id": vault.meta.key_id,
-                              "key_source": vault.key_source.split(" ")[0]})
+    return web.json_response(
+        {
+            "rotated": count,
+            "key_id": vault.meta.key_id,
+            "key_source": vault.key_source.split(" ")[0],
+        }
+    )
 
 
 async def vault_verify(request: web.Request) -> web.Response:
@@ -162,10 +176,13 @@ async def get_data(request: web.Request) -> web.StreamResponse:
     path = await _run(opened.__enter__)
     try:
         # the object's own length: checked against the catalog's sha256 on opening
-        response = web.StreamResponse(headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(os.path.getsize(path)),
-            "X-Content-Sha256": info["sha256"]})
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(os.path.getsize(path)),
+                "X-Content-Sha256": info["sha256"],
+            }
+        )
         await response.prepare(request)
         with open(path, "rb") as f:  # a memory file: reading it does not block
             while chunk := f.read(1 << 20):
@@ -179,10 +196,15 @@ async def get_data(request: web.Request) -> web.StreamResponse:
 async def put_data(request: web.Request) -> web.Response:
     vault, name = _state(request).vault, request.match_info["name"]
     chunks = body_chunks(request)
-    info = await _run(lambda: vault.put_data(
-        chunks, name, replace=request.query.get("replace", "1") != "0",
-        expected_sha256=request.headers.get("X-Content-Sha256"),
-        source=request.headers.get("X-Data-Source", "upload")))
+    info = await _run(
+        lambda: vault.put_data(
+            chunks,
+            name,
+            replace=request.query.get("replace", "1") != "0",
+            expected_sha256=request.headers.get("X-Content-Sha256"),
+            source=request.headers.get("X-Data-Source", "upload"),
+        )
+    )
     return web.json_response(info, status=201)
 
 
@@ -195,8 +217,7 @@ async def remove_data(request: web.Request) -> web.Response:
 async def whoami(request: web.Request) -> web.Response:
     st, who = _state(request), request["who"]
     roles = st.access.roles(who) if st.access else {"admin": {"*"}}
-    return web.json_response({**who.describe(),
-                              "roles": {k: sorted(v) for k, v in roles.items()}})
+    return web.json_response({**who.describe(), "roles": {k: sorted(v) for k, v in roles.items()}})
 
 
 async def create_token(request: web.Request) -> web.Response:
@@ -204,10 +225,11 @@ async def create_token(request: web.Request) -> web.Response:
     body = await read_json(request)
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name.strip():
-        raise InvalidRequest("send {\"name\": …}: the token's name", param="name")
+        raise InvalidRequest('send {"name": …}: the token\'s name', param="name")
     token = _state(request).access.create_token(name.strip())
-    return web.json_response({"name": name.strip(), "subject": f"token:{name.strip()}",
-                              "token": token}, status=201)
+    return web.json_response(
+        {"name": name.strip(), "subject": f"token:{name.strip()}", "token": token}, status=201
+    )
 
 
 async def list_grants(request: web.Request) -> web.Response:
@@ -217,17 +239,17 @@ async def list_grants(request: web.Request) -> web.Response:
 async def change_grant(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict) or not {"subject", "role"} <= set(body):
-        raise InvalidRequest("send {\"subject\": …, \"role\": …, \"scope\": …}")
+        raise InvalidRequest('send {"subject": …, "role": …, "scope": …}')
     policy = _state(request).access
     subject, role = str(body["subject"]), str(body["role"])
     scope = str(body.get("scope") or body.get("model") or "*")
     if request.method == "POST":
         return web.json_response(policy.grant(subject, role, scope), status=201)
     if not policy.revoke(subject, role, scope):
-        raise NotFound(f"no grant of {role} to {subject}" + (f" on {scope}" if scope != "*"
-                                                               else ""))
-    return web.json_response({"subject": subject, "role": role, "scope": scope,
-                              "revoked": True})
+        raise NotFound(
+            f"no grant of {role} to {subject}" + (f" on {scope}" if scope != "*" else "")
+        )
+    return web.json_response({"subject": subject, "role": role, "scope": scope, "revoked": True})
 
 
 # --- audit ----------------------------------------------------------------------------------
@@ -248,9 +270,15 @@ async def audit_rows(request: web.Request) -> web.Response:
     q = request.query
     await _state(request).settle_records()  # outcome rows still being written
     rows = _state(request).vault.audit.rows(
-        since=q.get("since"), until=q.get("until"), user=q.get("user"),
-        action=q.get("action"), decision=q.get("decision"), model=q.get("model"),
-        limit=_whole(q, "limit"), newest_first=q.get("order") == "newest")
+        since=q.get("since"),
+        until=q.get("until"),
+        user=q.get("user"),
+        action=q.get("action"),
+        decision=q.get("decision"),
+        model=q.get("model"),
+        limit=_whole(q, "limit"),
+        newest_first=q.get("order") == "newest",
+    )
     return web.json_response({"rows": rows})
 
 
@@ -265,12 +293,13 @@ async def audit_prune(request: web.Request) -> web.Response:
 
     body = await read_json(request)
     if not isinstance(body, dict) or not {"older_than_days", "keep_rows"} & set(body):
-        raise InvalidRequest("send {\"older_than_days\": N} and/or {\"keep_rows\": N}")
+        raise InvalidRequest('send {"older_than_days": N} and/or {"keep_rows": N}')
     days, keep = _whole(body, "older_than_days"), _whole(body, "keep_rows")
     await _state(request).settle_records()
     audit = _state(request).vault.audit
-    gone = await _run(lambda: audit.prune(before=cutoff(days) if days is not None else None,
-                                          keep_rows=keep))
+    gone = await _run(
+        lambda: audit.prune(before=cutoff(days) if days is not None else None, keep_rows=keep)
+    )
     return web.json_response({"pruned": gone, "checkpoint": audit.checkpoint()})
 
 

@@ -18,8 +18,9 @@ class Access(Pane):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="access-note")
-        yield Table([("subject", "Subject"), ("role", "Role"), ("scope", "Scope")],
-                    id="grants-table")
+        yield Table(
+            [("subject", "Subject"), ("role", "Role"), ("scope", "Scope")], id="grants-table"
+        )
 
     def fetch(self, client: Any) -> Any:
         if not can(self.app.snapshot.whoami):  # type: ignore[attr-defined]
@@ -29,27 +30,43 @@ class Access(Pane):
     def show(self, data: Any) -> None:
         note = self.query_one("#access-note", Static)
         if data is None:
-            note.update("Access control is for admins: you can see only your own roles, "
-                        "on the dashboard.")
+            note.update(
+                "Access control is for admins: you can see only your own roles, on the dashboard."
+            )
             data = []
         else:
-            note.update("subjects: user:NAME, group:NAME, uid:N, token:NAME; "
-                        "g grants, r revokes the selected grant")
-        self.query_one(Table).show([{**g, "key": f"{g['subject']}|{g['role']}|{g['scope']}"}
-                                    for g in data], key="key")
+            note.update(
+                "subjects: user:NAME, group:NAME, uid:N, token:NAME; "
+                "g grants, r revokes the selected grant"
+            )
+        self.query_one(Table).show(
+            [{**g, "key": f"{g['subject']}|{g['role']}|{g['scope']}"} for g in data], key="key"
+        )
 
     def action_grant(self) -> None:
         def submitted(values: dict[str, str] | None) -> None:
             if not values or not values["subject"] or not values["role"]:
                 return
             subject, role, scope = values["subject"], values["role"], values["scope"] or "*"
-            self.act(f"granted {role} on {scope} to {subject}",
-                     lambda c: c.grant(subject, role, scope))
-        self.app.push_screen(Form("Grant a role", [
-            ("subject", "Subject (user:NAME, group:NAME, uid:N or token:NAME)", ""),
-            ("role", "Role (admin, operator, auditor, client, data-reader, data-writer)",
-             "client"),
-            ("scope", "Scope: a model or data name or prefix (* for all)", "*")]), submitted)
+            self.act(
+                f"granted {role} on {scope} to {subject}", lambda c: c.grant(subject, role, scope)
+            )
+
+        self.app.push_screen(
+            Form(
+                "Grant a role",
+                [
+                    ("subject", "Subject (user:NAME, group:NAME, uid:N or token:NAME)", ""),
+                    (
+                        "role",
+                        "Role (admin, operator, auditor, client, data-reader, data-writer)",
+                        "client",
+                    ),
+                    ("scope", "Scope: a model or data name or prefix (* for all)", "*"),
+                ],
+            ),
+            submitted,
+        )
 
     def action_revoke(self) -> None:
         row = self.query_one(Table).selected_row("key")
@@ -59,7 +76,11 @@ class Access(Pane):
 
         def confirmed(yes: bool | None) -> None:
             if yes:
-                self.act(f"revoked {row['role']} from {row['subject']}",
-                         lambda c: c.revoke(row["subject"], row["role"], row["scope"]))
-        self.app.push_screen(Confirm(f"Revoke {row['role']} on {row['scope']} from "
-                                     f"{row['subject']}?"), confirmed)
+                self.act(
+                    f"revoked {row['role']} from {row['subject']}",
+                    lambda c: c.revoke(row["subject"], row["role"], row["scope"]),
+                )
+
+        self.app.push_screen(
+            Confirm(f"Revoke {row['role']} on {row['scope']} from {row['subject']}?"), confirmed
+        )

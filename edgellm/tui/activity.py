@@ -22,22 +22,43 @@ class Requests(Pane):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="requests-note")
-        yield Table([("id", "Id"), ("user", "User"), ("model", "Model"), ("state", "State"),
-                     ("tokens", "Tokens"), ("age", "Age s")], id="requests-table")
+        yield Table(
+            [
+                ("id", "Id"),
+                ("user", "User"),
+                ("model", "Model"),
+                ("state", "State"),
+                ("tokens", "Tokens"),
+                ("age", "Age s"),
+            ],
+            id="requests-table",
+        )
 
     def on_snapshot(self, snapshot: Any) -> None:
         rows = snapshot.requests
         note = self.query_one("#requests-note", Static)
         if rows is None:
-            note.update("You may see only your own requests' results, not the daemon's list "
-                        "(it needs an operator or admin role).")
+            note.update(
+                "You may see only your own requests' results, not the daemon's list "
+                "(it needs an operator or admin role)."
+            )
             rows = []
         else:
             note.update(f"{len(rows)} in flight   (c: cancel the selected one)")
-        self.query_one(Table).show([
-            {"id": r["id"], "user": r.get("uid", "-"), "model": r["model"], "state": r["state"],
-             "tokens": r["completion_tokens"], "age": round(r["age_seconds"], 1)}
-            for r in rows], key="id")
+        self.query_one(Table).show(
+            [
+                {
+                    "id": r["id"],
+                    "user": r.get("uid", "-"),
+                    "model": r["model"],
+                    "state": r["state"],
+                    "tokens": r["completion_tokens"],
+                    "age": round(r["age_seconds"], 1),
+                }
+                for r in rows
+            ],
+            key="id",
+        )
 
     def action_cancel(self) -> None:
         request_id = self.query_one(Table).selected_key()
@@ -61,24 +82,40 @@ def parse_filters(text: str) -> dict[str, str]:
     for word in text.split():
         key, sep, value = word.partition("=")
         if not sep or key not in AUDIT_FILTERS or not value:
-            raise InvalidRequest(f"bad filter {word!r}: use KEY=VALUE with KEY one of "
-                                 f"{', '.join(AUDIT_FILTERS)}")
+            raise InvalidRequest(
+                f"bad filter {word!r}: use KEY=VALUE with KEY one of {', '.join(AUDIT_FILTERS)}"
+            )
         out[key] = value
     return out
 
 
 class Audit(Pane):
-    BINDINGS = [Binding("v", "verify", "Verify chain"), Binding("slash", "filter", "Filter"),
-                Binding("enter", "details", "Details"),
-                Binding("escape", "clear_filter", "Clear filter", show=False)]
+    BINDINGS = [
+        Binding("v", "verify", "Verify chain"),
+        Binding("slash", "filter", "Filter"),
+        Binding("enter", "details", "Details"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+    ]
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter: user=NAME action=ACTION decision=allow|deny "
-                                "model=NAME (Enter: apply)", id="audit-filter")
+        yield Input(
+            placeholder="filter: user=NAME action=ACTION decision=allow|deny "
+            "model=NAME (Enter: apply)",
+            id="audit-filter",
+        )
         yield Static("newest first; v verifies the hash chain", id="audit-verify")
-        yield Table([("seq", "Seq"), ("time", "Time"), ("user", "User"), ("action", "Action"),
-                     ("resource", "Resource"), ("decision", "Decision"), ("status", "Status")],
-                    id="audit-table")
+        yield Table(
+            [
+                ("seq", "Seq"),
+                ("time", "Time"),
+                ("user", "User"),
+                ("action", "Action"),
+                ("resource", "Resource"),
+                ("decision", "Decision"),
+                ("status", "Status"),
+            ],
+            id="audit-table",
+        )
 
     filters: dict[str, str] = {}  # applied on Enter; read by the poll worker
 
@@ -88,8 +125,9 @@ class Audit(Pane):
     def show(self, data: Any) -> None:
         table = self.query_one(Table)
         table.sort_by = "seq"
-        rows = [{**r, "user": r.get("user") or r.get("uid"), "seq": -int(r["seq"])}
-                for r in data]  # negative: newest on top
+        rows = [
+            {**r, "user": r.get("user") or r.get("uid"), "seq": -int(r["seq"])} for r in data
+        ]  # negative: newest on top
         table.show(rows, key="seq")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -104,12 +142,16 @@ class Audit(Pane):
     def action_verify(self) -> None:
         def verify(c: Any) -> str:
             result = c.audit_verify()
-            text = (f"chain verified: {result.get('rows', '?')} rows intact" if result["ok"]
-                    else f"CHAIN BROKEN: {result.get('problem') or result}")
+            text = (
+                f"chain verified: {result.get('rows', '?')} rows intact"
+                if result["ok"]
+                else f"CHAIN BROKEN: {result.get('problem') or result}"
+            )
             self.app.deliver(lambda: self.query_one("#audit-verify", Static).update(text))
             if not result["ok"]:
                 raise ValueError(text)
             return text
+
         self.act("", verify)
 
     def action_filter(self) -> None:

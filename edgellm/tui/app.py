@@ -30,9 +30,14 @@ from edgellm.tui.models import Models
 from edgellm.tui.playground import Playground
 from edgellm.tui.widgets import Pane
 
-TABS = [("dashboard", "Dashboard", Dashboard), ("models", "Models", Models),
-        ("requests", "Requests", Requests), ("audit", "Audit", Audit),
-        ("playground", "Playground", Playground), ("access", "Access", Access)]
+TABS = [
+    ("dashboard", "Dashboard", Dashboard),
+    ("models", "Models", Models),
+    ("requests", "Requests", Requests),
+    ("audit", "Audit", Audit),
+    ("playground", "Playground", Playground),
+    ("access", "Access", Access),
+]
 
 KEYS = """[b]edgellm tui: keys[/b]
 
@@ -67,11 +72,15 @@ class EdgeApp(App[None]):
     #models-filter:focus, #audit-filter:focus { display: block; }
     #play-scroll { height: 1fr; border: round $primary; }
     #play-stats { color: $text-muted; }
-    """ + "".join(f"\n.level-{name} #health {{ border-left: thick {colour}; }}"
-                  for name, colour in LEVEL_STYLES.items()).replace("_", "")
+    """ + "".join(
+        f"\n.level-{name} #health {{ border-left: thick {colour}; }}"
+        for name, colour in LEVEL_STYLES.items()
+    ).replace("_", "")
     BINDINGS = [
-        *[Binding(str(i + 1), f"show_tab('{tab}')", title, show=False)
-          for i, (tab, title, _) in enumerate(TABS)],
+        *[
+            Binding(str(i + 1), f"show_tab('{tab}')", title, show=False)
+            for i, (tab, title, _) in enumerate(TABS)
+        ],
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
@@ -122,9 +131,11 @@ class EdgeApp(App[None]):
 
     def deliver(self, show: Callable[..., Any], *args: Any, **kw: Any) -> None:
         """From a worker thread: run ``show`` on the UI, unless the app is closing."""
+
         def guarded() -> None:
             with contextlib.suppress(NoMatches):  # the widgets are being torn down
                 show(*args, **kw)
+
         with contextlib.suppress(RuntimeError):  # the app has stopped
             self.call_from_thread(guarded)
 
@@ -144,8 +155,10 @@ class EdgeApp(App[None]):
 
     def show_problem(self, message: str) -> None:
         banner = self.main.query_one("#banner", Static)
-        banner.update(f"[b]The daemon cannot be used right now[/b]\n{message}\n"
-                      f"[dim]retrying every {self.poll_interval:g}s…[/dim]")
+        banner.update(
+            f"[b]The daemon cannot be used right now[/b]\n{message}\n"
+            f"[dim]retrying every {self.poll_interval:g}s…[/dim]"
+        )
         banner.add_class("down")
         banner.display = True  # set, not only styled: the layout is redone at once
         self.down = message  # once it shows
@@ -153,8 +166,11 @@ class EdgeApp(App[None]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         pane = self.active_pane()
-        target = pane.query("#play-input").first() if isinstance(pane, Playground) \
+        target = (
+            pane.query("#play-input").first()
+            if isinstance(pane, Playground)
             else pane.query(DataTable).first()
+        )
         target.focus()  # the tab's keys work at once
         self.poll()
 
@@ -166,8 +182,7 @@ class EdgeApp(App[None]):
         try:
             result = call(self.client)
         except Exception as exc:  # the daemon's reason, as one line
-            self.deliver(self.notify, problem(exc), title="Refused",
-                                  severity="error", timeout=8)
+            self.deliver(self.notify, problem(exc), title="Refused", severity="error", timeout=8)
             return
         message = result if isinstance(result, str) and result else done
         if message:
@@ -184,10 +199,14 @@ class EdgeApp(App[None]):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         for tab, title, _ in TABS:
-            yield SystemCommand(f"Go to {title}", f"Show the {title} tab",
-                                lambda tab=tab: self.action_show_tab(tab))
-        yield SystemCommand("Verify the audit chain", "Check every row of the audit log",
-                            lambda: self.main.query_one(Audit).action_verify())
+            yield SystemCommand(
+                f"Go to {title}", f"Show the {title} tab", lambda tab=tab: self.action_show_tab(tab)
+            )
+        yield SystemCommand(
+            "Verify the audit chain",
+            "Check every row of the audit log",
+            lambda: self.main.query_one(Audit).action_verify(),
+        )
         yield SystemCommand("Refresh", "Poll the daemon now", self.poll)
 
     def on_unmount(self) -> None:

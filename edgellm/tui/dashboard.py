@@ -13,9 +13,11 @@ from edgellm.tui.data import LEVEL_STYLES, Series, Snapshot, ago, mb, role_summa
 from edgellm.tui.widgets import Gauge, Pane, Table
 
 GAUGES = [  # (reading, title, unit, top of the scale)
-    ("mem_used_pct", "Memory used", "%", 100.0), ("cpu_pct", "CPU", "%", 100.0),
+    ("mem_used_pct", "Memory used", "%", 100.0),
+    ("cpu_pct", "CPU", "%", 100.0),
     ("psi_memory_some_avg10", "Memory pressure", "%", 100.0),
-    ("temp_c", "Temperature", "°C", 100.0)]
+    ("temp_c", "Temperature", "°C", 100.0),
+]
 
 
 class Dashboard(Pane):
@@ -33,9 +35,18 @@ class Dashboard(Pane):
             for name, title, unit, high in GAUGES[2:]:
                 yield Gauge(title, unit, high, id=f"gauge-{name}")
         yield Static("", id="load")
-        yield Table([("name", "Loaded model"), ("memory", "Memory"), ("slots", "Slots busy"),
-                     ("tps", "tok/s"), ("device", "Device"), ("idle", "Idle"),
-                     ("expires", "Unloads in")], id="loaded")
+        yield Table(
+            [
+                ("name", "Loaded model"),
+                ("memory", "Memory"),
+                ("slots", "Slots busy"),
+                ("tps", "tok/s"),
+                ("device", "Device"),
+                ("idle", "Idle"),
+                ("expires", "Unloads in"),
+            ],
+            id="loaded",
+        )
 
     def on_snapshot(self, snap: Snapshot) -> None:
         h, gov = snap.health, snap.governor
@@ -43,8 +54,9 @@ class Dashboard(Pane):
         style = LEVEL_STYLES.get(level, "white")
         self.query_one("#health", Static).update(
             f"[b]edgellm {h.get('version', '')}[/b]  {h.get('status', '?')}   governor "
-            f"[b {style}]{level.upper()}[/]   {role_summary(snap.whoami)}")
-        reason = (gov.get("reason") if gov else "the governor is off, or not yours to see")
+            f"[b {style}]{level.upper()}[/]   {role_summary(snap.whoami)}"
+        )
+        reason = gov.get("reason") if gov else "the governor is off, or not yours to see"
         pinned = f" (pinned by an operator: {gov['pinned']})" if gov and gov.get("pinned") else ""
         self.query_one("#governor-reason", Static).update(f"[{style}]{reason}{pinned}[/]")
         readings = dict(gov.get("readings", {})) if gov else {}
@@ -60,10 +72,21 @@ class Dashboard(Pane):
         running = len(snap.requests) if snap.requests is not None else "-"
         self.query_one("#load", Static).update(
             f"requests {running}   queued {queued}   busy slots {busy}/{slots}   "
-            f"{rate:.1f} tok/s   rss {mb(readings.get('rss_mb'))}")
-        self.query_one("#loaded", Table).show([
-            {"name": m["name"] + (" (pinned)" if m["pinned"] else ""), "key": m["name"],
-             "memory": mb(m["memory_mb"]), "slots": f"{m['slots_busy']}/{m['slot_limit']}",
-             "tps": m["tokens_per_second"], "device": m["device"],
-             "idle": ago(m["idle_seconds"]), "expires": ago(m["expires_in_seconds"])}
-            for m in snap.loaded], key="key")
+            f"{rate:.1f} tok/s   rss {mb(readings.get('rss_mb'))}"
+        )
+        self.query_one("#loaded", Table).show(
+            [
+                {
+                    "name": m["name"] + (" (pinned)" if m["pinned"] else ""),
+                    "key": m["name"],
+                    "memory": mb(m["memory_mb"]),
+                    "slots": f"{m['slots_busy']}/{m['slot_limit']}",
+                    "tps": m["tokens_per_second"],
+                    "device": m["device"],
+                    "idle": ago(m["idle_seconds"]),
+                    "expires": ago(m["expires_in_seconds"]),
+                }
+                for m in snap.loaded
+            ],
+            key="key",
+        )

@@ -14,8 +14,12 @@ from typing import Any
 from edgellm.client import Client, DaemonUnavailable
 from edgellm.errors import EdgeError, PermissionDenied
 
-LEVEL_STYLES = {"normal": "green", "elevated": "yellow", "throttled": "dark_orange",
-                "critical": "red"}
+LEVEL_STYLES = {
+    "normal": "green",
+    "elevated": "yellow",
+    "throttled": "dark_orange",
+    "critical": "red",
+}
 HISTORY = 120  # samples kept for the sparklines: two minutes at one a second
 
 

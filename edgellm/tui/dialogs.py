@@ -70,8 +70,9 @@ class Form(ModalScreen[dict[str, str] | None]):
         if index + 1 < len(inputs):
             inputs[index + 1].focus()
             return
-        self.dismiss({key: self.query_one(f"#field-{key}", Input).value.strip()
-                      for key, _, _ in self.fields})
+        self.dismiss(
+            {key: self.query_one(f"#field-{key}", Input).value.strip() for key, _, _ in self.fields}
+        )
 
     def action_cancel(self) -> None:
         self.dismiss(None)

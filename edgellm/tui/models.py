@@ -20,10 +20,14 @@ UNPINNED_KEEP_ALIVE = "5m"
 
 class Models(Pane):
     BINDINGS = [
-        Binding("l", "load", "Load"), Binding("u", "unload", "Unload"),
-        Binding("p", "pin", "Pin/unpin"), Binding("v", "verify", "Verify"),
-        Binding("i", "import_model", "Import"), Binding("d,delete", "remove", "Remove"),
-        Binding("slash", "filter", "Filter"), Binding("enter", "details", "Details"),
+        Binding("l", "load", "Load"),
+        Binding("u", "unload", "Unload"),
+        Binding("p", "pin", "Pin/unpin"),
+        Binding("v", "verify", "Verify"),
+        Binding("i", "import_model", "Import"),
+        Binding("d,delete", "remove", "Remove"),
+        Binding("slash", "filter", "Filter"),
+        Binding("enter", "details", "Details"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
 
@@ -33,9 +37,18 @@ class Models(Pane):
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter by name (Enter: apply, Esc: clear)", id="models-filter")
-        yield Table([("name", "Name"), ("format", "Format"), ("size_mb", "Size MB"),
-                     ("quantization", "Quant"), ("state", "State"), ("pinned", "Pinned"),
-                     ("encrypted", "Encrypted")], id="models-table")
+        yield Table(
+            [
+                ("name", "Name"),
+                ("format", "Format"),
+                ("size_mb", "Size MB"),
+                ("quantization", "Quant"),
+                ("state", "State"),
+                ("pinned", "Pinned"),
+                ("encrypted", "Encrypted"),
+            ],
+            id="models-table",
+        )
 
     def fetch(self, client: Any) -> Any:
         return client.models()
@@ -50,13 +63,23 @@ class Models(Pane):
     def redraw(self) -> None:
         loaded = {m["name"]: m for m in self.app.snapshot.loaded}  # type: ignore[attr-defined]
         text = self.query_one("#models-filter", Input).value.strip().lower()
-        self.query_one(Table).show([
-            {"name": m["name"] + (" *" if m.get("default") else ""), "key": m["name"],
-             "format": m["format"], "size_mb": round(m["size"] / 2**20, 1),
-             "quantization": m.get("quantization") or "-", "state": m.get("state"),
-             "pinned": bool(loaded.get(m["name"], {}).get("pinned")),
-             "encrypted": True}  # the vault holds every model encrypted at rest
-            for m in self.catalog if text in m["name"].lower()], key="key")
+        self.query_one(Table).show(
+            [
+                {
+                    "name": m["name"] + (" *" if m.get("default") else ""),
+                    "key": m["name"],
+                    "format": m["format"],
+                    "size_mb": round(m["size"] / 2**20, 1),
+                    "quantization": m.get("quantization") or "-",
+                    "state": m.get("state"),
+                    "pinned": bool(loaded.get(m["name"], {}).get("pinned")),
+                    "encrypted": True,
+                }  # the vault holds every model encrypted at rest
+                for m in self.catalog
+                if text in m["name"].lower()
+            ],
+            key="key",
+        )
 
     # --- actions ------------------------------------------------------------------------
     def _selected(self) -> str | None:
@@ -78,8 +101,10 @@ class Models(Pane):
             return
         row = self.query_one(Table).selected_row("key") or {}
         if row.get("pinned"):
-            self.act(f"{name} unpinned (keep-alive {UNPINNED_KEEP_ALIVE})",
-                     lambda c: c.load(name, keep_alive=UNPINNED_KEEP_ALIVE))
+            self.act(
+                f"{name} unpinned (keep-alive {UNPINNED_KEEP_ALIVE})",
+                lambda c: c.load(name, keep_alive=UNPINNED_KEEP_ALIVE),
+            )
         else:
             self.act(f"{name} loaded and pinned", lambda c: c.load(name, keep_alive=-1))
 
@@ -92,6 +117,7 @@ class Models(Pane):
             if name in bad:
                 raise ValueError(f"{name} failed verification: {bad[name]}")
             return f"{name} verified: its bytes match its checksum and authenticate"
+
         self.act("", verify)
 
     def action_import_model(self) -> None:
@@ -101,10 +127,22 @@ class Models(Pane):
             path = Path(values["path"]).expanduser()
             name = values["name"] or path.stem.lower()
             self.act(f"{name} imported from {path}", lambda c: c.import_model(name, path))
-        self.app.push_screen(Form("Import a model", [
-            ("path", "Path to a .gguf or .onnx file, or an ONNX model directory (read by "
-             "this terminal, sent over the socket)", ""),
-            ("name", "Name in the catalog (empty: from the file name)", "")]), submitted)
+
+        self.app.push_screen(
+            Form(
+                "Import a model",
+                [
+                    (
+                        "path",
+                        "Path to a .gguf or .onnx file, or an ONNX model directory (read by "
+                        "this terminal, sent over the socket)",
+                        "",
+                    ),
+                    ("name", "Name in the catalog (empty: from the file name)", ""),
+                ],
+            ),
+            submitted,
+        )
 
     def action_remove(self) -> None:
         if not (name := self._selected()):
@@ -113,8 +151,10 @@ class Models(Pane):
         def confirmed(yes: bool | None) -> None:
             if yes:
                 self.act(f"{name} removed", lambda c: c.remove_model(name))
-        self.app.push_screen(Confirm(f"Remove {name} from the vault? Its encrypted bytes "
-                                     "are deleted."), confirmed)
+
+        self.app.push_screen(
+            Confirm(f"Remove {name} from the vault? Its encrypted bytes are deleted."), confirmed
+        )
 
     def action_filter(self) -> None:
         self.query_one("#models-filter", Input).focus()
@@ -132,9 +172,13 @@ class Models(Pane):
 
     def action_details(self) -> None:
         if name := self._selected():
-            self.act("", lambda c: self.app.deliver(
-                self.app.push_screen, Help(Text(f"{name}\n\n" + json.dumps(
-                    c.model(name), indent=2)))))
+            self.act(
+                "",
+                lambda c: self.app.deliver(
+                    self.app.push_screen,
+                    Help(Text(f"{name}\n\n" + json.dumps(c.model(name), indent=2))),
+                ),
+            )
 
     def on_data_table_row_selected(self, event: Any) -> None:
         self.action_details()

@@ -73,8 +73,9 @@ class Playground(Pane):
         self.app.deliver(self._stats, "generating…")
         try:
             with Client(socket, timeout=600) as client:
-                self.stream = client.chat([{"role": "user", "content": prompt}], model=model,
-                                          stream=True)
+                self.stream = client.chat(
+                    [{"role": "user", "content": prompt}], model=model, stream=True
+                )
                 for text in self.stream:
                     first = first or time.monotonic()
                     pieces += 1
@@ -83,9 +84,12 @@ class Playground(Pane):
             tokens = (stream.usage or {}).get("completion_tokens", pieces)
             rate = (tokens - 1) / (end - first) if first and tokens > 1 and end > first else 0.0
             ttft = (first - t0) * 1000 if first else 0.0
-            self.app.deliver(self._stats, f"{tokens} tokens, {rate:.1f} tok/s, first "
-                                      f"token after {ttft:.0f} ms, finish: "
-                                      f"{stream.finish_reason or 'stopped'}")
+            self.app.deliver(
+                self._stats,
+                f"{tokens} tokens, {rate:.1f} tok/s, first "
+                f"token after {ttft:.0f} ms, finish: "
+                f"{stream.finish_reason or 'stopped'}",
+            )
         except Exception as exc:  # shown, never raised: no traceback reaches the screen
             self.app.deliver(self._stats, f"[red]error: {problem(exc)}[/]")
         finally:

@@ -14,9 +14,11 @@ class Table(DataTable):
     """A DataTable that keeps its cursor on the same row across refreshes, with vi
     keys, and sorts by a column when its header is clicked or ``s`` is pressed."""
 
-    BINDINGS = [Binding("j", "cursor_down", "Down", show=False),
-                Binding("k", "cursor_up", "Up", show=False),
-                Binding("s", "next_sort", "Sort")]
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+        Binding("s", "next_sort", "Sort"),
+    ]
 
     def __init__(self, columns: list[tuple[str, str]], **kw: Any) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)

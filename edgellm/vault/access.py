@@ -28,11 +28,25 @@ from edgellm.errors import InvalidRequest, PermissionDenied
 
 ROLES: dict[str, set[str]] = {
     "admin": {"*"},
-    "operator": {"models.list", "models.load", "requests.read_all", "requests.cancel_any",
-                 "metrics.read", "health.read", "audit.read", "governor.configure",
-                 "vault.verify"},
-    "auditor": {"audit.read", "audit.verify", "metrics.read", "health.read", "models.list",
-                "vault.verify"},
+    "operator": {
+        "models.list",
+        "models.load",
+        "requests.read_all",
+        "requests.cancel_any",
+        "metrics.read",
+        "health.read",
+        "audit.read",
+        "governor.configure",
+        "vault.verify",
+    },
+    "auditor": {
+        "audit.read",
+        "audit.verify",
+        "metrics.read",
+        "health.read",
+        "models.list",
+        "vault.verify",
+    },
     "client": {"models.use", "models.list", "health.read"},
     "data-reader": {"data.read", "health.read"},
     "data-writer": {"data.read", "data.write", "health.read"},
@@ -62,8 +76,14 @@ class Principal:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "user": self.user,
-                "groups": self.groups, "token": self.token}
+        return {
+            "uid": self.uid,
+            "gid": self.gid,
+            "pid": self.pid,
+            "user": self.user,
+            "groups": self.groups,
+            "token": self.token,
+        }
 
 
 def resolve(creds: dict[str, Any]) -> Principal:
@@ -109,8 +129,10 @@ def _account(uid: int, gid: int | None) -> tuple[str, tuple[str, ...]]:
 def check_subject(subject: str) -> str:
     kind, _, name = subject.partition(":")
     if kind not in SUBJECT_KINDS or not name:
-        raise InvalidRequest(f"invalid subject {subject!r}: use user:NAME, group:NAME, uid:N "
-                             "or token:NAME", param="subject")
+        raise InvalidRequest(
+            f"invalid subject {subject!r}: use user:NAME, group:NAME, uid:N or token:NAME",
+            param="subject",
+        )
     return subject
 
 
@@ -119,8 +141,9 @@ class AccessPolicy:
         self.db, self._lock = db, lock
         with lock:
             if "grants" not in db.table_names():
-                db["grants"].create({"subject": str, "role": str, "scope": str},
-                                    pk=("subject", "role", "scope"))
+                db["grants"].create(
+                    {"subject": str, "role": str, "scope": str}, pk=("subject", "role", "scope")
+                )
             elif "model" in db["grants"].columns_dict:  # from before data grants
                 db["grants"].transform(rename={"model": "scope"})
             if "tokens" not in db.table_names():
@@ -131,13 +154,12 @@ class AccessPolicy:
     def grant(self, subject: str, role: str, scope: str = "*") -> dict[str, str]:
         check_subject(subject)
         if role not in ROLES:
-            raise InvalidRequest(f"unknown role {role!r}: one of {', '.join(ROLES)}",
-                                 param="role")
+            raise InvalidRequest(f"unknown role {role!r}: one of {', '.join(ROLES)}", param="role")
         if not scope:
-            raise InvalidRequest("the scope is empty: name a model, a data prefix, or *",
-                                 param="scope")
-        row = {"subject": subject, "role": role, "scope": scope if role in SCOPED_ROLES
-               else "*"}
+            raise InvalidRequest(
+                "the scope is empty: name a model, a data prefix, or *", param="scope"
+            )
+        row = {"subject": subject, "role": role, "scope": scope if role in SCOPED_ROLES else "*"}
         with self._lock:
             self.db["grants"].upsert(row, pk=("subject", "role", "scope"))
         return row
@@ -145,9 +167,11 @@ class AccessPolicy:
     def revoke(self, subject: str, role: str, scope: str = "*") -> bool:
         with self._lock:
             found = self.db["grants"].count_where(
-                "subject = ? and role = ? and scope = ?", [subject, role, scope])
-            self.db["grants"].delete_where("subject = ? and role = ? and scope = ?",
-                                           [subject, role, scope])
+                "subject = ? and role = ? and scope = ?", [subject, role, scope]
+            )
+            self.db["grants"].delete_where(
+                "subject = ? and role = ? and scope = ?", [subject, role, scope]
+            )
         return bool(found)
 
     def grants(self) -> list[dict[str, str]]:
@@ -180,7 +204,8 @@ class AccessPolicy:
         marks = ",".join("?" * len(subjects))
         with self._lock:  # plain SQL: asked on every request
             rows = self.db.conn.execute(
-                f"SELECT role, scope FROM grants WHERE subject IN ({marks})", subjects).fetchall()
+                f"SELECT role, scope FROM grants WHERE subject IN ({marks})", subjects
+            ).fetchall()
         held: dict[str, set[str]] = {}
         for role, scope in rows:
             held.setdefault(role, set()).add(scope)
@@ -193,8 +218,11 @@ class AccessPolicy:
             perms = ROLES[role]
             if "*" in perms:
                 return True
-            if permission in perms and (permission not in SCOPED or resource is None
-                                        or any(in_scope(resource, s) for s in scopes)):
+            if permission in perms and (
+                permission not in SCOPED
+                or resource is None
+                or any(in_scope(resource, s) for s in scopes)
+            ):
                 return True
         return False
 
@@ -203,9 +231,11 @@ class AccessPolicy:
             who = p.user or f"uid {p.uid}"
             kind = "model" if permission.startswith("models.") else "data"
             what = f"{permission} on {kind} {resource}" if resource else permission
-            raise PermissionDenied(f"permission denied: {who} lacks {what}; ask an admin "
-                                   f"to grant it (edgellm access grant …)",
-                                   param=permission)
+            raise PermissionDenied(
+                f"permission denied: {who} lacks {what}; ask an admin "
+                f"to grant it (edgellm access grant …)",
+                param=permission,
+            )
 
 
 def in_scope(resource: str, scope: str) -> bool:

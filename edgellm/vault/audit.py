@@ -29,9 +29,24 @@ import sqlite_utils
 from edgellm.errors import Unavailable
 from edgellm.vault.keys import VaultLocked
 
-FIELDS = ("seq", "time", "request_id", "uid", "user", "pid", "exe", "action", "resource",
-          "decision", "status", "prompt_tokens", "completion_tokens", "latency_ms",
-          "finish_reason", "prompt_hmac")
+FIELDS = (
+    "seq",
+    "time",
+    "request_id",
+    "uid",
+    "user",
+    "pid",
+    "exe",
+    "action",
+    "resource",
+    "decision",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "finish_reason",
+    "prompt_hmac",
+)
 GENESIS = b"\x00" * 32
 log = logging.getLogger("edgellm.vault")
 
@@ -52,8 +67,9 @@ def clean(value: Any) -> Any:
         try:
             value.encode()
         except UnicodeEncodeError:
-            raw = value.encode("utf-8", "surrogateescape" if _escaped_bytes(value)
-                               else "surrogatepass")
+            raw = value.encode(
+                "utf-8", "surrogateescape" if _escaped_bytes(value) else "surrogatepass"
+            )
             return raw.decode("utf-8", "backslashreplace")
         return value
     if isinstance(value, bool):
@@ -72,8 +88,9 @@ def _escaped_bytes(text: str) -> bool:
 
 
 def canonical(row: dict[str, Any]) -> bytes:
-    return json.dumps([row.get(f) for f in FIELDS], separators=(",", ":"),
-                      ensure_ascii=False).encode()
+    return json.dumps(
+        [row.get(f) for f in FIELDS], separators=(",", ":"), ensure_ascii=False
+    ).encode()
 
 
 def chain_mac(key: bytes, previous: bytes, row: dict[str, Any]) -> bytes:
@@ -86,8 +103,9 @@ def cutoff(days: float) -> str:
 
 
 def _locked() -> Exception:
-    return VaultLocked("vault is locked: the audit log cannot be written or verified "
-                       "until `edgellm vault unlock`")
+    return VaultLocked(
+        "vault is locked: the audit log cannot be written or verified until `edgellm vault unlock`"
+    )
 
 
 def head_mac(key: bytes, head: dict[str, Any]) -> str:
@@ -111,16 +129,22 @@ class _Pending:
 
 
 class AuditLog:
-    def __init__(self, path: Any, key: bytes | None = None, busy_timeout: float = 2.0,
-                 head: Path | None = None) -> None:
+    def __init__(
+        self,
+        path: Any,
+        key: bytes | None = None,
+        busy_timeout: float = 2.0,
+        head: Path | None = None,
+    ) -> None:
         self._key = key
         # the signed head: the newest row's number and MAC, outside the database, so
         # rows deleted from its end (or the database itself) are detected (HEAD below)
         self.head_path = head
         self.head_required = False
         # its own connection: a slow or locked audit write must not hold the catalog's
-        self._conn = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False,
-                                     isolation_level=None)
+        self._conn = sqlite3.connect(
+            path, timeout=busy_timeout, check_same_thread=False, isolation_level=None
+        )
         # a write-ahead log: one fsync per row instead of a rollback journal's three,
         # still durable at every commit (synchronous=FULL); 1.1 ms → 0.34 ms a row here
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -131,12 +155,21 @@ class AuditLog:
         self._pending: list[_Pending] = []  # rows waiting for the next commit
         if "audit" not in self.db.table_names():
             columns: dict[str, Any] = {f: str for f in FIELDS}
-            columns.update(seq=int, uid=int, pid=int, status=int, prompt_tokens=int,
-                           completion_tokens=int, latency_ms=float, mac=str)
+            columns.update(
+                seq=int,
+                uid=int,
+                pid=int,
+                status=int,
+                prompt_tokens=int,
+                completion_tokens=int,
+                latency_ms=float,
+                mac=str,
+            )
             self.db["audit"].create(columns, pk="seq")
         if "checkpoint" not in self.db.table_names():
-            self.db["checkpoint"].create({"id": int, "seq": int, "mac": str, "time": str,
-                                          "pruned": int, "sig": str}, pk="id")
+            self.db["checkpoint"].create(
+                {"id": int, "seq": int, "mac": str, "time": str, "pruned": int, "sig": str}, pk="id"
+            )
 
     def set_key(self, key: bytes | None, head_required: bool | None = None) -> None:
         self._key = key
@@ -152,27 +185,33 @@ class AuditLog:
             head = json.loads(self.head_path.read_text())
             good = hmac.compare_digest(str(head.get("sig")), head_mac(key, head))
         except FileNotFoundError:
-            return None, ("the signed audit head is missing (audit.head was deleted, or "
-                          "the log replaced)") if self.head_required else None
+            return None, (
+                "the signed audit head is missing (audit.head was deleted, or the log replaced)"
+            ) if self.head_required else None
         except (OSError, ValueError, TypeError, AttributeError, KeyError):
             return None, "the signed audit head is unreadable"
         if not good:
             return None, "the signed audit head was altered (its signature does not match)"
         return head, None
 
-    def _head_problem(self, key: bytes, last_seq: int, mac_at: Any
-                      ) -> tuple[dict[str, Any] | None, str | None]:
+    def _head_problem(
+        self, key: bytes, last_seq: int, mac_at: Any
+    ) -> tuple[dict[str, Any] | None, str | None]:
         """Compare the head with the log: the row it names must be there, with its MAC
         (the log may be ahead of the head, if a crash came between commit and head)."""
         head, problem = self.read_head(key)
         if head is None or problem:
             return head, problem
         if head["seq"] > last_seq:
-            return head, (f"rows {last_seq + 1}–{head['seq']} were deleted from the end of "
-                          f"the log (the signed head says it reached row {head['seq']})")
+            return head, (
+                f"rows {last_seq + 1}–{head['seq']} were deleted from the end of "
+                f"the log (the signed head says it reached row {head['seq']})"
+            )
         if mac_at(head["seq"]) != head["mac"]:
-            return head, (f"row {head['seq']} is not the row the signed head names: the log "
-                          "was rolled back or replaced")
+            return head, (
+                f"row {head['seq']} is not the row the signed head names: the log "
+                "was rolled back or replaced"
+            )
         return head, None
 
     def _mac_at(self, seq: int) -> str | None:
@@ -212,7 +251,8 @@ class AuditLog:
         key = self._need_key()
         with self._lock:
             last = self._conn.execute(
-                "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
             if last is None:
                 cp = self.checkpoint()
                 last = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
@@ -272,7 +312,8 @@ class AuditLog:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 last = self._conn.execute(
-                    "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                    "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
                 if last is None:
                     cp = self.checkpoint()
                     last = (cp["seq"], cp["mac"]) if cp else (0, GENESIS.hex())
@@ -288,7 +329,8 @@ class AuditLog:
                     except Exception as exc:
                         log.error("event=audit_row_refused error=%r", str(exc))
                         pending.error = AuditUnavailable(
-                            f"this request's audit row cannot be written ({exc})")
+                            f"this request's audit row cannot be written ({exc})"
+                        )
                         continue
                     seq += 1
                     row["mac"], previous = mac.hex(), mac
@@ -296,9 +338,10 @@ class AuditLog:
                     written.append(pending)
                 if rows:
                     cols = ", ".join(rows[0])
-                    self._conn.executemany(f"INSERT INTO audit ({cols}) VALUES "
-                                           f"({', '.join('?' * len(rows[0]))})",
-                                           [list(r.values()) for r in rows])
+                    self._conn.executemany(
+                        f"INSERT INTO audit ({cols}) VALUES ({', '.join('?' * len(rows[0]))})",
+                        [list(r.values()) for r in rows],
+                    )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -308,9 +351,15 @@ class AuditLog:
             if rows:
                 self._write_head(key, seq, previous.hex(), head)
         except Exception as exc:  # every row of the batch shares the commit's fate
-            error = AuditUnavailable(f"the audit log cannot be written ({exc}); refusing "
-                                     "the request rather than serving it unaudited",
-                                     retry_after=5) if isinstance(exc, sqlite3.Error) else exc
+            error = (
+                AuditUnavailable(
+                    f"the audit log cannot be written ({exc}); refusing "
+                    "the request rather than serving it unaudited",
+                    retry_after=5,
+                )
+                if isinstance(exc, sqlite3.Error)
+                else exc
+            )
             for pending in batch:
                 if pending.error is None:
                     pending.error = error
@@ -318,20 +367,36 @@ class AuditLog:
             for pending in batch:
                 pending.done = True
 
-    def rows(self, since: str | None = None, until: str | None = None, user: str | None = None,
-             action: str | None = None, decision: str | None = None, model: str | None = None,
-             limit: int | None = None, newest_first: bool = False) -> list[dict[str, Any]]:
+    def rows(
+        self,
+        since: str | None = None,
+        until: str | None = None,
+        user: str | None = None,
+        action: str | None = None,
+        decision: str | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[dict[str, Any]]:
         where, args = [], []
-        for column, value in (("time >= ?", since), ("time <= ?", until), ("user = ?", user),
-                              ("action = ?", action), ("decision = ?", decision),
-                              ("resource = ?", model)):
+        for column, value in (
+            ("time >= ?", since),
+            ("time <= ?", until),
+            ("user = ?", user),
+            ("action = ?", action),
+            ("decision = ?", decision),
+            ("resource = ?", model),
+        ):
             if value is not None:
                 where.append(column)
                 args.append(value)
         order = "seq desc" if newest_first else "seq"
         with self._lock:
-            return list(self.db["audit"].rows_where(" and ".join(where) or None, args,
-                                                    order_by=order, limit=limit))
+            return list(
+                self.db["audit"].rows_where(
+                    " and ".join(where) or None, args, order_by=order, limit=limit
+                )
+            )
 
     def checkpoint(self) -> dict[str, Any] | None:
         rows = list(self.db["checkpoint"].rows)
@@ -346,28 +411,42 @@ class AuditLog:
             try:
                 bounds = []
                 if before is not None:
-                    bounds.append(self._conn.execute(
-                        "SELECT max(seq) FROM audit WHERE time < ?", [before]).fetchone()[0])
+                    bounds.append(
+                        self._conn.execute(
+                            "SELECT max(seq) FROM audit WHERE time < ?", [before]
+                        ).fetchone()[0]
+                    )
                 if keep_rows is not None:
                     top = self._conn.execute("SELECT max(seq) FROM audit").fetchone()[0]
                     bounds.append(None if top is None else top - keep_rows)
                 upto = max((b for b in bounds if b is not None), default=None)
-                row = self._conn.execute("SELECT seq, mac FROM audit WHERE seq <= ? ORDER BY "
-                                         "seq DESC LIMIT 1", [upto]).fetchone() \
-                    if upto is not None else None
+                row = (
+                    self._conn.execute(
+                        "SELECT seq, mac FROM audit WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
+                        [upto],
+                    ).fetchone()
+                    if upto is not None
+                    else None
+                )
                 if row is None:
                     self._conn.execute("ROLLBACK")
                     return 0
-                gone = self._conn.execute("DELETE FROM audit WHERE seq <= ?",
-                                          [row[0]]).rowcount
+                gone = self._conn.execute("DELETE FROM audit WHERE seq <= ?", [row[0]]).rowcount
                 old = self.checkpoint()
-                cp = {"id": 1, "seq": row[0], "mac": row[1],
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "pruned": (old["pruned"] if old else 0) + gone}
+                cp = {
+                    "id": 1,
+                    "seq": row[0],
+                    "mac": row[1],
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "pruned": (old["pruned"] if old else 0) + gone,
+                }
                 cp["sig"] = checkpoint_mac(key, cp)
-                self._conn.execute("INSERT OR REPLACE INTO checkpoint (id, seq, mac, time, "
-                                   "pruned, sig) VALUES (:id, :seq, :mac, :time, :pruned, "
-                                   ":sig)", cp)
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO checkpoint (id, seq, mac, time, "
+                    "pruned, sig) VALUES (:id, :seq, :mac, :time, :pruned, "
+                    ":sig)",
+                    cp,
+                )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -379,12 +458,19 @@ class AuditLog:
         recorded, with the number of rows in ``completion_tokens``."""
         if not keep_days and not keep_rows:
             return 0
-        gone = self.prune(before=cutoff(keep_days) if keep_days else None,
-                          keep_rows=keep_rows or None)
+        gone = self.prune(
+            before=cutoff(keep_days) if keep_days else None, keep_rows=keep_rows or None
+        )
         if gone:
             log.info("event=audit_pruned rows=%d", gone)
-            self.append(action="audit.retention", resource="audit", decision="allow",
-                        status=200, completion_tokens=gone, user="edgellm")
+            self.append(
+                action="audit.retention",
+                resource="audit",
+                decision="allow",
+                status=200,
+                completion_tokens=gone,
+                user="edgellm",
+            )
         return gone
 
     def verify(self) -> dict[str, Any]:
@@ -396,23 +482,39 @@ class AuditLog:
         base = {"checkpoint": None}
         if cp is not None:
             if not hmac.compare_digest(cp["sig"] or "", checkpoint_mac(key, cp)):
-                return {"ok": False, "rows": 0, "first_bad": None, **base,
-                        "problem": "the retention checkpoint was altered (its signature "
-                                   "does not match)"}
+                return {
+                    "ok": False,
+                    "rows": 0,
+                    "first_bad": None,
+                    **base,
+                    "problem": "the retention checkpoint was altered (its signature "
+                    "does not match)",
+                }
             previous, expected_seq = bytes.fromhex(cp["mac"]), cp["seq"] + 1
             base["checkpoint"] = {"seq": cp["seq"], "time": cp["time"], "pruned": cp["pruned"]}
         for row in self.rows():
             count += 1
             if row["seq"] != expected_seq:
                 what = "deleted" if row["seq"] > expected_seq else "reordered or inserted"
-                return {"ok": False, "rows": count, "first_bad": row["seq"], **base,
-                        "problem": f"row(s) before {row['seq']} were {what} "
-                                   f"(expected row {expected_seq})"}
-            if not hmac.compare_digest(bytes.fromhex(row["mac"] or "00"),
-                                       chain_mac(key, previous, row)):
-                return {"ok": False, "rows": count, "first_bad": row["seq"], **base,
-                        "problem": f"row {row['seq']} was changed, inserted or moved "
-                                   "(its MAC does not match)"}
+                return {
+                    "ok": False,
+                    "rows": count,
+                    "first_bad": row["seq"],
+                    **base,
+                    "problem": f"row(s) before {row['seq']} were {what} "
+                    f"(expected row {expected_seq})",
+                }
+            if not hmac.compare_digest(
+                bytes.fromhex(row["mac"] or "00"), chain_mac(key, previous, row)
+            ):
+                return {
+                    "ok": False,
+                    "rows": count,
+                    "first_bad": row["seq"],
+                    **base,
+                    "problem": f"row {row['seq']} was changed, inserted or moved "
+                    "(its MAC does not match)",
+                }
             previous, expected_seq = bytes.fromhex(row["mac"]), expected_seq + 1
         with self._lock:  # the chain holds: its end must be the row the signed head names
             head, problem = self._head_problem(key, expected_seq - 1, self._mac_at)

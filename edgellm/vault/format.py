@@ -59,8 +59,9 @@ class Header:
         return 1 << self.segment_shift
 
     def fixed(self) -> bytes:
-        return _FIXED.pack(MAGIC, self.version, ALG_AES256GCM, self.segment_shift, 0,
-                           self.prefix, self.key_id)
+        return _FIXED.pack(
+            MAGIC, self.version, ALG_AES256GCM, self.segment_shift, 0, self.prefix, self.key_id
+        )
 
     def aad(self, ident: bytes) -> bytes:
         return self.fixed() if self.version == 1 else self.fixed() + ident
@@ -76,8 +77,10 @@ class Header:
         if magic != MAGIC:
             raise IntegrityError("not a vault object (bad magic)")
         if version not in VERSIONS or alg != ALG_AES256GCM or flags != 0 or not 10 <= shift <= 30:
-            raise IntegrityError(f"unsupported object (version {version}, algorithm {alg}, "
-                                 f"segment shift {shift}, flags {flags})")
+            raise IntegrityError(
+                f"unsupported object (version {version}, algorithm {alg}, "
+                f"segment shift {shift}, flags {flags})"
+            )
         return cls(shift, prefix, key_id, raw[_FIXED.size : HEADER_LEN], version)
 
 
@@ -93,9 +96,10 @@ def unwrap_dek(wrapping_key: bytes, header: Header, ident: bytes = b"") -> bytes
     try:
         return AESGCM(wrapping_key).decrypt(nonce, sealed, header.aad(ident))
     except InvalidTag:
-        raise IntegrityError("header authentication failed (wrong key, the header was "
-                             "changed, or the object is not the one its catalog row names)"
-                             ) from None
+        raise IntegrityError(
+            "header authentication failed (wrong key, the header was "
+            "changed, or the object is not the one its catalog row names)"
+        ) from None
 
 
 def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
@@ -104,17 +108,25 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return prefix + struct.pack(">I", index) + (b"\x01" if last else b"\x00")
 
 
-def new_header(wrapping_key: bytes, key_id: bytes,
-               segment_shift: int = DEFAULT_SHIFT, ident: bytes = b"") -> tuple[Header, bytes]:
+def new_header(
+    wrapping_key: bytes, key_id: bytes, segment_shift: int = DEFAULT_SHIFT, ident: bytes = b""
+) -> tuple[Header, bytes]:
     """A fresh header and its (plaintext) DEK."""
     dek = os.urandom(32)
     draft = Header(segment_shift, os.urandom(PREFIX), key_id, b"")
-    return Header(segment_shift, draft.prefix, key_id,
-                  wrap_dek(wrapping_key, draft.aad(ident), dek)), dek
+    return Header(
+        segment_shift, draft.prefix, key_id, wrap_dek(wrapping_key, draft.aad(ident), dek)
+    ), dek
 
 
-def rewrap(raw_header: bytes, old_key: bytes, new_key: bytes, new_key_id: bytes,
-           ident: bytes = b"", new_ident: bytes | None = None) -> bytes:
+def rewrap(
+    raw_header: bytes,
+    old_key: bytes,
+    new_key: bytes,
+    new_key_id: bytes,
+    ident: bytes = b"",
+    new_ident: bytes | None = None,
+) -> bytes:
     """The same object's header with its DEK wrapped under another key, or bound to
     another identity (payload untouched: it rewrites 85 bytes per object); binding
     (``new_ident``) makes a version 1 header version 2."""
@@ -125,12 +137,14 @@ def rewrap(raw_header: bytes, old_key: bytes, new_key: bytes, new_key_id: bytes,
     version = old.version if new_ident is None else VERSION
     draft = Header(old.segment_shift, old.prefix, new_key_id, b"", version)
     bound = ident if new_ident is None else new_ident
-    return Header(old.segment_shift, old.prefix, new_key_id,
-                  wrap_dek(new_key, draft.aad(bound), dek), version).encode()
+    return Header(
+        old.segment_shift, old.prefix, new_key_id, wrap_dek(new_key, draft.aad(bound), dek), version
+    ).encode()
 
 
-def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
-                   segment_shift: int = DEFAULT_SHIFT) -> Iterator[bytes]:
+def encrypt_stream(
+    chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes, segment_shift: int = DEFAULT_SHIFT
+) -> Iterator[bytes]:
     """Yield the header, then each sealed segment, for plaintext arriving in chunks
     of any size."""
     header, dek = new_header(wrapping_key, key_id, segment_shift)
@@ -151,17 +165,20 @@ def encrypt_stream(chunks: Iterable[bytes], wrapping_key: bytes, key_id: bytes,
     yield aead.encrypt(_nonce(header.prefix, index, True), bytes(buf), None)
 
 
-def open_object(f: BinaryIO, wrapping_key: bytes, ident: bytes = b"",
-                allow_v1: bool = True) -> tuple[Header, AESGCM]:
+def open_object(
+    f: BinaryIO, wrapping_key: bytes, ident: bytes = b"", allow_v1: bool = True
+) -> tuple[Header, AESGCM]:
     """Read and authenticate the header, and unwrap the DEK: the only step that needs
     the wrapping key (so a key rotation need only be held off for this long). A vault
     past its migration to version 2 refuses version 1 objects (``allow_v1``): an old
     copy cannot be slipped in to dodge the identity check."""
     header = Header.decode(f.read(HEADER_LEN))
     if header.version == 1 and not allow_v1:
-        raise IntegrityError("a version 1 object in a version 2 vault (an old copy put in "
-                             "its place, or one that failed its checksum when the vault "
-                             "was migrated)")
+        raise IntegrityError(
+            "a version 1 object in a version 2 vault (an old copy put in "
+            "its place, or one that failed its checksum when the vault "
+            "was migrated)"
+        )
     return header, AESGCM(unwrap_dek(wrapping_key, header, ident))
 
 
@@ -180,8 +197,7 @@ def decrypt_segments(f: BinaryIO, header: Header, aead: AESGCM) -> Iterator[byte
             plain = aead.decrypt(_nonce(header.prefix, index, last), current, None)
         except InvalidTag:
             why = "the object is truncated or was appended to" if last else "it was altered"
-            raise IntegrityError(f"segment {index} failed authentication ({why})",
-                                 index) from None
+            raise IntegrityError(f"segment {index} failed authentication ({why})", index) from None
         if last and index > 0 and not plain:
             raise IntegrityError(f"segment {index}: empty final segment after data", index)
         yield plain

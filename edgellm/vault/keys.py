@@ -48,8 +48,9 @@ class NoKey(VaultKeyError):
 class VaultLocked(Unavailable):
     code = "vault_locked"
 
-    def __init__(self, message: str = "vault is locked: unlock it with `edgellm vault unlock`",
-                 **kw: object) -> None:
+    def __init__(
+        self, message: str = "vault is locked: unlock it with `edgellm vault unlock`", **kw: object
+    ) -> None:
         super().__init__(message, retry_after=float(kw.pop("retry_after", 30)), **kw)
 
 
@@ -59,8 +60,12 @@ class MasterKey:
     source: str  # "credential", "key file …", "passphrase"
 
     def derive(self, purpose: str) -> bytes:
-        return HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None,
-                    info=f"edgellm-vault/1 {purpose}".encode()).derive(self.key)
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=KEY_LEN,
+            salt=None,
+            info=f"edgellm-vault/1 {purpose}".encode(),
+        ).derive(self.key)
 
     @property
     def key_id(self) -> bytes:
@@ -86,8 +91,10 @@ def _parse_key(raw: bytes, where: str) -> bytes:
 def read_key_file(path: Path) -> MasterKey:
     st = path.stat()
     if stat.S_IMODE(st.st_mode) & 0o077:
-        raise VaultKeyError(f"{path} can be read by others (mode {stat.S_IMODE(st.st_mode):o}); "
-                        f"the key file must be 0600: chmod 600 {path}")
+        raise VaultKeyError(
+            f"{path} can be read by others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"the key file must be 0600: chmod 600 {path}"
+        )
     return MasterKey(_parse_key(path.read_bytes(), str(path)), f"key file {path}")
 
 
@@ -107,8 +114,9 @@ def create_key_file(path: Path, key: bytes | None = None) -> MasterKey:
 def from_passphrase(passphrase: str, kdf: dict[str, object]) -> MasterKey:
     n, r, p = int(kdf["n"]), int(kdf["r"]), int(kdf["p"])  # type: ignore[call-overload]
     if n < SCRYPT_MIN["n"] or r < SCRYPT_MIN["r"] or p < SCRYPT_MIN["p"]:
-        raise VaultKeyError(f"scrypt parameters N={n}, r={r}, p={p} are weaker than "
-                        "N=2^17, r=8, p=1; refusing them")
+        raise VaultKeyError(
+            f"scrypt parameters N={n}, r={r}, p={p} are weaker than N=2^17, r=8, p=1; refusing them"
+        )
     salt = bytes.fromhex(str(kdf["salt"]))
     key = Scrypt(salt=salt, length=KEY_LEN, n=n, r=r, p=p).derive(passphrase.encode())
     return MasterKey(key, "passphrase")
@@ -118,8 +126,12 @@ def new_kdf_params() -> dict[str, object]:
     return {"name": "scrypt", "salt": os.urandom(16).hex(), **SCRYPT_MIN}
 
 
-def find_master_key(key_file: Path | None, passphrase: str | None, kdf: dict[str, object] | None,
-                    environ: dict[str, str] | None = None) -> MasterKey:
+def find_master_key(
+    key_file: Path | None,
+    passphrase: str | None,
+    kdf: dict[str, object] | None,
+    environ: dict[str, str] | None = None,
+) -> MasterKey:
     env = os.environ if environ is None else environ
     creds = env.get("CREDENTIALS_DIRECTORY")
     if creds and (Path(creds) / CREDENTIAL).exists():
@@ -133,8 +145,10 @@ def find_master_key(key_file: Path | None, passphrase: str | None, kdf: dict[str
         return from_passphrase(passphrase, kdf)
     if kdf is not None:
         raise NoKey("this vault is opened by a passphrase: give it (`edgellm vault unlock`)")
-    raise NoKey("no vault key: give --key-file / EDGELLM_VAULT_KEY_FILE, or a systemd "
-                f"credential named {CREDENTIAL}")
+    raise NoKey(
+        "no vault key: give --key-file / EDGELLM_VAULT_KEY_FILE, or a systemd "
+        f"credential named {CREDENTIAL}"
+    )
 
 
 def seal_secret(key: MasterKey, secret: bytes, label: str) -> str:
@@ -149,8 +163,9 @@ def open_secret(key: MasterKey, sealed_hex: str, label: str) -> bytes:
     try:
         return AESGCM(key.derive("meta-wrap")).decrypt(raw[:12], raw[12:], label.encode())
     except InvalidTag:
-        raise VaultKeyError(f"the sealed {label} in vault.json does not open with this "
-                            "key (the file was altered)") from None
+        raise VaultKeyError(
+            f"the sealed {label} in vault.json does not open with this key (the file was altered)"
+        ) from None
 
 
 CURRENT = 2  # 2: objects bound to their identity, and the audit log's signed head
@@ -171,27 +186,35 @@ class VaultMeta:
     version: int = 1
 
     @classmethod
-    def for_key(cls, key: MasterKey, kdf: dict[str, object] | None = None,
-                audit_key: bytes | None = None) -> VaultMeta:
+    def for_key(
+        cls, key: MasterKey, kdf: dict[str, object] | None = None, audit_key: bytes | None = None
+    ) -> VaultMeta:
         audit_key = os.urandom(KEY_LEN) if audit_key is None else audit_key
-        return cls(check=key.check_value.hex(), key_id=key.key_id.hex(), kdf=kdf,
-                   audit_key=seal_secret(key, audit_key, _AUDIT_KEY_AAD[CURRENT]),
-                   version=CURRENT)
+        return cls(
+            check=key.check_value.hex(),
+            key_id=key.key_id.hex(),
+            kdf=kdf,
+            audit_key=seal_secret(key, audit_key, _AUDIT_KEY_AAD[CURRENT]),
+            version=CURRENT,
+        )
 
     def audit_key_for(self, key: MasterKey) -> bytes:
         if self.audit_key is None:  # vaults made before the key was sealed here
             return key.derive("audit-hmac")
         if self.version not in _AUDIT_KEY_AAD:
-            raise WrongKey(f"vault.json has version {self.version!r}, which this edgellm "
-                           "does not know")
+            raise WrongKey(
+                f"vault.json has version {self.version!r}, which this edgellm does not know"
+            )
         # the seal authenticates the version: set back to 1 by hand (to skip the
         # signed audit head and the objects' identity checks), the audit key fails
         return open_secret(key, self.audit_key, _AUDIT_KEY_AAD[self.version])
 
     def verify(self, key: MasterKey) -> None:
         if not hmac.compare_digest(bytes.fromhex(self.check), key.check_value):
-            raise WrongKey(f"wrong vault key (from {key.source}): it does not match this "
-                           "vault's key check value")
+            raise WrongKey(
+                f"wrong vault key (from {key.source}): it does not match this "
+                "vault's key check value"
+            )
 
     @classmethod
     def load(cls, path: Path) -> VaultMeta:

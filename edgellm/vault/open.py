@@ -32,8 +32,13 @@ def pending_key_file(key_file: Path) -> Path:
     return key_file.with_name(key_file.name + ".new")
 
 
-def open_vault(settings: Settings, create: bool = True, passphrase: str | None = None,
-               allow_locked: bool = False, upgrade: bool = True) -> VaultStore:
+def open_vault(
+    settings: Settings,
+    create: bool = True,
+    passphrase: str | None = None,
+    allow_locked: bool = False,
+    upgrade: bool = True,
+) -> VaultStore:
     """The vault in the state directory, unlocked with the first key source found
     (systemd credential, key file, passphrase). On first use, with no vault and no key
     file yet, both are created and the key file's place is logged. With no key at
@@ -45,8 +50,12 @@ def open_vault(settings: Settings, create: bool = True, passphrase: str | None =
             raise VaultKeyError(f"no vault in {root}: create one with `edgellm vault init`")
         if not key_file.exists():
             key = create_key_file(key_file)
-            log.info("event=vault_key_created path=%s note=\"keep it safe: without it the "
-                     "models in %s cannot be read\"", key_file, root)
+            log.info(
+                'event=vault_key_created path=%s note="keep it safe: without it the '
+                'models in %s cannot be read"',
+                key_file,
+                root,
+            )
         else:
             key = find_master_key(key_file, None, None)
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -58,15 +67,19 @@ def open_vault(settings: Settings, create: bool = True, passphrase: str | None =
     except NoKey:
         if not allow_locked:
             raise
-        log.warning("event=vault_locked path=%s note=\"no key found; requests that need "
-                    "the vault get 503 until `edgellm vault unlock`\"", root)
+        log.warning(
+            'event=vault_locked path=%s note="no key found; requests that need '
+            'the vault get 503 until `edgellm vault unlock`"',
+            root,
+        )
         return store
     store.unlock(key, upgrade=upgrade)
     return store
 
 
-def key_from_settings(settings: Settings, meta: VaultMeta,
-                      passphrase: str | None = None) -> MasterKey:
+def key_from_settings(
+    settings: Settings, meta: VaultMeta, passphrase: str | None = None
+) -> MasterKey:
     """The key from the configured sources; a passphrase vault ignores key files."""
     key_file = settings.vault_key_file
     if meta.kdf is None:

@@ -30,8 +30,14 @@ from edgellm.vault.keys import MasterKey, VaultMeta
 JOURNAL = "rotate.journal"
 
 
-def rotate(root: Path, files: list[tuple[str, bytes]], old_wrap: bytes, new_key: MasterKey,
-           kdf: dict[str, object] | None, audit_key: bytes) -> int:
+def rotate(
+    root: Path,
+    files: list[tuple[str, bytes]],
+    old_wrap: bytes,
+    new_key: MasterKey,
+    kdf: dict[str, object] | None,
+    audit_key: bytes,
+) -> int:
     """``files``: each object's file and identity (fmt.identity), which its new header
     stays bound to."""
     new_wrap = new_key.derive("object-wrap")

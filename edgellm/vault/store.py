@@ -68,9 +68,12 @@ class DataNotFound(NotFound):
 
 def check_data_name(name: str) -> str:
     if len(name) > 200 or not DATA_NAME_RE.match(name):
-        raise InvalidRequest(f"invalid data name {name!r}: use letters, digits, '.', '_', '-', "
-                             "with '/' between parts (e.g. docs/manual.pdf), at most 200 "
-                             "characters", param="name")
+        raise InvalidRequest(
+            f"invalid data name {name!r}: use letters, digits, '.', '_', '-', "
+            "with '/' between parts (e.g. docs/manual.pdf), at most 200 "
+            "characters",
+            param="name",
+        )
     return name
 
 
@@ -107,8 +110,9 @@ class VaultStore:
         rotation.recover(self.root)  # finish or drop a key rotation a crash interrupted
         self.objects = self.root / "objects"
         self.objects.mkdir(mode=0o700, exist_ok=True)
-        conn = sqlite3.connect(self.root / "catalog.db", check_same_thread=False,
-                               isolation_level=None)
+        conn = sqlite3.connect(
+            self.root / "catalog.db", check_same_thread=False, isolation_level=None
+        )
         self._lock = threading.Lock()  # one connection, shared by the daemon's threads
         # held while the key is read, changed or used to unwrap a data key: a rotation
         # sees every committed object, and no import commits under a stale key
@@ -124,8 +128,18 @@ class VaultStore:
         self._generation = 0
         table = self.db["objects"]
         if "objects" not in self.db.table_names():
-            table.create({"kind": str, "name": str, "file": str, "sha256": str, "size": int,
-                          "record": str, "added": str}, pk=("kind", "name"))
+            table.create(
+                {
+                    "kind": str,
+                    "name": str,
+                    "file": str,
+                    "sha256": str,
+                    "size": int,
+                    "record": str,
+                    "added": str,
+                },
+                pk=("kind", "name"),
+            )
         elif table.pks == ["name"]:  # vaults from before data objects
             table.transform(pk=("kind", "name"))
         self.remove_leftovers()
@@ -139,8 +153,7 @@ class VaultStore:
         return (Path(root) / "vault.json").exists()
 
     @classmethod
-    def create(cls, root: Path, key: MasterKey, kdf: dict[str, object] | None = None
-               ) -> VaultStore:
+    def create(cls, root: Path, key: MasterKey, kdf: dict[str, object] | None = None) -> VaultStore:
         root = Path(root)
         if cls.exists(root):
             raise Conflict(f"a vault already exists in {root}")
@@ -166,8 +179,11 @@ class VaultStore:
         with self._keylock:
             meta = self.meta
             meta.verify(key)
-            self._wrap, self._key_id, self.key_source = (key.derive("object-wrap"),
-                                                         key.key_id, key.source)
+            self._wrap, self._key_id, self.key_source = (
+                key.derive("object-wrap"),
+                key.key_id,
+                key.source,
+            )
             self._master = key
             self._format = meta.version
             audit_key = meta.audit_key_for(key)
@@ -205,8 +221,10 @@ class VaultStore:
         with self._keylock:
             old_wrap, _ = self._keys()
             with self._lock:
-                files = [(r["file"], fmt.identity(r["kind"], r["name"], r["sha256"]))
-                         for r in self.db["objects"].rows]
+                files = [
+                    (r["file"], fmt.identity(r["kind"], r["name"], r["sha256"]))
+                    for r in self.db["objects"].rows
+                ]
             audit_key = self.meta.audit_key_for(self._master)
             count = rotation.rotate(self.root, files, old_wrap, new_key, kdf, audit_key)
             self.unlock(new_key)
@@ -223,7 +241,8 @@ class VaultStore:
     def _row(self, name: str, kind: str = "model") -> dict[str, Any]:
         with self._lock:  # plain SQL: every request reads its model's row
             cursor = self.db.conn.execute(
-                "SELECT * FROM objects WHERE kind = ? AND name = ?", [kind, name])
+                "SELECT * FROM objects WHERE kind = ? AND name = ?", [kind, name]
+            )
             columns = [c[0] for c in cursor.description]
             rows = [dict(zip(columns, r, strict=True)) for r in cursor.fetchall()]
         if not rows:
@@ -258,8 +277,9 @@ class VaultStore:
 
     def list(self) -> list[ModelRecord]:
         with self._lock:
-            names = [r["name"] for r in self.db["objects"].rows_where(
-                "kind = 'model'", order_by="name")]
+            names = [
+                r["name"] for r in self.db["objects"].rows_where("kind = 'model'", order_by="name")
+            ]
         return [self.get(n) for n in names]
 
     def data_info(self, name: str) -> dict[str, Any]:
@@ -267,9 +287,13 @@ class VaultStore:
 
     def list_data(self, prefix: str = "") -> list[dict[str, Any]]:
         with self._lock:
-            rows = list(self.db["objects"].rows_where(
-                "kind = 'data' and substr(name, 1, ?) = ?", [len(prefix), prefix],
-                order_by="name"))
+            rows = list(
+                self.db["objects"].rows_where(
+                    "kind = 'data' and substr(name, 1, ?) = ?",
+                    [len(prefix), prefix],
+                    order_by="name",
+                )
+            )
         return [json.loads(r["record"]) for r in rows]
 
     @contextmanager
@@ -283,16 +307,20 @@ class VaultStore:
             try:
                 self._read_object(row, lambda piece: os.write(fd, piece))
             except fmt.IntegrityError as exc:
-                where = f"segment {exc.segment}" if exc.segment is not None else \
-                    str(exc) if str(exc).startswith("its plaintext") else "header"
+                where = (
+                    f"segment {exc.segment}"
+                    if exc.segment is not None
+                    else str(exc)
+                    if str(exc).startswith("its plaintext")
+                    else "header"
+                )
                 raise IntegrityError(f"integrity check failed for {name} ({where})") from None
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             yield f"/proc/self/fd/{fd}"
         finally:
             os.close(fd)
 
-    def _read_object(self, row: dict[str, Any], sink: Any, allow_v1: bool | None = None
-                     ) -> None:
+    def _read_object(self, row: dict[str, Any], sink: Any, allow_v1: bool | None = None) -> None:
         """Decrypt one object to ``sink``, piece by piece: its header authenticated with
         the identity its catalog row gives, each segment as it comes, and the plaintext's
         sha256 against the row's at the end (fmt.IntegrityError otherwise)."""
@@ -311,8 +339,10 @@ class VaultStore:
         finally:
             digest = hasher.result()
         if not hmac.compare_digest(digest, row["sha256"]) or recorded != row["sha256"]:
-            raise fmt.IntegrityError("its plaintext does not match the catalog's sha256: "
-                                     "the object was swapped or its catalog row changed")
+            raise fmt.IntegrityError(
+                "its plaintext does not match the catalog's sha256: "
+                "the object was swapped or its catalog row changed"
+            )
 
     def migrate(self) -> list[tuple[str, str]]:
         """Bring a version 1 vault to version 2: each object whose plaintext matches its
@@ -347,9 +377,15 @@ class VaultStore:
         with open(path, "rb") as f:
             return self.add_stream(iter(lambda: f.read(1 << 20), b""), name, **kw)
 
-    def add_stream(self, chunks: Iterable[bytes], name: str, *,
-                   expected_sha256: str | None = None, replace: bool = False,
-                   info: dict[str, Any] | None = None) -> ModelRecord:
+    def add_stream(
+        self,
+        chunks: Iterable[bytes],
+        name: str,
+        *,
+        expected_sha256: str | None = None,
+        replace: bool = False,
+        info: dict[str, Any] | None = None,
+    ) -> ModelRecord:
         """Import a GGUF model (its header is checked) or an ONNX model or bundle (checked
         with onnx.checker) before it becomes visible. An ONNX model is held in memory
         while it is checked; GGUF files only their header."""
@@ -361,17 +397,32 @@ class VaultStore:
             if bytes(head[:4]) == b"GGUF":
                 meta = read_gguf_metadata(bytes(head), name)
                 check_gguf_tensors(head, size, name)
-                described = {k: meta[k] for k in (
-                    "architecture", "context_length", "n_layer", "n_embd", "n_head",
-                    "n_head_kv", "head_dim", "n_vocab", "has_chat_template", "quantization",
-                    "license")}
+                described = {
+                    k: meta[k]
+                    for k in (
+                        "architecture",
+                        "context_length",
+                        "n_layer",
+                        "n_embd",
+                        "n_head",
+                        "n_head_kv",
+                        "head_dim",
+                        "n_vocab",
+                        "has_chat_template",
+                        "quantization",
+                        "license",
+                    )
+                }
                 described["format"] = "gguf"
                 described["license"] = str(described["license"] or "")
             else:
                 if size > ONNX_LIMIT:
-                    raise InvalidRequest(f"{name} is neither GGUF nor an ONNX model under "
-                                         f"{ONNX_LIMIT >> 30} GB (external data is not "
-                                         "supported)", param="name")
+                    raise InvalidRequest(
+                        f"{name} is neither GGUF nor an ONNX model under "
+                        f"{ONNX_LIMIT >> 30} GB (external data is not "
+                        "supported)",
+                        param="name",
+                    )
                 from edgellm.runtime.onnx.bundle import describe
 
                 described = describe(bytes(head), name)
@@ -379,24 +430,56 @@ class VaultStore:
             for key in ("quantization", "license"):
                 if extra.get(key):
                     described[key] = extra.pop(key)
-            return ModelRecord(name=name, sha256=sha, size=size, added=_now(),
-                               source=extra.pop("source", "local file"), extra=extra,
-                               **described).as_dict()
+            return ModelRecord(
+                name=name,
+                sha256=sha,
+                size=size,
+                added=_now(),
+                source=extra.pop("source", "local file"),
+                extra=extra,
+                **described,
+            ).as_dict()
 
         record = self._import(chunks, "model", name, check, head, expected_sha256, replace)
         return ModelRecord(**record)
 
-    def put_data(self, chunks: Iterable[bytes], name: str, *, replace: bool = True,
-                 expected_sha256: str | None = None, source: str = "") -> dict[str, Any]:
+    def put_data(
+        self,
+        chunks: Iterable[bytes],
+        name: str,
+        *,
+        replace: bool = True,
+        expected_sha256: str | None = None,
+        source: str = "",
+    ) -> dict[str, Any]:
         """Store any file under ``name``; replacing an existing one by default."""
         check_data_name(name)
-        return self._import(chunks, "data", name, lambda sha, size: {
-            "name": name, "sha256": sha, "size": size, "added": _now(), "source": source},
-            None, expected_sha256, replace)
+        return self._import(
+            chunks,
+            "data",
+            name,
+            lambda sha, size: {
+                "name": name,
+                "sha256": sha,
+                "size": size,
+                "added": _now(),
+                "source": source,
+            },
+            None,
+            expected_sha256,
+            replace,
+        )
 
-    def _import(self, chunks: Iterable[bytes], kind: str, name: str, describe: Any,
-                head: bytearray | None, expected_sha256: str | None, replace: bool
-                ) -> dict[str, Any]:
+    def _import(
+        self,
+        chunks: Iterable[bytes],
+        kind: str,
+        name: str,
+        describe: Any,
+        head: bytearray | None,
+        expected_sha256: str | None,
+        replace: bool,
+    ) -> dict[str, Any]:
         with self._lock:
             taken = self.db["objects"].count_where("kind = ? and name = ?", [kind, name])
         if taken and not replace:
@@ -425,8 +508,10 @@ class VaultStore:
                     out.write(sealed)
                 sha = digest.hexdigest()
                 if expected_sha256 and sha != expected_sha256:
-                    raise IntegrityError(f"checksum mismatch for {name}: expected sha256 "
-                                         f"{expected_sha256}, got {sha}; it was not stored")
+                    raise IntegrityError(
+                        f"checksum mismatch for {name}: expected sha256 "
+                        f"{expected_sha256}, got {sha}; it was not stored"
+                    )
                 record = describe(sha, size)
                 with self._keylock:
                     # bind the header to what the catalog row will say (its kind, name
@@ -436,8 +521,11 @@ class VaultStore:
                     out.seek(0)
                     raw = out.read(fmt.HEADER_LEN)
                     out.seek(0)
-                    out.write(fmt.rewrap(raw, wrap, current_wrap, current_id, b"",
-                                         fmt.identity(kind, name, sha)))
+                    out.write(
+                        fmt.rewrap(
+                            raw, wrap, current_wrap, current_id, b"", fmt.identity(kind, name, sha)
+                        )
+                    )
                     out.flush()
                     os.fsync(out.fileno())
                     file = f"{os.urandom(12).hex()}.edgv"
@@ -451,16 +539,28 @@ class VaultStore:
             (self.objects / old).unlink(missing_ok=True)
         return record
 
-    def _put(self, kind: str, name: str, file: str, sha: str, size: int,
-             record: dict[str, Any]) -> str | None:
+    def _put(
+        self, kind: str, name: str, file: str, sha: str, size: int, record: dict[str, Any]
+    ) -> str | None:
         """Commit the row (the moment the object becomes visible); return the file of
         the object it replaced."""
         with self._lock:
-            old = [r["file"] for r in self.db["objects"].rows_where(
-                "kind = ? and name = ?", [kind, name])]
-            self.db["objects"].upsert({"kind": kind, "name": name, "file": file, "sha256": sha,
-                                       "size": size, "record": json.dumps(record),
-                                       "added": record.get("added", "")}, pk=("kind", "name"))
+            old = [
+                r["file"]
+                for r in self.db["objects"].rows_where("kind = ? and name = ?", [kind, name])
+            ]
+            self.db["objects"].upsert(
+                {
+                    "kind": kind,
+                    "name": name,
+                    "file": file,
+                    "sha256": sha,
+                    "size": size,
+                    "record": json.dumps(record),
+                    "added": record.get("added", ""),
+                },
+                pk=("kind", "name"),
+            )
             self._changed()
         return old[0] if old else None
 

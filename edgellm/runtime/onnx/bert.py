@@ -46,8 +46,9 @@ def build(weights: dict[str, np.ndarray], config: dict[str, Any]) -> Any:
 
     def weight(key: str, transpose: bool = False) -> str:
         array = weights[key].astype(np.float32)
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(
-            array.T if transpose else array), key))
+        inits.append(
+            numpy_helper.from_array(np.ascontiguousarray(array.T if transpose else array), key)
+        )
         return key
 
     def op(kind: str, inputs: list[str], node: str | None = None, **attrs: Any) -> str:
@@ -57,21 +58,42 @@ def build(weights: dict[str, np.ndarray], config: dict[str, Any]) -> Any:
 
     def linear(x: str, prefix: str) -> str:
         # named after the weight, so a quantizer can be told which to leave alone
-        return op("Add", [op("MatMul", [x, weight(f"{prefix}.weight", transpose=True)],
-                             node=f"{prefix}.matmul"), weight(f"{prefix}.bias")])
+        return op(
+            "Add",
+            [
+                op(
+                    "MatMul",
+                    [x, weight(f"{prefix}.weight", transpose=True)],
+                    node=f"{prefix}.matmul",
+                ),
+                weight(f"{prefix}.bias"),
+            ],
+        )
 
     def layer_norm(x: str, prefix: str) -> str:
-        return op("LayerNormalization", [x, weight(f"{prefix}.weight"),
-                                         weight(f"{prefix}.bias")], axis=-1, epsilon=eps)
+        return op(
+            "LayerNormalization",
+            [x, weight(f"{prefix}.weight"), weight(f"{prefix}.bias")],
+            axis=-1,
+            epsilon=eps,
+        )
 
     # embeddings: words + positions (0..S-1) + token types, then LayerNorm
     seq_len = op("Gather", [op("Shape", ["input_ids"]), const(1, dtype=np.int64)], axis=0)
     positions = op("Range", [const(0, dtype=np.int64), seq_len, const(1, dtype=np.int64)])
-    x = op("Add", [
-        op("Add", [op("Gather", [weight("embeddings.word_embeddings.weight"), "input_ids"]),
-                   op("Gather", [weight("embeddings.position_embeddings.weight"),
-                                 positions])]),
-        op("Gather", [weight("embeddings.token_type_embeddings.weight"), "token_type_ids"])])
+    x = op(
+        "Add",
+        [
+            op(
+                "Add",
+                [
+                    op("Gather", [weight("embeddings.word_embeddings.weight"), "input_ids"]),
+                    op("Gather", [weight("embeddings.position_embeddings.weight"), positions]),
+                ],
+            ),
+            op("Gather", [weight("embeddings.token_type_embeddings.weight"), "token_type_ids"]),
+        ],
+    )
     x = layer_norm(x, "embeddings.LayerNorm")
 
     # the attention mask as an additive bias: 0 where attended, a large negative where not
@@ -87,45 +109,62 @@ def build(weights: dict[str, np.ndarray], config: dict[str, Any]) -> Any:
 
         def heads_of(t: str) -> str:  # [B, S, H] -> [B, heads, S, head_dim]
             return op("Transpose", [op("Reshape", [t, split_shape])], perm=[0, 2, 1, 3])
+
         q = heads_of(linear(x, f"{p}.attention.self.query"))
         k = heads_of(linear(x, f"{p}.attention.self.key"))
         v = heads_of(linear(x, f"{p}.attention.self.value"))
-        scores = op("Add", [op("Mul", [op("MatMul", [q, op("Transpose", [k],
-                                                            perm=[0, 1, 3, 2])]), scale]),
-                            bias])
+        scores = op(
+            "Add",
+            [op("Mul", [op("MatMul", [q, op("Transpose", [k], perm=[0, 1, 3, 2])]), scale]), bias],
+        )
         context = op("MatMul", [op("Softmax", [scores], axis=-1), v])
         context = op("Reshape", [op("Transpose", [context], perm=[0, 2, 1, 3]), merge_shape])
-        x = layer_norm(op("Add", [linear(context, f"{p}.attention.output.dense"), x]),
-                       f"{p}.attention.output.LayerNorm")
+        x = layer_norm(
+            op("Add", [linear(context, f"{p}.attention.output.dense"), x]),
+            f"{p}.attention.output.LayerNorm",
+        )
         h = linear(x, f"{p}.intermediate.dense")
         # exact GELU: 0.5 x (1 + erf(x / sqrt 2))
-        h = op("Mul", [op("Mul", [h, const(0.5)]),
-                       op("Add", [op("Erf", [op("Div", [h, const(math.sqrt(2.0))])]),
-                                  const(1.0)])])
+        h = op(
+            "Mul",
+            [
+                op("Mul", [h, const(0.5)]),
+                op("Add", [op("Erf", [op("Div", [h, const(math.sqrt(2.0))])]), const(1.0)]),
+            ],
+        )
         x = layer_norm(op("Add", [linear(h, f"{p}.output.dense"), x]), f"{p}.output.LayerNorm")
 
     nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
     # mean pooling over the mask, then L2 normalisation
     weights_3d = op("Unsqueeze", [mask, const([2], dtype=np.int64)])  # [B, S, 1]
-    summed = op("ReduceSum", [op("Mul", [x, weights_3d]), const([1], dtype=np.int64)],
-                keepdims=0)
-    count = op("Max", [op("ReduceSum", [weights_3d, const([1], dtype=np.int64)], keepdims=0),
-                       const(1e-9)])
+    summed = op("ReduceSum", [op("Mul", [x, weights_3d]), const([1], dtype=np.int64)], keepdims=0)
+    count = op(
+        "Max", [op("ReduceSum", [weights_3d, const([1], dtype=np.int64)], keepdims=0), const(1e-9)]
+    )
     mean = op("Div", [summed, count])
-    norm = op("Max", [op("ReduceL2", [mean], axes=[1], keepdims=1),  # axes: an attribute
-
-                      const(1e-12)])
+    norm = op(
+        "Max",
+        [
+            op("ReduceL2", [mean], axes=[1], keepdims=1),  # axes: an attribute
+            const(1e-12),
+        ],
+    )
     nodes.append(helper.make_node("Div", [mean, norm], ["sentence_embedding"]))
 
-    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
-           for n in ("input_ids", "attention_mask", "token_type_ids")]
-    outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                             ["batch", "sequence", hidden]),
-               helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                             ["batch", hidden])]
+    ids = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+        for n in ("input_ids", "attention_mask", "token_type_ids")
+    ]
+    outputs = [
+        helper.make_tensor_value_info(
+            "last_hidden_state", TensorProto.FLOAT, ["batch", "sequence", hidden]
+        ),
+        helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", hidden]),
+    ]
     graph = helper.make_graph(nodes, "bert_sentence_embedding", ids, outputs, inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="edgellm")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgellm"
+    )
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -141,10 +180,13 @@ def bundle_files(directory: Path) -> dict[str, bytes]:
     config = json.loads((directory / "config.json").read_text())
     model = build(weights, config)
     model.graph.name = str(config.get("model_type", "bert"))
-    onnx.helper.set_model_props(model, {"architecture": "bert",
-                                        "built_by": "edgellm from safetensors"})
+    onnx.helper.set_model_props(
+        model, {"architecture": "bert", "built_by": "edgellm from safetensors"}
+    )
     st = bundle.sentence_transformers_config(directory)
     st.update(output="sentence_embedding", pooling="none", normalize=False)  # in the graph
-    return {bundle.MODEL: model.SerializeToString(),
-            bundle.TOKENIZER: (directory / "tokenizer.json").read_bytes(),
-            bundle.CONFIG: json.dumps(st).encode()}
+    return {
+        bundle.MODEL: model.SerializeToString(),
+        bundle.TOKENIZER: (directory / "tokenizer.json").read_bytes(),
+        bundle.CONFIG: json.dumps(st).encode(),
+    }

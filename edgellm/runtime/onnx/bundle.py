@@ -27,8 +27,15 @@ from edgellm.errors import InvalidRequest
 MODEL, TOKENIZER, CONFIG = "model.onnx", "tokenizer.json", "edgellm.json"
 MEMBERS = (MODEL, TOKENIZER, CONFIG)
 POOLINGS = ("none", "mean", "cls")
-QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "QLinearConv",
-                 "ConvInteger", "DequantizeLinear", "QuantizeLinear"}
+QUANTIZED_OPS = {
+    "MatMulInteger",
+    "DynamicQuantizeLinear",
+    "QLinearMatMul",
+    "QLinearConv",
+    "ConvInteger",
+    "DequantizeLinear",
+    "QuantizeLinear",
+}
 
 
 def is_tar(data: bytes) -> bool:
@@ -39,8 +46,10 @@ def pack(files: dict[str, bytes]) -> bytes:
     """A bundle of ``files`` (name → bytes); deterministic for the same input."""
     unknown = set(files) - set(MEMBERS)
     if unknown or MODEL not in files:
-        raise InvalidRequest(f"a bundle holds {', '.join(MEMBERS)} (model.onnx required); "
-                             f"got {', '.join(sorted(files))}")
+        raise InvalidRequest(
+            f"a bundle holds {', '.join(MEMBERS)} (model.onnx required); "
+            f"got {', '.join(sorted(files))}"
+        )
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name in sorted(files):
@@ -59,8 +68,10 @@ def unpack(data: bytes) -> dict[str, bytes]:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
                 if member.name not in MEMBERS or not member.isfile():
-                    raise InvalidRequest(f"unexpected entry {member.name!r} in the ONNX "
-                                         f"bundle (it may hold {', '.join(MEMBERS)})")
+                    raise InvalidRequest(
+                        f"unexpected entry {member.name!r} in the ONNX "
+                        f"bundle (it may hold {', '.join(MEMBERS)})"
+                    )
                 extracted = tar.extractfile(member)
                 assert extracted is not None
                 files[member.name] = extracted.read()
@@ -79,8 +90,9 @@ def from_directory(directory: Path) -> dict[str, bytes]:
     """A bundle's files from a directory: model.onnx, tokenizer.json, and edgellm.json
     if there is one, or else the embedding settings of a sentence-transformers layout
     (``1_Pooling/config.json``, ``modules.json``, ``sentence_bert_config.json``)."""
-    files = {name: (directory / name).read_bytes() for name in MEMBERS
-             if (directory / name).is_file()}
+    files = {
+        name: (directory / name).read_bytes() for name in MEMBERS if (directory / name).is_file()
+    }
     if MODEL not in files:
         raise InvalidRequest(f"{directory} has no model.onnx")
     pooling_file = directory / "1_Pooling" / "config.json"
@@ -95,13 +107,18 @@ def sentence_transformers_config(directory: Path) -> dict[str, Any]:
     pooling = json.loads((directory / "1_Pooling" / "config.json").read_text())
     modules = directory / "modules.json"
     normalize = modules.is_file() and any(
-        m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+        m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text())
+    )
     bert = directory / "sentence_bert_config.json"
-    max_length = json.loads(bert.read_text()).get("max_seq_length", 512) if bert.is_file() \
-        else 512
+    max_length = json.loads(bert.read_text()).get("max_seq_length", 512) if bert.is_file() else 512
     mode = "cls" if pooling.get("pooling_mode_cls_token") else "mean"
-    return {"task": "embedding", "output": "last_hidden_state", "pooling": mode,
-            "normalize": normalize, "max_length": int(max_length)}
+    return {
+        "task": "embedding",
+        "output": "last_hidden_state",
+        "pooling": mode,
+        "normalize": normalize,
+        "max_length": int(max_length),
+    }
 
 
 def describe(data: bytes, name: str) -> dict[str, Any]:
@@ -115,8 +132,10 @@ def describe(data: bytes, name: str) -> dict[str, Any]:
         onnx.checker.check_model(model)
     except Exception as exc:  # protobuf's DecodeError, onnx's ValidationError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidRequest(f"{name} is not a valid GGUF file or ONNX model (no GGUF "
-                             f"magic number; as ONNX: {first})") from None
+        raise InvalidRequest(
+            f"{name} is not a valid GGUF file or ONNX model (no GGUF "
+            f"magic number; as ONNX: {first})"
+        ) from None
     graph = model.graph
     weights = {i.name for i in graph.initializer}
     inputs = [_value_info(v) for v in graph.input if v.name not in weights]
@@ -135,11 +154,17 @@ def describe(data: bytes, name: str) -> dict[str, Any]:
         "context_length": int(config.get("max_length", 0)),
         "n_embd": dims,
         "license": meta.get("license", ""),
-        "extra": {"inputs": inputs, "outputs": outputs, "files": sorted(files),
-                  "opset": max((o.version for o in model.opset_import if o.domain in
-                                ("", "ai.onnx")), default=0),
-                  "producer": model.producer_name, "task": config.get("task", "tensor"),
-                  **({"embedding": config} if config.get("task") == "embedding" else {})},
+        "extra": {
+            "inputs": inputs,
+            "outputs": outputs,
+            "files": sorted(files),
+            "opset": max(
+                (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0
+            ),
+            "producer": model.producer_name,
+            "task": config.get("task", "tensor"),
+            **({"embedding": config} if config.get("task") == "embedding" else {}),
+        },
     }
 
 
@@ -148,14 +173,19 @@ def _value_info(v: Any) -> dict[str, Any]:
 
     t = v.type.tensor_type
     if not v.type.HasField("tensor_type"):
-        raise InvalidRequest(f"input or output {v.name!r} is not a tensor; only tensors are "
-                             "served")
-    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-             for d in t.shape.dim] if t.HasField("shape") else None
+        raise InvalidRequest(f"input or output {v.name!r} is not a tensor; only tensors are served")
+    shape = (
+        [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        if t.HasField("shape")
+        else None
+    )
     import numpy as np
 
-    return {"name": v.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
-            "shape": shape}
+    return {
+        "name": v.name,
+        "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+        "shape": shape,
+    }
 
 
 def _float_kind(graph: Any) -> str:
@@ -180,8 +210,10 @@ def _config(files: dict[str, bytes], outputs: set[str], name: str) -> dict[str, 
     if TOKENIZER not in files:
         raise InvalidRequest(f"{name}: an embedding model needs tokenizer.json in its bundle")
     if config.get("output") not in outputs:
-        raise InvalidRequest(f"{name}: edgellm.json names output {config.get('output')!r}, "
-                             f"but the model's outputs are {', '.join(sorted(outputs))}")
+        raise InvalidRequest(
+            f"{name}: edgellm.json names output {config.get('output')!r}, "
+            f"but the model's outputs are {', '.join(sorted(outputs))}"
+        )
     if config.setdefault("pooling", "none") not in POOLINGS:
         raise InvalidRequest(f"{name}: pooling must be one of {', '.join(POOLINGS)}")
     config.setdefault("normalize", False)

@@ -43,8 +43,12 @@ from edgellm.runtime.source import ModelRecord
 from edgellm.runtime.types import Failed, Result, TensorRequest, Usage
 
 log = logging.getLogger("edgellm.engine")
-LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 # not chosen unless asked for: TensorRT compiles an engine per shape on first use (minutes);
 # Azure runs models remotely
@@ -52,10 +56,20 @@ AUTO_SKIPPED = ("TensorrtExecutionProvider", "AzureExecutionProvider")
 
 
 class OnnxEngine(EngineThread):
-    def __init__(self, record: ModelRecord, model_path: str, settings: ModelSettings,
-                 on_request_done: Any = None, on_died: Any = None) -> None:
-        self.record, self.name, self.model_path, self.settings = \
-            record, record.name, model_path, settings
+    def __init__(
+        self,
+        record: ModelRecord,
+        model_path: str,
+        settings: ModelSettings,
+        on_request_done: Any = None,
+        on_died: Any = None,
+    ) -> None:
+        self.record, self.name, self.model_path, self.settings = (
+            record,
+            record.name,
+            model_path,
+            settings,
+        )
         self.inputs: list[dict[str, Any]] = record.extra.get("inputs", [])
         self.outputs: list[dict[str, Any]] = record.extra.get("outputs", [])
         self.embedding: dict[str, Any] | None = record.extra.get("embedding")
@@ -63,8 +77,9 @@ class OnnxEngine(EngineThread):
         self.capacity = self.max_batch
         self.max_active = self.max_batch
         self.batch_wait = (settings.batch_wait_ms or 0.0) / 1000
-        self.batchable = all(s["shape"] and not isinstance(s["shape"][0], int)
-                             for s in self.inputs + self.outputs)
+        self.batchable = all(
+            s["shape"] and not isinstance(s["shape"][0], int) for s in self.inputs + self.outputs
+        )
         self.n_threads = settings.n_threads or 1
         self._applied_threads = self.n_threads
         self.n_ctx = int(record.context_length or 0)
@@ -81,8 +96,7 @@ class OnnxEngine(EngineThread):
         self._session: Any = None
         self._tokenizer: Any = None
         self._init_thread()
-        self._watcher = threading.Thread(target=self._watch, name=f"watch-{self.name}",
-                                         daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True)
 
     # --- called from other threads -------------------------------------------------------
     def start(self, timeout: float = 600.0) -> None:
@@ -97,8 +111,12 @@ class OnnxEngine(EngineThread):
     def busy_slots(self) -> int:
         return len(self._running)
 
-    def set_limits(self, n_threads: int | None = None, n_parallel: int | None = None,
-                   tokens_per_second: float | None = None) -> None:
+    def set_limits(
+        self,
+        n_threads: int | None = None,
+        n_parallel: int | None = None,
+        tokens_per_second: float | None = None,
+    ) -> None:
         """Fewer threads (a new session, built between runs) or smaller batches.
         A tokens-per-second cap does not apply to a model that makes no tokens."""
         if n_threads is not None:
@@ -108,11 +126,16 @@ class OnnxEngine(EngineThread):
 
     def describe(self) -> dict[str, Any]:
         st = self.stats
-        return {"format": "onnx", "providers": self.providers, "n_threads": self.n_threads,
-                "max_batch": self.max_active, "batching": self.batchable,
-                "items_per_second": round(self.rate(), 1),
-                "runs": st.batches,
-                "mean_batch_size": round(st.batch_items / st.batches, 2) if st.batches else 0.0}
+        return {
+            "format": "onnx",
+            "providers": self.providers,
+            "n_threads": self.n_threads,
+            "max_batch": self.max_active,
+            "batching": self.batchable,
+            "items_per_second": round(self.rate(), 1),
+            "runs": st.batches,
+            "mean_batch_size": round(st.batch_items / st.batches, 2) if st.batches else 0.0,
+        }
 
     def abandon(self, error: EdgeError) -> None:
         self._stopping.set()
@@ -141,8 +164,9 @@ class OnnxEngine(EngineThread):
         """Stop the run in progress if none of its requests still wants it."""
         now = time.monotonic()
         running = list(self._running)
-        if running and all(r.cancel_event.is_set() or (r.deadline or now + 1) < now
-                           for r in running):
+        if running and all(
+            r.cancel_event.is_set() or (r.deadline or now + 1) < now for r in running
+        ):
             self._terminate()
 
     def _terminate(self) -> None:
@@ -188,15 +212,17 @@ class OnnxEngine(EngineThread):
         # between requests, for no throughput measured here (README, Performance)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, LEVELS[self.settings.graph_optimization or "all"])
+            ort.GraphOptimizationLevel, LEVELS[self.settings.graph_optimization or "all"]
+        )
         available = ort.get_available_providers()
-        wanted = self.settings.providers or [p for p in available
-                                             if p not in AUTO_SKIPPED]
+        wanted = self.settings.providers or [p for p in available if p not in AUTO_SKIPPED]
         missing = [p for p in wanted if p not in available]
         if missing:
-            raise ModelLoadFailed(f"cannot load {self.name}: execution provider "
-                                  f"{', '.join(missing)} is not in this onnxruntime (it has "
-                                  f"{', '.join(available)})")
+            raise ModelLoadFailed(
+                f"cannot load {self.name}: execution provider "
+                f"{', '.join(missing)} is not in this onnxruntime (it has "
+                f"{', '.join(available)})"
+            )
         if any(p in GPU_PROVIDERS for p in wanted) and hasattr(ort, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN in the nvidia-* wheels only if asked
             ort.preload_dlls()
@@ -204,13 +230,19 @@ class OnnxEngine(EngineThread):
         self.providers = session.get_providers()
         dropped = [p for p in wanted if p not in self.providers]
         if dropped and self.settings.providers:
-            raise ModelLoadFailed(f"cannot load {self.name}: execution provider "
-                                  f"{', '.join(dropped)} did not start (onnxruntime fell back "
-                                  f"to {', '.join(self.providers)}; its libraries, e.g. CUDA "
-                                  "and cuDNN, are missing or do not match)")
+            raise ModelLoadFailed(
+                f"cannot load {self.name}: execution provider "
+                f"{', '.join(dropped)} did not start (onnxruntime fell back "
+                f"to {', '.join(self.providers)}; its libraries, e.g. CUDA "
+                "and cuDNN, are missing or do not match)"
+            )
         if dropped:
-            log.warning("event=providers_dropped model=%s dropped=%s using=%s", self.name,
-                        ",".join(dropped), ",".join(self.providers))
+            log.warning(
+                "event=providers_dropped model=%s dropped=%s using=%s",
+                self.name,
+                ",".join(dropped),
+                ",".join(self.providers),
+            )
         self.gpu_offload = self.providers[0] != "CPUExecutionProvider"
         return session
 
@@ -232,8 +264,12 @@ class OnnxEngine(EngineThread):
         model = bundle.read(self.model_path)[bundle.MODEL]
         self._session = self._build(model, self.n_threads)
         self._applied_threads = self.n_threads
-        log.info("event=session_rebuilt model=%s threads=%d seconds=%.2f", self.name,
-                 self.n_threads, time.monotonic() - t0)
+        log.info(
+            "event=session_rebuilt model=%s threads=%d seconds=%.2f",
+            self.name,
+            self.n_threads,
+            time.monotonic() - t0,
+        )
 
     def _collect(self) -> list[TensorRequest]:
         try:
@@ -271,9 +307,14 @@ class OnnxEngine(EngineThread):
             return [[r] for r in batch]
         groups: dict[Any, list[TensorRequest]] = {}
         for r in batch:
-            key: Any = "texts" if r.texts is not None else (
-                tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in r.inputs.items())),
-                tuple(r.outputs or ()))
+            key: Any = (
+                "texts"
+                if r.texts is not None
+                else (
+                    tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in r.inputs.items())),
+                    tuple(r.outputs or ()),
+                )
+            )
             groups.setdefault(key, []).append(r)
         return list(groups.values())
 
@@ -291,10 +332,16 @@ class OnnxEngine(EngineThread):
             now = time.monotonic()
             for r in group:
                 late = r.deadline is not None and now > r.deadline
-                r.emit(Failed(DeadlineExceeded(
-                    f"request {r.id} took longer than its timeout ({r.timeout:g}s) and was "
-                    "stopped") if late and not r.cancel_event.is_set() else
-                    RequestCancelled(f"request {r.id} was cancelled")))
+                r.emit(
+                    Failed(
+                        DeadlineExceeded(
+                            f"request {r.id} took longer than its timeout ({r.timeout:g}s) and was "
+                            "stopped"
+                        )
+                        if late and not r.cancel_event.is_set()
+                        else RequestCancelled(f"request {r.id} was cancelled")
+                    )
+                )
             return
         except EdgeError as exc:
             self._running = []
@@ -310,8 +357,9 @@ class OnnxEngine(EngineThread):
             r.prompt_tokens = result.usage.prompt_tokens
             r.emit(result)
 
-    def _run(self, feed: dict[str, np.ndarray], names: list[str] | None,
-             rows: int) -> list[np.ndarray]:
+    def _run(
+        self, feed: dict[str, np.ndarray], names: list[str] | None, rows: int
+    ) -> list[np.ndarray]:
         import onnxruntime as ort
 
         self._run_options = options = ort.RunOptions()
@@ -327,8 +375,9 @@ class OnnxEngine(EngineThread):
             if isinstance(exc, failpoints.FailpointError):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InvalidRequest(f"{self.name} could not run on these inputs: "
-                                 f"{first.split(' : ')[-1]}") from None
+            raise InvalidRequest(
+                f"{self.name} could not run on these inputs: {first.split(' : ')[-1]}"
+            ) from None
         finally:
             self._in_run.clear()
             self._run_options = None
@@ -374,15 +423,14 @@ class OnnxEngine(EngineThread):
         names = {s["name"] for s in self.inputs}
         step = max(1, self.max_active)
         for start in range(0, len(order), step):
-            chunk = order[start:start + step]
+            chunk = order[start : start + step]
             width = max(len(encodings[i].ids) for i in chunk)
             ids = np.zeros((len(chunk), width), dtype=np.int64)
             mask = np.zeros_like(ids)
             for row, i in enumerate(chunk):
                 n = len(encodings[i].ids)
                 ids[row, :n], mask[row, :n] = encodings[i].ids, 1
-            feed = {"input_ids": ids, "attention_mask": mask,
-                    "token_type_ids": np.zeros_like(ids)}
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
             feed = {k: v.astype(self._dtype(k)) for k, v in feed.items() if k in names}
             (out,) = self._run(feed, [cfg["output"]], len(chunk))
             out = _pool(out, mask, cfg["pooling"])
@@ -394,9 +442,14 @@ class OnnxEngine(EngineThread):
         results, at = [], 0
         for r in group:
             n = len(r.texts or [])
-            tokens = sum(len(e.ids) for e in encodings[at:at + n])
-            results.append(Result({"embeddings": np.stack(vectors[at:at + n])},
-                                  Usage(prompt_tokens=tokens), seconds))
+            tokens = sum(len(e.ids) for e in encodings[at : at + n])
+            results.append(
+                Result(
+                    {"embeddings": np.stack(vectors[at : at + n])},
+                    Usage(prompt_tokens=tokens),
+                    seconds,
+                )
+            )
             at += n
         return results
 

@@ -31,17 +31,26 @@ def ram_directory() -> Path:
         for line in f:
             parts = line.split()
             mounts[parts[1]] = parts[2]
-    candidates = [os.environ.get("XDG_RUNTIME_DIR", ""), os.environ.get("RUNTIME_DIRECTORY", ""),
-                  "/dev/shm", f"/run/user/{os.getuid()}"]
+    candidates = [
+        os.environ.get("XDG_RUNTIME_DIR", ""),
+        os.environ.get("RUNTIME_DIRECTORY", ""),
+        "/dev/shm",
+        f"/run/user/{os.getuid()}",
+    ]
     for c in filter(None, candidates):
         path = Path(c.split(":")[0])
-        mount = max((m for m in mounts if str(path).startswith(m.rstrip("/") + "/")
-                     or str(path) == m), key=len, default="/")
+        mount = max(
+            (m for m in mounts if str(path).startswith(m.rstrip("/") + "/") or str(path) == m),
+            key=len,
+            default="/",
+        )
         if mounts.get(mount) in RAM_FILESYSTEMS and os.access(path, os.W_OK):
             return path
-    raise Unavailable("quantizing needs a RAM-backed directory (tmpfs), so that the model's "
-                      "plaintext never reaches the disk; none is writable here (/dev/shm, "
-                      "$XDG_RUNTIME_DIR)")
+    raise Unavailable(
+        "quantizing needs a RAM-backed directory (tmpfs), so that the model's "
+        "plaintext never reaches the disk; none is writable here (/dev/shm, "
+        "$XDG_RUNTIME_DIR)"
+    )
 
 
 def quantize_files(source: Path, target: Path, exclude: list[str]) -> None:
@@ -51,8 +60,9 @@ def quantize_files(source: Path, target: Path, exclude: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process, every time
-    quantize_dynamic(source, target, per_channel=True, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=exclude)
+    quantize_dynamic(
+        source, target, per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=exclude
+    )
 
 
 def quantize_bundle(data: bytes, exclude: list[str], workdir: Path | None = None) -> bytes:
@@ -72,8 +82,9 @@ def quantize_in_memory(data: bytes, exclude: list[str]) -> bytes:
     args = [sys.executable, "-m", "edgellm.runtime.onnx.quantize"]
     for node in exclude:
         args += ["--exclude", node]
-    proc = subprocess.run(args, input=data, capture_output=True,
-                          env={**os.environ, "TMPDIR": str(ram)})
+    proc = subprocess.run(
+        args, input=data, capture_output=True, env={**os.environ, "TMPDIR": str(ram)}
+    )
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"]
         if proc.returncode == 2:  # the model itself was refused
@@ -84,12 +95,16 @@ def quantize_in_memory(data: bytes, exclude: list[str]) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exclude", action="append", default=[],
-                        help="a node to leave in float (repeatable)")
+    parser.add_argument(
+        "--exclude", action="append", default=[], help="a node to leave in float (repeatable)"
+    )
     args = parser.parse_args()
     try:
-        out = quantize_bundle(sys.stdin.buffer.read(), args.exclude,
-                              Path(os.environ["TMPDIR"]) if "TMPDIR" in os.environ else None)
+        out = quantize_bundle(
+            sys.stdin.buffer.read(),
+            args.exclude,
+            Path(os.environ["TMPDIR"]) if "TMPDIR" in os.environ else None,
+        )
     except InvalidRequest as exc:
         print(exc.message, file=sys.stderr)
         sys.exit(2)

@@ -24,14 +24,17 @@ def decode(name: str, spec: Any, expected_dtype: str) -> np.ndarray:
             raw = base64.b64decode(str(spec["npy"]), validate=True)
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         except (binascii.Error, ValueError, OSError, EOFError) as exc:
-            raise InvalidRequest(f"input {name!r}: not a base64 .npy file ({exc})",
-                                 param=param) from None
+            raise InvalidRequest(
+                f"input {name!r}: not a base64 .npy file ({exc})", param=param
+            ) from None
         return array
     if isinstance(spec, dict):
         unknown = set(spec) - {"dtype", "data", "shape"}
         if unknown or "data" not in spec:
-            raise InvalidRequest(f"input {name!r}: give {{\"dtype\", \"data\"}} or "
-                                 f"{{\"npy\"}}, not {sorted(spec)}", param=param)
+            raise InvalidRequest(
+                f'input {name!r}: give {{"dtype", "data"}} or {{"npy"}}, not {sorted(spec)}',
+                param=param,
+            )
         dtype, data = spec.get("dtype") or expected_dtype, spec["data"]
     else:
         dtype, data = expected_dtype, spec
@@ -42,40 +45,54 @@ def decode(name: str, spec: Any, expected_dtype: str) -> np.ndarray:
     try:
         array = np.array(data, dtype=np_dtype)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidRequest(f"input {name!r}: data is not a rectangular nested list of "
-                             f"{np_dtype.name} values ({str(exc).splitlines()[0]})",
-                             param=param) from None
+        raise InvalidRequest(
+            f"input {name!r}: data is not a rectangular nested list of "
+            f"{np_dtype.name} values ({str(exc).splitlines()[0]})",
+            param=param,
+        ) from None
     if isinstance(spec, dict) and spec.get("shape") is not None:
         try:
             array = array.reshape(spec["shape"])
         except (ValueError, TypeError):
-            raise InvalidRequest(f"input {name!r}: {array.size} values cannot take shape "
-                                 f"{spec['shape']}", param=param) from None
+            raise InvalidRequest(
+                f"input {name!r}: {array.size} values cannot take shape {spec['shape']}",
+                param=param,
+            ) from None
     return array
 
 
-def check(inputs: dict[str, np.ndarray], signature: list[dict[str, Any]],
-          model: str) -> None:
+def check(inputs: dict[str, np.ndarray], signature: list[dict[str, Any]], model: str) -> None:
     """Names, dtypes, ranks and fixed dimensions against the model's inputs."""
     wanted = {s["name"]: s for s in signature}
     for name in inputs:
         if name not in wanted:
-            raise InvalidRequest(f"{model} has no input {name!r}; its inputs are "
-                                 f"{', '.join(wanted)}", param=f"inputs.{name}")
+            raise InvalidRequest(
+                f"{model} has no input {name!r}; its inputs are {', '.join(wanted)}",
+                param=f"inputs.{name}",
+            )
     for name, s in wanted.items():
         if name not in inputs:
-            raise InvalidRequest(f"missing input {name!r} ({s['dtype']} {show_shape(s['shape'])})",
-                                 param=f"inputs.{name}")
+            raise InvalidRequest(
+                f"missing input {name!r} ({s['dtype']} {show_shape(s['shape'])})",
+                param=f"inputs.{name}",
+            )
         array, shape = inputs[name], s["shape"]
         if array.dtype.name != s["dtype"]:
-            raise InvalidRequest(f"input {name!r} is {array.dtype.name} but {model} expects "
-                                 f"{s['dtype']}", param=f"inputs.{name}")
+            raise InvalidRequest(
+                f"input {name!r} is {array.dtype.name} but {model} expects {s['dtype']}",
+                param=f"inputs.{name}",
+            )
         if shape is None:
             continue
-        if array.ndim != len(shape) or any(isinstance(d, int) and d > 0 and d != n
-                                           for d, n in zip(shape, array.shape, strict=False)):
-            raise InvalidRequest(f"input {name!r} has shape {list(array.shape)} but {model} "
-                                 f"expects {show_shape(shape)}", param=f"inputs.{name}")
+        if array.ndim != len(shape) or any(
+            isinstance(d, int) and d > 0 and d != n
+            for d, n in zip(shape, array.shape, strict=False)
+        ):
+            raise InvalidRequest(
+                f"input {name!r} has shape {list(array.shape)} but {model} "
+                f"expects {show_shape(shape)}",
+                param=f"inputs.{name}",
+            )
 
 
 def show_shape(shape: list[Any] | None) -> str:
