@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgellm.errors import EdgeError, IntegrityError, ModelNotFound
+from edgellm.errors import FetchError, IntegrityError, ModelNotFound
 
 CHUNK = 1024 * 1024
 
@@ -73,10 +73,6 @@ class Catalog:
     @staticmethod
     def _read(path: Path) -> Manifest:
         return Manifest(**tomllib.loads(path.read_text()))
-
-
-class FetchError(EdgeError):
-    status, type, code = 502, "server_error", "fetch_failed"
 
 
 def fetch(manifest: Manifest, cache_dir: Path) -> Path:

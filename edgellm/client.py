@@ -1,4 +1,4 @@
-"""The Python client of the edgellm socket, sync and async.
+"""The Python client of the edgellm socket.
 
     from edgellm.client import Client
     with Client() as c:
@@ -14,19 +14,15 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from edgellm.errors import EdgeError, from_body
+from edgellm.errors import DaemonUnavailable, EdgeError, from_body, parse_retry_after
 
 BASE_URL = "http://edgellm"
-
-
-class DaemonUnavailable(EdgeError):
-    status, type, code = 503, "client_error", "daemon_unavailable"
 
 
 def resolve_socket(socket: str | os.PathLike[str] | None = None) -> Path:
@@ -64,7 +60,8 @@ def _raise_for(response: httpx.Response) -> None:
         body = response.json()
     except ValueError:
         body = {"error": {"message": response.text or response.reason_phrase}}
-    raise from_body(response.status_code, body)
+    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    raise from_body(response.status_code, body, retry_after)
 
 
 class ChatStream:
@@ -77,7 +74,7 @@ class ChatStream:
 
     def _take(self, payload: dict[str, Any]) -> str | None:
         if "error" in payload:
-            raise from_body(500, payload)
+            raise from_body(None, payload)  # its class says its status
         self.id = payload.get("id", self.id)
         if payload.get("usage"):
             self.usage = payload["usage"]
@@ -396,96 +393,6 @@ class _SyncStream(ChatStream):
         """Stop early: closing the connection makes the daemon cancel the generation."""
         if self._response is not None:
             self._response.close()
-
-
-class AsyncClient:
-    def __init__(
-        self, socket: str | os.PathLike[str] | None = None, timeout: float | None = 600.0
-    ) -> None:
-        self.socket = resolve_socket(socket)
-        self._http = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.socket)),
-            base_url=BASE_URL,
-            timeout=httpx.Timeout(timeout, connect=5.0),
-        )
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, **kw)
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise _unavailable(self.socket, exc) from None
-        _raise_for(response)
-        return response
-
-    async def _json(self, method: str, path: str, **kw: Any) -> Any:
-        return (await self.request(method, path, **kw)).json()
-
-    async def health(self) -> dict[str, Any]:
-        return await self._json("GET", "/health")
-
-    async def ps(self) -> list[dict[str, Any]]:
-        return (await self._json("GET", "/api/ps"))["models"]
-
-    async def models(self) -> list[dict[str, Any]]:
-        return (await self._json("GET", "/api/models"))["models"]
-
-    async def load(self, name: str, keep_alive: float | str | None = None) -> dict[str, Any]:
-        body = {} if keep_alive is None else {"keep_alive": keep_alive}
-        return await self._json("POST", f"/api/models/{name}/load", json=body)
-
-    async def unload(self, name: str, force: bool = False) -> dict[str, Any]:
-        return await self._json(
-            "POST", f"/api/models/{name}/unload", params={"force": "true"} if force else None
-        )
-
-    async def requests(self) -> list[dict[str, Any]]:
-        return (await self._json("GET", "/api/requests"))["requests"]
-
-    async def cancel(self, request_id: str) -> dict[str, Any]:
-        return await self._json("DELETE", f"/api/requests/{request_id}")
-
-    async def embed(self, texts: str | list[str], model: str | None = None) -> list[list[float]]:
-        body = await self._json("POST", "/v1/embeddings", json=_embed_body(texts, model))
-        return [d["embedding"] for d in body["data"]]
-
-    async def chat(
-        self, messages: list[dict[str, Any]], *, model: str | None = None, **params: Any
-    ) -> dict[str, Any]:
-        body = _gen_body("chat", messages, model, False, params)
-        return await self._json("POST", "/v1/chat/completions", json=body)
-
-    async def chat_stream(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        model: str | None = None,
-        stream_state: ChatStream | None = None,
-        **params: Any,
-    ) -> AsyncIterator[str]:
-        """Yields text; pass a ChatStream as ``stream_state`` to read the finish reason."""
-        state = stream_state or ChatStream()
-        body = _gen_body("chat", messages, model, True, params)
-        try:
-            async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
-                if not response.is_success:
-                    await response.aread()
-                    _raise_for(response)
-                async for line in response.aiter_lines():
-                    for payload in _sse_payloads([line]):
-                        text = state._take(payload)
-                        if text:
-                            yield text
-        except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise _unavailable(self.socket, exc) from None
 
 
 def _embed_body(texts: str | list[str], model: str | None) -> dict[str, Any]:

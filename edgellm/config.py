@@ -14,7 +14,7 @@ from typing import Any, Literal
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edgellm.errors import InvalidRequest
+from edgellm.errors import ConfigError
 
 APP = "edgellm"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -244,10 +244,6 @@ class Settings(BaseModel):
             for key in ModelSettings.model_fields
         }
         return ModelSettings(**merged)
-
-
-class ConfigError(InvalidRequest):
-    """A bad setting; the message names the key and the source it came from."""
 
 
 ENV_PREFIX = "EDGELLM_"

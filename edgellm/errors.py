@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from typing import Any
 
+# every error class by its code: how the client turns a response back into its class
+_BY_CODE: dict[str, type[EdgeError]] = {}
+
 
 class EdgeError(Exception):
+    """The base of every error edgellm answers with. Each subclass declares its own
+    ``code`` (checked here, at import), so a code names exactly one class on both sides
+    of the socket. ``retry_after`` is seconds (the response's Retry-After header)."""
+
     status: int = 500
     type: str = "server_error"
     code: str = "internal_error"
     retryable: bool | None = None  # False: tell SDKs not to retry (x-should-retry)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must declare its own error code")
+        known = _BY_CODE.setdefault(cls.code, cls)
+        if known is not cls:
+            raise TypeError(f"{cls.__name__} and {known.__name__} share the code {cls.code!r}")
 
     def __init__(
         self,
@@ -146,30 +161,97 @@ class RequestCancelled(Conflict):
     code = "request_cancelled"
 
 
+class InternalError(EdgeError):
+    code = "internal_error"
+
+
 class IntegrityError(EdgeError):
     """A stored model does not match its recorded checksum."""
 
     status, type, code = 409, "invalid_request_error", "integrity_check_failed"
 
 
-class InternalError(EdgeError):
-    pass
+# --- the vault ----------------------------------------------------------------------------
+class VaultKeyError(EdgeError):
+    status, type, code = 400, "vault_error", "vault_key"
 
 
-_BY_CODE: dict[str, type[EdgeError]] = {}
-for _cls in list(globals().values()):
-    if isinstance(_cls, type) and issubclass(_cls, EdgeError):
-        _BY_CODE.setdefault(_cls.code, _cls)
+class WrongKey(VaultKeyError):
+    code = "wrong_key"
 
 
-def from_body(status: int, body: Any) -> EdgeError:
-    """Rebuild an error from a response body (used by the client)."""
+class NoKey(VaultKeyError):
+    code = "no_key"
+
+
+class VaultLocked(Unavailable):
+    code = "vault_locked"
+
+    def __init__(
+        self, message: str = "vault is locked: unlock it with `edgellm vault unlock`", **kw: Any
+    ) -> None:
+        super().__init__(message, retry_after=float(kw.pop("retry_after", 30)), **kw)
+
+
+class AuditUnavailable(Unavailable):
+    code = "audit_unavailable"
+
+
+class DataNotFound(NotFound):
+    code = "data_not_found"
+
+
+# --- settings, the catalog, the service, the client ---------------------------------------
+class ConfigError(InvalidRequest):
+    """A bad setting; the message names the key and the source it came from."""
+
+    code = "invalid_config"
+
+
+class FetchError(EdgeError):
+    status, type, code = 502, "server_error", "fetch_failed"
+
+
+class ServiceError(EdgeError):
+    status, type, code = 400, "service_error", "service_error"
+
+
+class AlreadyRunning(Conflict):
+    code = "already_running"
+
+
+class DaemonUnavailable(EdgeError):
+    """The client could not reach a daemon (none runs, or the socket refuses us)."""
+
+    status, type, code = 503, "client_error", "daemon_unavailable"
+
+
+def from_body(status: int | None, body: Any, retry_after: float | None = None) -> EdgeError:
+    """Rebuild an error from a response body (used by the client): the class its code
+    names (EdgeError for a code this version does not know), the response's status
+    (None: the class's own, for an error inside a stream), and its Retry-After."""
     err = body.get("error", {}) if isinstance(body, dict) else {}
     if not isinstance(err, dict):
         err = {"message": str(err)}
-    message = str(err.get("message") or f"HTTP {status}")
     cls = _BY_CODE.get(str(err.get("code")), EdgeError)
     exc = cls.__new__(cls)
-    EdgeError.__init__(exc, message, param=err.get("param"), code=err.get("code"))
-    exc.status = status
+    message = str(err.get("message") or f"HTTP {status or cls.status}")
+    param = err.get("param")
+    EdgeError.__init__(
+        exc,
+        message,
+        param=param if isinstance(param, str) else None,
+        code=str(err["code"]) if err.get("code") is not None else None,
+        retry_after=retry_after,
+    )
+    exc.status = status or cls.status
     return exc
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (edgellm sends seconds; an HTTP date is not)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < 86400 * 365 else None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from edgellm.errors import EdgeError
+from edgellm.errors import ServiceError
 
 UNIT_DIR = "etc/systemd/system"
 FILES = {  # template in systemd/ → where it goes
@@ -39,10 +39,6 @@ max_queue = 16
 n_parallel = 4
 # preload = ["smollm2-135m-instruct"]   # loaded and pinned before the service is ready
 """
-
-
-class ServiceError(EdgeError):
-    status, type, code = 400, "service_error", "service_error"
 
 
 @dataclass

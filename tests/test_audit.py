@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from edgellm.vault.audit import AuditLog, AuditUnavailable
+from edgellm.errors import AuditUnavailable
+from edgellm.vault.audit import AuditLog
 
 from conftest import MODEL, Daemon, wait_for
 

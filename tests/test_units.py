@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from edgellm.catalog import Catalog, Manifest, fetch
-from edgellm.config import ConfigError, load_settings, parse_duration
-from edgellm.errors import IntegrityError, InvalidRequest, ModelNotFound
+from edgellm.config import load_settings, parse_duration
+from edgellm.errors import ConfigError, IntegrityError, InvalidRequest, ModelNotFound
 from edgellm.runtime.gguf_meta import read_gguf_metadata
 from edgellm.runtime.text import StopMatcher
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edgellm.errors import EdgeError
+from edgellm.errors import EdgeError, VaultLocked, WrongKey
 
 from conftest import MODEL, Daemon, wait_for
 
@@ -72,6 +72,22 @@ def test_a_locked_vault_refuses_what_needs_it_and_unlocks(make_daemon: Any, tmp_
             "/api/vault/unlock",
         ]
         assert c.audit_verify()["ok"]
+    assert d.alive()
+
+
+def test_the_client_raises_the_daemons_own_error_and_its_retry_after(
+    make_daemon: Any, tmp_path: Path
+) -> None:
+    d, kept = _start_without_key(make_daemon, tmp_path)
+    with d.client() as c:
+        with pytest.raises(VaultLocked) as locked:
+            c.chat([{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert locked.value.status == 503 and locked.value.retry_after == 30
+        with pytest.raises(WrongKey, match="wrong vault key"):
+            c.vault_unlock(key=bytes(32))
+    shown = d.cli("audit", "verify")
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert shown.stderr.startswith("error: vault is locked") and "retry in 30s" in shown.stderr
     assert d.alive()
 
 

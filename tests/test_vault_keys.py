@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgellm.config import load_settings
+from edgellm.errors import VaultLocked
 from edgellm.vault import rotation
 from edgellm.vault.keys import (
     MasterKey,
@@ -27,7 +28,7 @@ from edgellm.vault.keys import (
     read_key_file,
 )
 from edgellm.vault.open import open_vault, pending_key_file, rotate_to_new_key_file
-from edgellm.vault.store import VaultLocked, VaultStore
+from edgellm.vault.store import VaultStore
 
 PAYLOADS = {f"docs/{i}.bin": os.urandom(3000 + 1000 * i) for i in range(5)}
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edgellm.errors import Conflict, IntegrityError, InvalidRequest, ModelNotFound
-from edgellm.vault.keys import MasterKey, WrongKey, create_key_file, read_key_file
+from edgellm.errors import Conflict, IntegrityError, InvalidRequest, ModelNotFound, WrongKey
+from edgellm.vault.keys import MasterKey, create_key_file, read_key_file
 from edgellm.vault.store import VaultStore
 
 from conftest import MODEL, Daemon

@@ -24,6 +24,14 @@ socket_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
+def one_line(exc: EdgeError) -> str:
+    """An error as the CLI shows it: its message, and when to try again if the daemon
+    said (Retry-After)."""
+    if exc.retry_after is None:
+        return exc.message
+    return f"{exc.message.rstrip('.')} (retry in {exc.retry_after:g}s)"
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn our errors into one line on stderr and exit 1; never show a traceback."""
 
@@ -32,7 +40,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except EdgeError as exc:
-            click.echo(f"error: {exc.message}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(1)
         except OSError as exc:
             click.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
@@ -87,7 +95,7 @@ def offline_store(
     """The vault opened here, with no daemon: by its key file, or by its passphrase
     (asked for). ``create=False, upgrade=False`` reads a vault as it is (an auditor's
     copy): none is created, and an older one is not migrated."""
-    from edgellm.vault.keys import NoKey
+    from edgellm.errors import NoKey
     from edgellm.vault.open import open_vault
 
     settings = load_settings(overrides={"state_dir": state_dir, "vault_key_file": key_file})

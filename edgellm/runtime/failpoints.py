@@ -14,7 +14,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from edgellm.config import ConfigError
+from edgellm.errors import ConfigError
 
 log = logging.getLogger("edgellm.failpoints")
 ENTRY = re.compile(

@@ -23,6 +23,7 @@ from edgellm.errors import (
     PayloadTooLarge,
     PermissionDenied,
     ShuttingDown,
+    VaultLocked,
 )
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
@@ -89,8 +90,6 @@ class State:
         if self.vault is None:
             return None
         if self.vault.locked or (self.locking and fields.get("decision") == "allow"):
-            from edgellm.vault.keys import VaultLocked
-
             raise VaultLocked()
         creds, who = request.get("principal", {}), request.get("who")
         user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")

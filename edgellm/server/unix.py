@@ -8,11 +8,7 @@ import socket
 import stat
 from pathlib import Path
 
-from edgellm.errors import Conflict
-
-
-class AlreadyRunning(Conflict):
-    code = "already_running"
+from edgellm.errors import AlreadyRunning, Conflict
 
 
 def bind_unix_socket(path: Path, mode: int = 0o660) -> socket.socket:

@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from edgellm.errors import InvalidRequest, NotFound
+from edgellm.errors import InvalidRequest, NotFound, VaultKeyError
 from edgellm.server.context import State, body_chunks, read_json
-from edgellm.vault.keys import KEY_LEN, MasterKey, VaultKeyError, from_passphrase
+from edgellm.vault.keys import KEY_LEN, MasterKey, from_passphrase
 from edgellm.vault.open import key_from_settings, rotate_to_new_key_file
 
 log = logging.getLogger("edgellm.vault")

@@ -26,8 +26,7 @@ from typing import Any
 
 import sqlite_utils
 
-from edgellm.errors import Unavailable
-from edgellm.vault.keys import VaultLocked
+from edgellm.errors import AuditUnavailable, VaultLocked
 
 FIELDS = (
     "seq",
@@ -49,10 +48,6 @@ FIELDS = (
 )
 GENESIS = b"\x00" * 32
 log = logging.getLogger("edgellm.vault")
-
-
-class AuditUnavailable(Unavailable):
-    code = "audit_unavailable"
 
 
 INT64 = 1 << 63

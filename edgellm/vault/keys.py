@@ -25,33 +25,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from edgellm.errors import EdgeError, Unavailable
+from edgellm.errors import NoKey, VaultKeyError, WrongKey
 from edgellm.vault.files import fsync_dir
 
 KEY_LEN = 32
 SCRYPT_MIN = {"n": 1 << 17, "r": 8, "p": 1}
 CREDENTIAL = "vault-key"
-
-
-class VaultKeyError(EdgeError):
-    status, type, code = 400, "vault_error", "vault_key"
-
-
-class WrongKey(VaultKeyError):
-    code = "wrong_key"
-
-
-class NoKey(VaultKeyError):
-    code = "no_key"
-
-
-class VaultLocked(Unavailable):
-    code = "vault_locked"
-
-    def __init__(
-        self, message: str = "vault is locked: unlock it with `edgellm vault unlock`", **kw: object
-    ) -> None:
-        super().__init__(message, retry_after=float(kw.pop("retry_after", 30)), **kw)
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,11 @@ import sqlite_utils
 
 from edgellm.errors import (
     Conflict,
+    DataNotFound,
     IntegrityError,
     InvalidRequest,
     ModelNotFound,
-    NotFound,
+    VaultLocked,
 )
 from edgellm.runtime.gguf_meta import check_gguf_tensors, read_gguf_metadata
 from edgellm.runtime.source import ModelRecord, check_name
@@ -53,17 +54,13 @@ from edgellm.vault import rotation
 from edgellm.vault.access import AccessPolicy
 from edgellm.vault.audit import AuditLog
 from edgellm.vault.files import fsync_dir
-from edgellm.vault.keys import MasterKey, VaultLocked, VaultMeta
+from edgellm.vault.keys import MasterKey, VaultMeta
 
 log = logging.getLogger("edgellm.vault")
 HEAD_LIMIT = 64 * 1024 * 1024  # a GGUF's key/value section must fit in this much
 ONNX_LIMIT = 2 * 1024**3  # protobuf's limit: bigger models keep weights outside
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 DATA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-
-
-class DataNotFound(NotFound):
-    code = "data_not_found"
 
 
 def check_data_name(name: str) -> str:
