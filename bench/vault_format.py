@@ -103,7 +103,7 @@ def load_times(rounds: int = 5) -> None:
     import tempfile
 
     from edgellm.config import ModelSettings
-    from edgellm.runtime.llama_backend import LlamaBackend
+    from edgellm.runtime.llama.backend import LlamaBackend
     from edgellm.vault.keys import create_key_file
     from edgellm.vault.store import VaultStore
 

@@ -77,6 +77,10 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class MethodNotAllowed(EdgeError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
 class Conflict(EdgeError):
     status, type, code = 409, "invalid_request_error", "conflict"
 

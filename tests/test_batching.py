@@ -228,11 +228,11 @@ def test_limits_lower_slots_and_threads_without_reloading(model_file: Path, tmp_
         while finished < len(requests):
             if done.acquire(timeout=0.01):
                 finished += 1
-            busiest = max(busiest, rt.loaded()[0]["slots_busy"])
+            busiest = max(busiest, rt.loaded()[0].slots_busy)
         loaded = rt.loaded()[0]
-        assert busiest == 1 and loaded["slot_limit"] == 1 and loaded["n_threads"] == 1
-        assert loaded["slots"] == 4 and rt.stats["loads"] == 1
+        assert busiest == 1 and loaded.slot_limit == 1 and loaded.n_threads == 1
+        assert loaded.slots == 4 and rt.stats["loads"] == 1
         rt.set_limits(n_parallel=4, n_threads=2)
-        assert rt.loaded()[0]["slot_limit"] == 4
+        assert rt.loaded()[0].slot_limit == 4
     finally:
         rt.close()

@@ -5,6 +5,7 @@ and a dead engine, on real daemons with real onnxruntime and tiny real graphs.""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import threading
 import time
@@ -15,8 +16,10 @@ from typing import Any
 import numpy as np
 import onnx_models
 import pytest
+from textual.widgets import DataTable
 
 from edgellm.errors import EdgeError
+from edgellm.tui.app import EdgeApp
 
 from conftest import MODEL, Daemon, wait_for
 
@@ -339,7 +342,7 @@ def test_the_governor_lowers_threads_with_a_new_session(make_daemon: Any, models
     rt = Runtime(load_settings(overrides={"n_threads": 2}, environ={}), store)
     try:
         rt.load("affine")
-        assert rt.loaded()[0]["n_threads"] == 2
+        assert rt.loaded()[0].n_threads == 2
 
         def run() -> Any:
             done: list[Any] = []
@@ -353,7 +356,7 @@ def test_the_governor_lowers_threads_with_a_new_session(make_daemon: Any, models
         rt.apply_limits(Limits(thread_fraction=0.5))
         np.testing.assert_allclose(run(), onnx_models.affine_expected(np.ones((1, 3))), rtol=1e-6)
         engine = rt._loaded["affine"].engine
-        assert engine._applied_threads == 1 and rt.loaded()[0]["n_threads"] == 1
+        assert engine._applied_threads == 1 and rt.loaded()[0].n_threads == 1
         assert engine._session.get_session_options().intra_op_num_threads == 1
     finally:
         rt.close()
@@ -444,3 +447,32 @@ def test_every_tensor_request_is_audited_and_none_is_served_unaudited(onnx_daemo
             onnx_models.affine_expected(np.array([[1, 2, 3]], dtype=np.float32)),
         )
         assert h.get("/api/audit/verify").json()["ok"] is True
+
+
+def test_metrics_and_the_dashboard_with_an_onnx_model_loaded(onnx_daemon: Daemon) -> None:
+    """Both read the one rate field every engine has: with an ONNX model loaded they
+    failed on a key only the llama engine set (KeyError: 'tokens_per_second')."""
+    with onnx_daemon.client() as c:
+        c.infer("affine", {"x": np.ones((2, 3), dtype=np.float32)})
+        c.chat([{"role": "user", "content": "Hi"}], max_tokens=2)  # and a GGUF model beside it
+        metrics = c.metrics()  # was a 500
+        shown = {m["name"]: m for m in c.ps()}
+        assert shown["affine"]["rate_unit"] == "rows" and shown[MODEL]["rate_unit"] == "tokens"
+    assert 'edgellm_rows_per_second{model="affine"}' in metrics
+    assert f'edgellm_tokens_per_second{{model="{MODEL}"}}' in metrics
+    app = EdgeApp(onnx_daemon.socket)
+
+    async def main() -> list[str]:
+        async with app.run_test(size=(120, 30)) as pilot:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                table = app.query_one("#loaded", DataTable)
+                names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+                if "affine" in names:
+                    return [str(c) for c in table.get_row_at(names.index("affine"))]
+                await pilot.pause(0.1)
+        raise AssertionError("the dashboard did not show the ONNX model")
+
+    row = asyncio.run(main())
+    assert row[0] == "affine" and row[3].endswith("rows/s")
+    assert onnx_daemon.alive()

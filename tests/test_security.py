@@ -23,7 +23,8 @@ import pytest
 from aiohttp import web
 from gguf_files import corruptions, with_template
 
-from edgellm.server.app import ROUTE_PERMISSIONS, add_routes
+from edgellm.server.app import add_routes
+from edgellm.server.routes import Audit
 
 from conftest import MODEL, Daemon, as_user, public_socket, unix_users, wait_for
 
@@ -106,9 +107,22 @@ def concrete(path: str) -> str:
 
 
 def test_every_route_declares_its_policy() -> None:
-    for method, path in routes():
-        key = ("GET" if method == "HEAD" else method, path)
-        assert key in ROUTE_PERMISSIONS, f"{method} {path} has no declared permission"
+    app = web.Application()
+    policies = add_routes(app.router)
+    for route in app.router.routes():
+        assert route in policies, f"{route.method} {route.resource} has no declared policy"
+    # and what the declarations say, for the routes whose treatment is not the default
+    declared = {(r.method, r.resource.canonical): policies[r] for r in app.router.routes()}
+    assert declared[("GET", "/api/data/{name}")].audit is Audit.BEFORE  # a secret's read
+    assert declared[("POST", "/api/vault/unlock")].audit is Audit.HANDLER
+    assert declared[("HEAD", "/api/audit")] == declared[("GET", "/api/audit")]
+    uses = {k for k, p in declared.items() if p.audit is Audit.PIPELINE}
+    assert uses == {
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/api/onnx/{name}/infer"),
+    }
 
 
 def test_every_route_and_method_refuses_an_ungranted_caller(target: Daemon) -> None:
@@ -325,7 +339,7 @@ def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path, tmp_
         assert "keeps serving" in str(events["bad"][-1].error)
         assert isinstance(events["good"][-1], Finished)
         assert events["good"][-1].finish_reason == "length"
-        assert rt.loaded()[0]["name"] == MODEL and rt.stats["engine_failures"] == 0
+        assert rt.loaded()[0].name == MODEL and rt.stats["engine_failures"] == 0
     finally:
         rt.close()
 

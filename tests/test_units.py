@@ -12,7 +12,7 @@ from edgellm.catalog import Catalog, Manifest, fetch
 from edgellm.config import load_settings, parse_duration
 from edgellm.errors import ConfigError, IntegrityError, InvalidRequest, ModelNotFound
 from edgellm.runtime.gguf_meta import read_gguf_metadata
-from edgellm.runtime.text import StopMatcher
+from edgellm.runtime.llama.text import StopMatcher
 
 # --- GGUF header -------------------------------------------------------------------------
 

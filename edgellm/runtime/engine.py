@@ -1,48 +1,30 @@
-"""The llama.cpp engine: one thread owns one model's context and its slots.
+"""What the runtime asks of an engine, what every engine shares, and which engine
+runs which format.
 
-Requests arrive on a thread-safe queue; events leave through each request's sink.
-Every turn of the loop:
-
-1. admits queued requests into free slots (reusing a cached prompt prefix when
-   one matches, copied between sequences with ``llama_memory_seq_cp``);
-2. decodes one token for every generating slot in a single ``llama_decode``, and
-   samples each with its own sampler chain;
-3. evaluates one prompt chunk of one prefilling slot, so a long prompt never
-   freezes the streams already running for more than one chunk.
-
-Prompt chunks run as batches of their own sequence, aligned to absolute positions,
-decode steps carry one token per sequence, and each slot has its own KV stream
-(see llama_backend.py): every row is computed exactly as if the request ran alone,
-so output does not depend on what else runs. Cancellation and deadlines are
-checked every turn: a cancelled or disconnected request frees its slot within one
-decode step.
-
-If the thread dies, the runtime is told first (so nothing more is sent here), then
-every request it holds fails with the reason. An engine stuck inside llama.cpp
-cannot run this loop: ``abandon`` fails its requests from the outside instead.
+An engine owns one loaded model on a thread of its own: requests go in through
+``submit`` and leave through their sinks (``Request.emit``). llama.cpp runs GGUF
+models (``runtime/llama/``), onnxruntime runs ONNX models (``runtime/onnx/``); the
+model manager treats them alike through ``Engine``. ``EngineThread`` is the base both
+build on: the thread that loads then serves, the queue, progress for the stability
+watch, and the recent-rate window behind ``ModelStatus.rate``. Tests register a
+fake engine for a format of their own with ``register_engine``.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from edgellm.config import ModelSettings
-from edgellm.errors import ContextOverflow, EdgeError, EngineFailed, InternalError, ModelLoadFailed
-from edgellm.runtime import failpoints
-from edgellm.runtime.llama_backend import LlamaBackend
-from edgellm.runtime.slots import Slot, reusable
+from edgellm.errors import EdgeError, EngineFailed, ModelLoadFailed
 from edgellm.runtime.source import ModelRecord
-from edgellm.runtime.text import StopMatcher
-from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest, Usage
 
 log = logging.getLogger("edgellm.engine")
 
@@ -65,10 +47,28 @@ class EngineThread(ABC):
     """What every engine shares: a thread that loads the model then serves a queue,
     progress and busy times for the stability watch, and a recent-rate window."""
 
-    name: str
-    _queue: queue.Queue[Any]
+    rate_unit = "tokens"  # what ``rate`` counts: "tokens" (GGUF) or "rows" (ONNX)
 
-    def _init_thread(self) -> None:
+    def __init__(
+        self,
+        record: ModelRecord,
+        model_path: str,
+        settings: ModelSettings,
+        on_request_done: Callable[[str], None] | None = None,
+        on_died: Callable[[Any, str], None] | None = None,
+    ) -> None:
+        self.record, self.name = record, record.name
+        self.model_path, self.settings = model_path, settings
+        self.stats = EngineStats()
+        self.gpu_offload = False
+        self.n_ctx = 0
+        self.capacity = self.max_active = 1  # subclasses set what they run at once
+        # the governor may lower threads at run time; the loop applies them between steps
+        self.n_threads = settings.n_threads or 1
+        self._applied_threads = self.n_threads
+        self._on_request_done = on_request_done
+        self._on_died = on_died  # called with (engine, reason) if the engine thread dies
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._recent: deque[tuple[float, int]] = deque(maxlen=256)  # (time, items) per step
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -79,7 +79,6 @@ class EngineThread(ABC):
 
     activity = "running"  # what a failure message says it was doing
     failure: str | None = None
-    _on_died: Any = None
 
     # --- what each engine does ------------------------------------------------------------
     @abstractmethod
@@ -102,6 +101,10 @@ class EngineThread(ABC):
     @abstractmethod
     def busy_slots(self) -> int:
         """Requests running now."""
+
+    @abstractmethod
+    def details(self) -> dict[str, Any]:
+        """What /api/ps shows of this engine beyond ModelStatus's common fields."""
 
     def _main(self) -> None:
         try:
@@ -180,338 +183,55 @@ class EngineThread(ABC):
         return sum(n for _, n in recent[1:]) / span if span > 0 else 0.0
 
 
-class LlamaEngine(EngineThread):
-    def __init__(
-        self,
-        record: ModelRecord,
-        model_path: str,
-        settings: ModelSettings,
-        on_request_done: Any = None,
-        on_died: Any = None,
-    ) -> None:
-        self.record = record
-        self.name = record.name
-        self.model_path = model_path
-        self.settings = settings
-        self.n_ctx = settings.n_ctx or 2048
-        if record.context_length:
-            self.n_ctx = min(self.n_ctx, record.context_length)
-        self.slots = [Slot(i) for i in range(settings.n_parallel or 1)]
-        self.capacity = len(self.slots)  # requests it can run at once
-        self.prefill_chunk = min(settings.prefill_chunk or 256, settings.n_batch or 512)
-        self.prefix_cache = True if settings.prefix_cache is None else settings.prefix_cache
-        self.stats = EngineStats()
-        self.gpu_offload = False
-        # limits the governor may lower at run time, applied between steps
-        self.n_threads = settings.n_threads or 1
-        self.max_active = len(self.slots)
-        self._applied_threads = self.n_threads
-        self.tokens_per_second_cap = 0.0  # a duty cycle, so a hot device cools
-        self._on_request_done = on_request_done
-        self._on_died = on_died  # called with (engine, reason) if the engine thread dies
-        self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
-        self._llm: LlamaBackend | None = None
-        self._init_thread()
+class Engine(Protocol):
+    name: str
+    record: ModelRecord
+    settings: ModelSettings
+    stats: EngineStats
+    capacity: int  # requests (GGUF: slots) or rows (ONNX: a batch) it runs at once
+    max_active: int  # the governor's limit on that
+    n_threads: int
+    rate_unit: str  # what rate() counts: "tokens" or "rows"
+    n_ctx: int
+    gpu_offload: bool
 
-    # --- called from other threads -----------------------------------------------
-    def submit(self, request: GenerationRequest) -> None:
-        self._enqueue(request)
-
-    def abandon(self, error: EdgeError) -> None:
-        """Give up on an engine that makes no progress, from another thread: its
-        requests fail with ``error`` now; if its thread ever returns, it exits."""
-        self._stopping.set()
-        self._fail_requests(error)
-        self._queue.put(None)
-
-    def _fail_requests(self, error: EdgeError) -> None:
-        for slot in self.slots:
-            if (request := slot.request) is not None:
-                request.emit(Failed(error))
-        for request in self._drain():
-            request.emit(Failed(error))
-
+    def start(self, timeout: float = 600.0) -> None: ...
+    def submit(self, request: Any) -> None: ...
+    def stop(self, timeout: float | None = 30.0) -> None: ...
+    def abandon(self, error: EdgeError) -> None: ...
+    def stalled_for(self, now: float) -> float: ...
     def set_limits(
         self,
         n_threads: int | None = None,
         n_parallel: int | None = None,
         tokens_per_second: float | None = None,
-    ) -> None:
-        """Fewer threads or slots, or a cap on tokens per second (0: none), from the
-        next step on, without reloading the model. Sequences already running in slots
-        above the new limit finish normally."""
-        if n_threads is not None:
-            self.n_threads = max(1, n_threads)
-        if n_parallel is not None:
-            self.max_active = max(1, min(n_parallel, len(self.slots)))
-        if tokens_per_second is not None:
-            self.tokens_per_second_cap = max(0.0, tokens_per_second)
+    ) -> None: ...
+    def details(self) -> dict[str, Any]: ...
+    def rate(self, window: float = 5.0) -> float: ...
 
     @property
-    def busy_slots(self) -> int:
-        return sum(1 for s in self.slots if s.busy)
+    def alive(self) -> bool: ...
+    @property
+    def pending(self) -> int: ...
+    @property
+    def busy_slots(self) -> int: ...
 
-    def describe(self) -> dict[str, Any]:
-        """What /api/ps shows of this engine beyond what every engine has."""
-        st = self.stats
-        return {
-            "format": "gguf",
-            "n_gpu_layers": self.settings.n_gpu_layers or 0,
-            "tokens_per_second": round(self.tokens_per_second(), 1),
-            "mean_sequences_per_step": round(st.decode_step_sequences / st.decode_steps, 2)
-            if st.decode_steps
-            else 0.0,
-        }
 
-    def tokens_per_second(self, window: float = 5.0) -> float:
-        return self.rate(window)
+EngineFactory = Callable[..., Engine]
+_FACTORIES: dict[str, EngineFactory] = {}
 
-    def cancel_all(self) -> None:
-        for slot in self.slots:
-            if slot.request is not None:
-                slot.request.cancel()
-        for request in self._drain():
-            request.cancel()
-            request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        self._stopping.set()
-        self.cancel_all()
-        self._queue.put(None)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+def register_engine(fmt: str, factory: EngineFactory) -> None:
+    """Run models of format ``fmt`` with ``factory(record, path, settings, **hooks)``
+    (the formats edgellm ships are found on first use; tests add fakes)."""
+    _FACTORIES[fmt] = factory
 
-    # --- the engine thread -----------------------------------------------------------
-    activity = "generating"
 
-    def _load(self) -> None:
-        self._llm = LlamaBackend(self.model_path, self.settings, self.n_ctx, len(self.slots))
-        self.gpu_offload = self._llm.gpu_offload
-
-    def _close(self) -> None:
-        if self.failure is None:
-            self.cancel_all()
-            for slot in self.slots:
-                if slot.request is not None:
-                    self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
-        if self._llm is not None:
-            self._llm.close()
-        self._llm = None
-
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
-            if self.n_threads != self._applied_threads:
-                self._llm.set_threads(self.n_threads)  # type: ignore[union-attr]
-                self._applied_threads = self.n_threads
-            self._admit()
-            self._check_cancelled()
-            if any(s.state == "generate" for s in self.slots):
-                self._decode_step()
-            prefilling = [s for s in self.slots if s.state == "prefill"]
-            if prefilling:
-                self._prefill_step(min(prefilling, key=lambda s: s.admitted))
-
-    # --- admission ----------------------------------------------------------------------
-    def _admit(self) -> None:
-        while self.busy_slots < self.max_active:
-            idle = self.busy_slots == 0
-            try:
-                request = self._queue.get(timeout=0.25) if idle else self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if request is None:
-                return
-            try:
-                if request.cancel_event.is_set():
-                    request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
-                    continue
-                self._place(request)
-            except EdgeError as exc:
-                request.emit(Failed(exc))
-            except Exception as exc:  # one request's content must never end the engine
-                log.exception(
-                    "event=request_failed_in_engine model=%s id=%s", self.name, request.id
-                )
-                request.emit(
-                    Failed(
-                        InternalError(
-                            f"{self.name} could not start this request ({type(exc).__name__}: "
-                            f"{exc}); the model keeps serving others"
-                        )
-                    )
-                )
-
-    def _place(self, request: GenerationRequest) -> None:
-        llm = self._llm
-        assert llm is not None
-        tokens, template_stops = llm.prompt_tokens(request.prompt, request.messages)
-        n = len(tokens)
-        if n >= self.n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {n} tokens but {self.name}'s context is {self.n_ctx} tokens "
-                f"per request; shorten it (or raise n_ctx)",
-                param="messages" if request.messages is not None else "prompt",
-            )
-        free = [s for s in self.slots if not s.busy]
-        source, keep = None, 0
-        if self.prefix_cache:
-            for s in self.slots:
-                k = reusable(s.cached, tokens, self.prefill_chunk)
-                if k > keep:
-                    source, keep = s, k
-        if source is not None and not source.busy:
-            slot = source
-            llm.seq_keep_prefix(slot.index, keep)
+def engine_for(record: ModelRecord, path: str, settings: ModelSettings, **hooks: Any) -> Engine:
+    factory = _FACTORIES.get(record.format)
+    if factory is None:  # imported when first used: onnxruntime or llama.cpp only if needed
+        if record.format == "onnx":
+            from edgellm.runtime.onnx.engine import OnnxEngine as factory
         else:
-            # the free slot whose cache is least worth keeping: shortest, then oldest
-            slot = min(free, key=lambda s: (len(s.cached), s.last_used))
-            if source is None:
-                llm.seq_keep_prefix(slot.index, 0)
-            else:
-                llm.seq_copy_prefix(source.index, slot.index, keep)
-        slot.cached = tokens[:keep]
-        p = request.sampling
-        seed = p.seed if p.seed is not None else random.getrandbits(32)
-        room = self.n_ctx - n
-        slot.request, slot.state, slot.prompt = request, "prefill", tokens
-        slot.prefilled = slot.reused = keep
-        slot.pos, slot.generated, slot.prompt_seconds = keep, 0, 0.0
-        slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        slot.sampler = llm.sampler(
-            p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, seed, p.ignore_eos
-        )
-        slot.stops = StopMatcher(list(request.stop) + template_stops)
-        slot.admitted = time.monotonic()
-        request.state, request.prompt_tokens = "running", n
-        self.last_progress = time.monotonic()
-        self.stats.reused_prompt_tokens += keep
-
-    # --- stepping -----------------------------------------------------------------------
-    def _check_cancelled(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            r = slot.request
-            if r is None:
-                continue
-            if r.cancel_event.is_set():
-                self._end(slot, "cancelled")
-            elif r.deadline is not None and now > r.deadline:
-                self._end(slot, "deadline")
-
-    def _prefill_step(self, slot: Slot) -> None:
-        llm = self._llm
-        assert llm is not None
-        start = slot.prefilled
-        end = min(start + self.prefill_chunk, len(slot.prompt))
-        last = end == len(slot.prompt)
-        t0 = time.monotonic()
-        entries = [
-            (slot.prompt[i], i, slot.index, last and i == end - 1) for i in range(start, end)
-        ]
-        if llm.decode(entries) != 0:
-            self._finish(
-                slot,
-                Failed(
-                    InternalError(f"llama.cpp could not fit the prompt in {self.name}'s KV cache")
-                ),
-            )
-            return
-        elapsed = time.monotonic() - t0
-        slot.prompt_seconds += elapsed
-        self.stats.prompt_seconds += elapsed
-        self.stats.prompt_tokens += end - start
-        self.last_progress = time.monotonic()
-        slot.prefilled = slot.pos = end
-        if end - start == self.prefill_chunk and end % self.prefill_chunk == 0:
-            slot.cached = slot.prompt[:end]  # a whole aligned chunk: reusable bit for bit
-        if last:
-            slot.state = "generate"
-            slot.first_token_at = time.monotonic()
-            self._take(slot, llm.sample(slot.sampler, len(entries) - 1))
-
-    def _decode_step(self) -> None:
-        llm = self._llm
-        assert llm is not None
-        active = [s for s in self.slots if s.state == "generate"]
-        t0 = time.monotonic()
-        failpoints.hit("engine.decode")
-        code = llm.decode([(s.last_token, s.pos, s.index, True) for s in active])
-        if code != 0:
-            for s in active:
-                self._finish(
-                    s,
-                    Failed(
-                        InternalError(
-                            f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full"
-                        )
-                    ),
-                )
-            return
-        for i, slot in enumerate(active):
-            slot.pos += 1
-            self._take(slot, llm.sample(slot.sampler, i))
-        now = time.monotonic()
-        st = self.stats
-        st.decode_seconds += now - t0
-        st.decode_steps += 1
-        st.decode_step_sequences += len(active)
-        self._recent.append((now, len(active)))
-        self.last_progress = now
-        if self.tokens_per_second_cap:  # idle out the rest of this step's time share
-            self._stopping.wait(max(0.0, len(active) / self.tokens_per_second_cap - (now - t0)))
-
-    def _take(self, slot: Slot, token: int) -> None:
-        """A sampled token: emit its text, and end the sequence if it is done."""
-        llm, request = self._llm, slot.request
-        assert llm is not None and request is not None and slot.stops is not None
-        if llm.is_eog(token) and not request.sampling.ignore_eos:
-            self._end(slot, "stop")
-            return
-        slot.generated += 1
-        request.completion_tokens = slot.generated
-        self.stats.generated_tokens += 1
-        text, hit = slot.stops.feed(llm.piece(token))
-        if text:
-            request.emit(Delta(text))
-        if hit:
-            self._end(slot, "stop")
-        elif slot.generated >= slot.max_tokens or slot.pos >= self.n_ctx:
-            self._end(slot, "length")
-        else:
-            slot.last_token = token
-
-    def _usage(self, slot: Slot) -> Usage:
-        return Usage(len(slot.prompt), slot.generated)
-
-    def _end(self, slot: Slot, reason: str) -> None:
-        if reason != "stop" and slot.stops is not None:
-            tail = slot.stops.flush()
-            if tail and slot.request is not None:
-                slot.request.emit(Delta(tail))
-        decode_s = time.monotonic() - slot.first_token_at if slot.first_token_at else 0.0
-        self._finish(
-            slot,
-            Finished(
-                reason,
-                self._usage(slot),
-                slot.prompt_seconds,  # type: ignore[arg-type]
-                decode_s if slot.state == "generate" else 0.0,
-            ),
-        )
-
-    def _finish(self, slot: Slot, final: Finished | Failed) -> None:
-        """Free the slot (keeping its reusable prefix), then tell the client: whatever
-        it asks next sees the slot free."""
-        request = slot.request
-        if self._llm is not None:
-            if isinstance(final, Failed) or not self.prefix_cache:
-                slot.cached = []
-            self._llm.seq_keep_prefix(slot.index, len(slot.cached))
-        slot.first_token_at = 0.0
-        slot.release()
-        self.stats.requests += 1
-        self.last_progress = time.monotonic()
-        if self._on_request_done:
-            self._on_request_done(self.name)
-        if request is not None:
-            request.emit(final)
+            from edgellm.runtime.llama.engine import LlamaEngine as factory
+    return factory(record, path, settings, **hooks)

@@ -25,12 +25,19 @@ from edgellm.errors import (
     Shedding,
     ShuttingDown,
 )
-from edgellm.runtime.engine import EngineStats
-from edgellm.runtime.engines import Engine, engine_for
+from edgellm.runtime.engine import Engine, EngineStats, engine_for
 from edgellm.runtime.failures import FailureBook
 from edgellm.runtime.memory import MB, estimate_bytes, headroom, rss_bytes
 from edgellm.runtime.source import ModelRecord, ModelSource
-from edgellm.runtime.types import Failed, Finished, GenerationRequest, Limits, Request, Result
+from edgellm.runtime.types import (
+    Failed,
+    Finished,
+    GenerationRequest,
+    Limits,
+    ModelStatus,
+    Request,
+    Result,
+)
 
 log = logging.getLogger("edgellm.runtime")
 
@@ -519,34 +526,41 @@ class Runtime:
         return newest.id
 
     # --- views ---------------------------------------------------------------------------
-    def loaded(self) -> list[dict[str, Any]]:
+    def loaded(self) -> list[ModelStatus]:
         now = time.monotonic()
         with self._lock:
             models = list(self._loaded.values())
-        out = []
-        for m in models:
-            e = m.engine
-            expires = m.expires_in(now)
-            out.append(
-                {
-                    "name": m.name,
-                    "memory_mb": round(m.memory_bytes / MB, 1),
-                    "size_mb": round(e.record.size / MB, 1),
-                    "slots": e.capacity,
-                    "slots_busy": e.busy_slots,
-                    "queued": e.pending,
-                    "n_ctx": e.n_ctx,
-                    "pinned": m.pinned,
-                    "keep_alive_seconds": m.keep_alive,
-                    "expires_in_seconds": None if expires is None else round(expires, 1),
-                    "idle_seconds": round(now - m.last_used, 1),
-                    "device": "gpu" if e.gpu_offload else "cpu",
-                    "slot_limit": e.max_active,
-                    "n_threads": e.n_threads,
-                    **e.describe(),
-                }
-            )
-        return out
+        return [self._status(m, now) for m in models]
+
+    def status(self, name: str) -> ModelStatus | None:
+        """The model's status while it is loaded."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        return None if loaded is None else self._status(loaded, time.monotonic())
+
+    @staticmethod
+    def _status(m: LoadedModel, now: float) -> ModelStatus:
+        e = m.engine
+        expires = m.expires_in(now)
+        return ModelStatus(
+            name=m.name,
+            memory_mb=round(m.memory_bytes / MB, 1),
+            size_mb=round(e.record.size / MB, 1),
+            slots=e.capacity,
+            slot_limit=e.max_active,
+            slots_busy=e.busy_slots,
+            queued=e.pending,
+            n_ctx=e.n_ctx,
+            n_threads=e.n_threads,
+            device="gpu" if e.gpu_offload else "cpu",
+            pinned=m.pinned,
+            keep_alive_seconds=m.keep_alive,
+            expires_in_seconds=None if expires is None else round(expires, 1),
+            idle_seconds=round(now - m.last_used, 1),
+            rate=e.rate(),
+            rate_unit=e.rate_unit,
+            details=e.details(),
+        )
 
     def model_state(self, name: str) -> str:
         with self._lock:

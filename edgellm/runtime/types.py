@@ -84,7 +84,7 @@ class Request:
     in order, ending with exactly one Finished, Result or Failed. It must not block."""
 
     model: str
-    sink: Callable[[Any], None]
+    sink: Callable[[Any], None] = field(default=lambda event: None)  # the pipeline's
     keep_alive: float | None = None
     timeout: float | None = None
     principal: dict[str, Any] = field(default_factory=dict)
@@ -156,6 +156,35 @@ class TensorRequest(Request):
     outputs: list[str] | None = None
 
     kind = "tensor"
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A loaded model as the runtime sees it: the fields every engine has, one rate
+    (``rate_unit`` says of what), and what only its engine has in ``details``."""
+
+    name: str
+    memory_mb: float
+    size_mb: float
+    slots: int  # requests (GGUF) or rows (ONNX) it runs at once
+    slot_limit: int  # the governor's limit on that
+    slots_busy: int
+    queued: int
+    n_ctx: int
+    n_threads: int
+    device: Literal["cpu", "gpu"]
+    pinned: bool
+    keep_alive_seconds: float
+    expires_in_seconds: float | None  # None: pinned or busy
+    idle_seconds: float
+    rate: float  # over the last 5 s
+    rate_unit: str  # "tokens" (GGUF) or "rows" (ONNX)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON of /api/ps: the common fields, then the engine's own."""
+        common = {k: v for k, v in vars(self).items() if k not in ("rate", "details")}
+        return {**common, "rate_per_second": round(self.rate, 1), **self.details}
 
 
 @dataclass(frozen=True)

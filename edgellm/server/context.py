@@ -27,6 +27,8 @@ from edgellm.errors import (
 )
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
+from edgellm.server.metrics import Metrics
+from edgellm.vault.access import Principal
 
 log = logging.getLogger("edgellm.requests")
 # how long an outcome row waits for another commit to join before it makes its own
@@ -91,7 +93,7 @@ class State:
             return None
         if self.vault.locked or (self.locking and fields.get("decision") == "allow"):
             raise VaultLocked()
-        creds, who = request.get("principal", {}), request.get("who")
+        creds, who = request.get(PRINCIPAL, {}), request.get(WHO)
         user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")
         return dict(
             uid=creds.get("uid"),
@@ -155,11 +157,18 @@ class State:
             await asyncio.gather(*list(self._unwritten), return_exceptions=True)
 
 
+STATE = web.AppKey("state", State)
+METRICS = web.AppKey("metrics", Metrics)
+PRINCIPAL = web.RequestKey("principal", dict)  # the peer as the kernel says: uid, gid, pid, exe
+WHO = web.RequestKey("who", Principal)  # who that is to the access policy (user, token)
+REQUEST_ID = web.RequestKey("request_id", str)  # the runtime request's id, once it has one
+
+
 def may_see(request: web.Request, name: str) -> bool:
     """Whether this caller may know that model ``name`` exists: a model outside its
     grants is answered as unknown, so names cannot be probed."""
-    st: State = request.app["state"]
-    policy, who = st.access, request.get("who")
+    st: State = request.app[STATE]
+    policy, who = st.access, request.get(WHO)
     return (
         policy is None
         or who is None
@@ -168,23 +177,32 @@ def may_see(request: web.Request, name: str) -> bool:
     )
 
 
+def model_view(st: State, record: Any) -> dict[str, Any]:
+    """A stored model as the API shows it: its record, its state, whether it is the default."""
+    return {
+        **record.as_dict(),
+        "state": st.runtime.model_state(record.name),
+        "default": record.name == st.settings.default_model,
+    }
+
+
 def visible_record(request: web.Request, name: str) -> Any:
     """A model's record, or ModelNotFound (the same answer) when the caller may not see it."""
     if not may_see(request, name):
         raise ModelNotFound(f"model {name!r} not found", param="model")
-    return request.app["state"].store.get(name)
+    return request.app[STATE].store.get(name)
 
 
 def check_keep_alive(request: web.Request, model: str, keep_alive: float | None) -> None:
     """A client may shorten how long its model stays loaded, not pin it (-1) nor keep
     it longer than the operator configured: that takes models.load, as loading does."""
-    st: State = request.app["state"]
+    st: State = request.app[STATE]
     if keep_alive is None or st.access is None:
         return
     configured = st.settings.for_model(model).keep_alive
     limit = st.settings.keep_alive if configured is None else configured
     beyond = limit >= 0 and (keep_alive < 0 or keep_alive > limit)
-    if beyond and not st.access.allowed(request["who"], "models.load"):
+    if beyond and not st.access.allowed(request[WHO], "models.load"):
         what = (
             "pins the model (-1)" if keep_alive < 0 else f"is longer than the configured {limit:g}s"
         )
@@ -201,7 +219,7 @@ def body_chunks(request: web.Request) -> Iterator[bytes]:
     streams to the vault without holding the body in memory)."""
     loop = asyncio.get_running_loop()
 
-    idle = request.app["state"].settings.idle_timeout
+    idle = request.app[STATE].settings.idle_timeout
 
     async def piece() -> bytes:
         try:
@@ -219,12 +237,12 @@ def body_chunks(request: web.Request) -> Iterator[bytes]:
 
 
 async def read_json(request: web.Request) -> Any:
-    limit = request.app["state"].settings.max_body_bytes
+    limit = request.app[STATE].settings.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(
             f"request body is {request.content_length} bytes; the limit is {limit} bytes"
         )
-    idle = request.app["state"].settings.idle_timeout
+    idle = request.app[STATE].settings.idle_timeout
     try:
         raw = await asyncio.wait_for(request.read(), idle)
     except web.HTTPRequestEntityTooLarge:

@@ -226,7 +226,7 @@ def start_governor(state: State) -> Any:
 
 def _status_line(state: State) -> str:
     loaded = state.runtime.loaded()
-    busy = sum(m["slots_busy"] for m in loaded)
+    busy = sum(m.slots_busy for m in loaded)
     health = "draining" if state.draining else "ready"
     return (
         f"{health}; {len(loaded)} model(s) loaded, {busy} busy slot(s), "

@@ -52,7 +52,7 @@ class RuntimeCollector(Collector):
             value=totals.decode_step_sequences,
         )
         loaded = rt.loaded()
-        busy = sum(m["slots_busy"] for m in loaded)
+        busy = sum(m.slots_busy for m in loaded)
         yield GaugeMetricFamily("llamacpp:requests_processing", "Requests in a slot.", value=busy)
         yield GaugeMetricFamily(
             "llamacpp:requests_deferred", "Requests waiting.", value=rt.queue_depth()
@@ -62,22 +62,25 @@ class RuntimeCollector(Collector):
         )
         slots = GaugeMetricFamily("edgellm_busy_slots", "Busy slots per model.", labels=["model"])
         for m in loaded:
-            slots.add_metric([m["name"]], m["slots_busy"])
+            slots.add_metric([m.name], m.slots_busy)
         yield slots
         yield GaugeMetricFamily("edgellm_loaded_models", "Models loaded.", value=len(loaded))
-        rate = GaugeMetricFamily(
-            "edgellm_tokens_per_second",
-            "Generated tokens per second over the last 5 s.",
-            labels=["model"],
-        )
+        rates = {
+            unit: GaugeMetricFamily(
+                f"edgellm_{unit}_per_second",
+                f"{what} per second over the last 5 s.",
+                labels=["model"],
+            )
+            for unit, what in (("tokens", "Generated tokens"), ("rows", "ONNX rows run"))
+        }
         for m in loaded:
-            rate.add_metric([m["name"]], m["tokens_per_second"])
-        yield rate
+            rates[m.rate_unit].add_metric([m.name], m.rate)
+        yield from rates.values()
         mem = GaugeMetricFamily(
             "edgellm_model_memory_bytes", "Estimated memory per loaded model.", labels=["model"]
         )
         for m in loaded:
-            mem.add_metric([m["name"]], m["memory_mb"] * 1024 * 1024)
+            mem.add_metric([m.name], m.memory_mb * 1024 * 1024)
         yield mem
         for key, value in rt.stats.items():
             yield CounterMetricFamily(f"edgellm_model_{key}", f"Model {key}.", value=value)

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import json
 import logging
-import time
 from typing import Any, Literal
 
 import numpy as np
@@ -15,14 +14,17 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgellm.config import parse_duration
-from edgellm.errors import EdgeError, InvalidRequest
+from edgellm.errors import InvalidRequest
 from edgellm.runtime.source import ModelRecord, check_name
-from edgellm.runtime.types import Failed, Result, TensorRequest
-from edgellm.server.context import State, check_keep_alive, read_json, visible_record
+from edgellm.runtime.types import Result, TensorRequest
+from edgellm.server.context import REQUEST_ID, STATE, State, model_view, read_json, visible_record
+from edgellm.server.pipeline import serve
+from edgellm.server.routes import Audit, RouteTable
 from edgellm.server.schemas import parse
 
 log = logging.getLogger("edgellm.requests")
 MAX_INPUTS = 2048  # texts in one embeddings request, as OpenAI allows
+route = RouteTable()
 
 
 class _Run(BaseModel):
@@ -58,7 +60,7 @@ class InferBody(_Run):
 
 
 def _state(request: web.Request) -> State:
-    return request.app["state"]
+    return request.app[STATE]
 
 
 def _onnx_record(st: State, name: str) -> ModelRecord:
@@ -71,75 +73,17 @@ def _onnx_record(st: State, name: str) -> ModelRecord:
     return record
 
 
-def _replaced(event: Any) -> None:
-    """A request's sink until ``_run`` gives it the real one."""
+async def _run(request: web.Request, tensor: TensorRequest, body: _Run) -> Result:
+    """The tensor job through the pipeline: its allow row commits while the model runs
+    (a model that answers in milliseconds would otherwise spend a good part of its time
+    on two fsyncs), and the answer waits for it."""
+    tensor.keep_alive = body.keep_alive  # type: ignore[assignment]  # parsed to seconds
+    tensor.timeout = body.timeout
+    async with serve(request, tensor, overlap_audit=True) as events:
+        return await events.result()
 
 
-async def _run(
-    request: web.Request, tensor: TensorRequest, body: _Run, prompt: str | None = None
-) -> Result:
-    """Access, audit (before and after), the runtime, and the result or its error.
-
-    The allow row is committed while the model runs, and the answer is released only
-    once it is durable (no row, no service); the outcome row is written after the
-    answer is sent. A model that answers in a few milliseconds would otherwise spend
-    a good part of its time waiting on two fsyncs."""
-    st = _state(request)
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[Any] = loop.create_future()
-    tensor.sink = lambda ev: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ev))
-    tensor.keep_alive = body.keep_alive
-    tensor.timeout = min(body.timeout or st.settings.request_timeout, st.settings.request_timeout)
-    tensor.principal = request.get("principal", {})
-    request["request_id"] = tensor.id
-    if st.access is not None:
-        st.access.require(request["who"], "models.use", tensor.model)
-    check_keep_alive(request, tensor.model, tensor.keep_alive)
-    st.check_accepting()
-    prompt_hmac = st.audit.prompt_hash(prompt) if st.audit and prompt is not None else None
-    allow = asyncio.ensure_future(
-        st.write_audit(
-            st.audit_row(
-                request,
-                request_id=tensor.id,
-                action="models.use",
-                resource=tensor.model,
-                decision="allow",
-                prompt_hmac=prompt_hmac,
-            )
-        )
-    )
-    status, event = 499, None
-    try:
-        st.runtime.submit(tensor)
-        await asyncio.shield(allow)
-        event = await done
-        if isinstance(event, Failed):
-            raise event.error
-        status = 200
-        return event
-    except EdgeError as exc:
-        status = exc.status
-        raise
-    finally:
-        if event is None:
-            tensor.cancel()  # the client went away, or the allow row failed: stop its run
-        st.record_soon(
-            request,
-            after=allow,
-            request_id=tensor.id,
-            action="models.use",
-            resource=tensor.model,
-            decision="outcome",
-            status=status,
-            prompt_tokens=tensor.prompt_tokens,
-            completion_tokens=0,
-            latency_ms=round((time.monotonic() - tensor.started) * 1000, 1),
-            finish_reason="stop" if status == 200 else "error",
-            prompt_hmac=prompt_hmac,
-        )
-
-
+@route.post("/v1/embeddings", permission="models.use", audit=Audit.PIPELINE)
 async def embeddings(request: web.Request) -> web.Response:
     st = _state(request)
     body = parse(EmbeddingsBody, await read_json(request))
@@ -162,8 +106,8 @@ async def embeddings(request: web.Request) -> web.Response:
             f"them; leave out dimensions or ask for {record.n_embd}",
             param="dimensions",
         )
-    tensor = TensorRequest(model=name, sink=_replaced, texts=texts)
-    result = await _run(request, tensor, body, prompt="\n".join(texts))
+    tensor = TensorRequest(model=name, texts=texts)
+    result = await _run(request, tensor, body)
     vectors = result.outputs["embeddings"]
     if body.encoding_format == "base64":
         data: list[Any] = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
@@ -179,10 +123,11 @@ async def embeddings(request: web.Request) -> web.Response:
             ],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         },
-        headers={"X-Request-Id": request["request_id"]},
+        headers={"X-Request-Id": request[REQUEST_ID]},
     )
 
 
+@route.get("/api/onnx/{name}", permission="models.list")
 async def signature(request: web.Request) -> web.Response:
     visible_record(request, request.match_info["name"])
     record = _onnx_record(_state(request), request.match_info["name"])
@@ -200,6 +145,7 @@ async def signature(request: web.Request) -> web.Response:
     )
 
 
+@route.post("/api/onnx/{name}/infer", permission="models.use", scope="name", audit=Audit.PIPELINE)
 async def infer(request: web.Request) -> web.Response:
     from edgellm.runtime.onnx import tensors
 
@@ -224,28 +170,28 @@ async def infer(request: web.Request) -> web.Response:
                 f"{name} has no output {wanted!r}; its outputs are {', '.join(outputs)}",
                 param="outputs",
             )
-    tensor = TensorRequest(model=name, sink=_replaced, inputs=arrays, outputs=body.outputs or None)
+    tensor = TensorRequest(model=name, inputs=arrays, outputs=body.outputs or None)
     result = await _run(request, tensor, body)
     as_npy = body.encoding == "npy"
     return web.json_response(
         {
             "model": name,
-            "id": request["request_id"],
+            "id": request[REQUEST_ID],
             "outputs": {
                 k: tensors.encode(np.asarray(v), as_npy) for k, v in result.outputs.items()
             },
             "seconds": round(result.seconds, 4),
         },
-        headers={"X-Request-Id": request["request_id"]},
+        headers={"X-Request-Id": request[REQUEST_ID]},
         dumps=lambda o: json.dumps(o, separators=(",", ":")),
     )
 
 
+@route.post("/api/models/{name}/quantize", permission="models.manage")
 async def quantize(request: web.Request) -> web.Response:
     """POST /api/models/{name}/quantize ``{"target": NAME, "exclude": [NODE…]}``: dynamic
     INT8 of an ONNX model, stored as a new model (its plaintext only in memory)."""
     from edgellm.runtime.onnx.quantize import quantize_in_memory
-    from edgellm.server.app import model_view
 
     st = _state(request)
     name = request.match_info["name"]
@@ -272,19 +218,3 @@ async def quantize(request: web.Request) -> web.Response:
 
     new = await asyncio.get_running_loop().run_in_executor(None, work)
     return web.json_response(model_view(st, new), status=201)
-
-
-def add_routes(r: web.UrlDispatcher) -> None:
-    r.add_post("/v1/embeddings", embeddings)
-    r.add_get("/api/onnx/{name}", signature)
-    r.add_post("/api/onnx/{name}/infer", infer)
-    r.add_post("/api/models/{name}/quantize", quantize)
-
-
-PERMISSIONS: dict[tuple[str, str], Any] = {
-    ("POST", "/v1/embeddings"): "models.use",  # and the model, once the body names it
-    ("GET", "/api/onnx/{name}"): "models.list",
-    ("POST", "/api/onnx/{name}/infer"): ("models.use", "name"),
-    ("POST", "/api/models/{name}/quantize"): "models.manage",
-}
-USE_ROUTES = {"/v1/embeddings", "/api/onnx/{name}/infer"}  # audited with their outcome

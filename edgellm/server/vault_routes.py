@@ -11,39 +11,18 @@ from typing import Any
 from aiohttp import web
 
 from edgellm.errors import InvalidRequest, NotFound, VaultKeyError
-from edgellm.server.context import State, body_chunks, read_json
+from edgellm.server.context import STATE, WHO, State, body_chunks, read_json
+from edgellm.server.routes import Audit, RouteTable
 from edgellm.vault.keys import KEY_LEN, MasterKey, from_passphrase
 from edgellm.vault.open import key_from_settings, rotate_to_new_key_file
 
 log = logging.getLogger("edgellm.vault")
 
-# (permission, the route parameter naming the resource it is scoped to) or a
-# permission, or None where the handler decides per object or the route is open
-PERMISSIONS: dict[tuple[str, str], Any] = {
-    ("GET", "/api/vault"): "health.read",
-    ("POST", "/api/vault/unlock"): "vault.manage",
-    ("POST", "/api/vault/lock"): "vault.manage",
-    ("POST", "/api/vault/rotate"): "vault.manage",
-    ("GET", "/api/vault/verify"): "vault.verify",
-    ("GET", "/api/data"): None,
-    ("GET", "/api/data/{name}"): ("data.read", "name"),
-    ("PUT", "/api/data/{name}"): ("data.write", "name"),
-    ("DELETE", "/api/data/{name}"): ("data.write", "name"),
-    ("GET", "/api/access/whoami"): None,
-    ("GET", "/api/access/grants"): "access.manage",
-    ("POST", "/api/access/grants"): "access.manage",
-    ("DELETE", "/api/access/grants"): "access.manage",
-    ("POST", "/api/access/tokens"): "access.manage",
-    ("GET", "/api/audit"): "audit.read",
-    ("GET", "/api/audit/verify"): "audit.verify",
-    ("POST", "/api/audit/prune"): "audit.manage",
-}
-AUDITED_READS = {"/api/data/{name}"}  # reading a secret is worth a row
-RECORDED_BY_HANDLER = {"/api/vault/unlock"}  # no audit key until it has run
+route = RouteTable()
 
 
 def _state(request: web.Request) -> State:
-    return request.app["state"]
+    return request.app[STATE]
 
 
 def _run(fn: Any, *args: Any) -> Any:
@@ -51,6 +30,7 @@ def _run(fn: Any, *args: Any) -> Any:
 
 
 # --- the key -------------------------------------------------------------------------------
+@route.get("/api/vault", permission="health.read")
 async def vault_status(request: web.Request) -> web.Response:
     v = _state(request).vault
     meta = v.meta
@@ -90,12 +70,14 @@ def _key_from_body(st: State, body: Any, who: str) -> MasterKey:
     return key_from_settings(st.settings, meta)  # the daemon's own key file or credential
 
 
+# no audit key until it has run: the handler writes its row once it has
+@route.post("/api/vault/unlock", permission="vault.manage", audit=Audit.HANDLER)
 async def vault_unlock(request: web.Request) -> web.Response:
     st = _state(request)
     body = await read_json(request) if request.can_read_body else {}
     if not st.vault.locked:
         return web.json_response({"state": "unlocked", "already": True})
-    who = request["who"].user or f"uid {request['who'].uid}"
+    who = request[WHO].user or f"uid {request['who'].uid}"
     try:
         key = await _run(_key_from_body, st, body, who)
         await _run(st.vault.unlock, key)
@@ -109,12 +91,13 @@ async def vault_unlock(request: web.Request) -> web.Response:
     return web.json_response({"state": "unlocked", "already": False})
 
 
+@route.post("/api/vault/lock", permission="vault.manage")
 async def vault_lock(request: web.Request) -> web.Response:
     """Unload every model (their requests end) and forget the key."""
     st = _state(request)
     st.locking = True  # new requests are refused as if locked; running ones end
     try:
-        unloaded = [m["name"] for m in st.runtime.loaded()]
+        unloaded = [m.name for m in st.runtime.loaded()]
         for name in unloaded:
             await _run(st.runtime.unload, name)
         await st.requests_settled(timeout=st.settings.shutdown_grace + 5)
@@ -126,6 +109,7 @@ async def vault_lock(request: web.Request) -> web.Response:
     return web.json_response({"state": "locked", "unloaded": unloaded})
 
 
+@route.post("/api/vault/rotate", permission="vault.manage")
 async def vault_rotate(request: web.Request) -> web.Response:
     """A new master key: ``{"passphrase": …}`` switches to that passphrase; ``{}``
     writes a new random key into the daemon's key file."""
@@ -154,19 +138,23 @@ async def vault_rotate(request: web.Request) -> web.Response:
     )
 
 
+@route.get("/api/vault/verify", permission="vault.verify")
 async def vault_verify(request: web.Request) -> web.Response:
     bad = await _run(_state(request).vault.verify)
     return web.json_response({"ok": not bad, "bad": [{"name": n, "problem": p} for n, p in bad]})
 
 
 # --- data objects ----------------------------------------------------------------------------
+@route.get("/api/data", permission=None)  # the objects the caller may read
 async def list_data(request: web.Request) -> web.Response:
-    st, who = _state(request), request["who"]
+    st, who = _state(request), request[WHO]
     rows = st.vault.list_data(request.query.get("prefix", ""))
     rows = [r for r in rows if st.access.allowed(who, "data.read", r["name"])]
     return web.json_response({"data": rows})
 
 
+# reading a secret is worth a row
+@route.get("/api/data/{name:.+}", permission="data.read", scope="name", audit=Audit.BEFORE)
 async def get_data(request: web.Request) -> web.StreamResponse:
     """The plaintext, once every segment is authenticated (it is decrypted into
     memory first, so a bad object is an error, never a truncated download)."""
@@ -193,6 +181,7 @@ async def get_data(request: web.Request) -> web.StreamResponse:
         await _run(opened.__exit__, None, None, None)
 
 
+@route.put("/api/data/{name:.+}", permission="data.write", scope="name")
 async def put_data(request: web.Request) -> web.Response:
     vault, name = _state(request).vault, request.match_info["name"]
     chunks = body_chunks(request)
@@ -208,18 +197,21 @@ async def put_data(request: web.Request) -> web.Response:
     return web.json_response(info, status=201)
 
 
+@route.delete("/api/data/{name:.+}", permission="data.write", scope="name")
 async def remove_data(request: web.Request) -> web.Response:
     info = _state(request).vault.remove_data(request.match_info["name"])
     return web.json_response({**info, "removed": True})
 
 
 # --- access --------------------------------------------------------------------------------
+@route.get("/api/access/whoami", permission=None)  # the caller's own roles
 async def whoami(request: web.Request) -> web.Response:
-    st, who = _state(request), request["who"]
+    st, who = _state(request), request[WHO]
     roles = st.access.roles(who) if st.access else {"admin": {"*"}}
     return web.json_response({**who.describe(), "roles": {k: sorted(v) for k, v in roles.items()}})
 
 
+@route.post("/api/access/tokens", permission="access.manage")
 async def create_token(request: web.Request) -> web.Response:
     """A bearer token for a service that shares a uid with others; shown once."""
     body = await read_json(request)
@@ -232,10 +224,13 @@ async def create_token(request: web.Request) -> web.Response:
     )
 
 
+@route.get("/api/access/grants", permission="access.manage")
 async def list_grants(request: web.Request) -> web.Response:
     return web.json_response({"grants": _state(request).access.grants()})
 
 
+@route.post("/api/access/grants", permission="access.manage")
+@route.delete("/api/access/grants", permission="access.manage")
 async def change_grant(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict) or not {"subject", "role"} <= set(body):
@@ -266,6 +261,7 @@ def _whole(q: Any, name: str) -> int | None:
     return int(text)
 
 
+@route.get("/api/audit", permission="audit.read")
 async def audit_rows(request: web.Request) -> web.Response:
     q = request.query
     await _state(request).settle_records()  # outcome rows still being written
@@ -282,11 +278,13 @@ async def audit_rows(request: web.Request) -> web.Response:
     return web.json_response({"rows": rows})
 
 
+@route.get("/api/audit/verify", permission="audit.verify")
 async def audit_verify(request: web.Request) -> web.Response:
     await _state(request).settle_records()
     return web.json_response(await _run(_state(request).vault.audit.verify))
 
 
+@route.post("/api/audit/prune", permission="audit.manage")
 async def audit_prune(request: web.Request) -> web.Response:
     """Retention by hand: ``{"older_than_days": N}`` and/or ``{"keep_rows": N}``."""
     from edgellm.vault.audit import cutoff
@@ -301,23 +299,3 @@ async def audit_prune(request: web.Request) -> web.Response:
         lambda: audit.prune(before=cutoff(days) if days is not None else None, keep_rows=keep)
     )
     return web.json_response({"pruned": gone, "checkpoint": audit.checkpoint()})
-
-
-def add_routes(r: web.UrlDispatcher) -> None:
-    r.add_get("/api/vault", vault_status)
-    r.add_post("/api/vault/unlock", vault_unlock)
-    r.add_post("/api/vault/lock", vault_lock)
-    r.add_post("/api/vault/rotate", vault_rotate)
-    r.add_get("/api/vault/verify", vault_verify)
-    r.add_get("/api/data", list_data)
-    r.add_get("/api/data/{name:.+}", get_data)
-    r.add_put("/api/data/{name:.+}", put_data)
-    r.add_delete("/api/data/{name:.+}", remove_data)
-    r.add_get("/api/access/whoami", whoami)
-    r.add_get("/api/access/grants", list_grants)
-    r.add_post("/api/access/grants", change_grant)
-    r.add_delete("/api/access/grants", change_grant)
-    r.add_post("/api/access/tokens", create_token)
-    r.add_get("/api/audit", audit_rows)
-    r.add_get("/api/audit/verify", audit_verify)
-    r.add_post("/api/audit/prune", audit_prune)

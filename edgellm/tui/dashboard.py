@@ -20,6 +20,9 @@ GAUGES = [  # (reading, title, unit, top of the scale)
 ]
 
 
+UNITS = {"tokens": "tok/s", "rows": "rows/s"}
+
+
 class Dashboard(Pane):
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
@@ -40,7 +43,7 @@ class Dashboard(Pane):
                 ("name", "Loaded model"),
                 ("memory", "Memory"),
                 ("slots", "Slots busy"),
-                ("tps", "tok/s"),
+                ("rate", "Rate"),
                 ("device", "Device"),
                 ("idle", "Idle"),
                 ("expires", "Unloads in"),
@@ -67,12 +70,12 @@ class Dashboard(Pane):
             self.query_one(f"#gauge-{name}", Gauge).show(list(self.series[name].values))
         busy = sum(m["slots_busy"] for m in snap.loaded)
         slots = sum(m["slot_limit"] for m in snap.loaded)
-        rate = sum(m["tokens_per_second"] for m in snap.loaded)
+        tokens = sum(m["rate_per_second"] for m in snap.loaded if m["rate_unit"] == "tokens")
         queued = sum(m["queued"] for m in snap.loaded)
         running = len(snap.requests) if snap.requests is not None else "-"
         self.query_one("#load", Static).update(
             f"requests {running}   queued {queued}   busy slots {busy}/{slots}   "
-            f"{rate:.1f} tok/s   rss {mb(readings.get('rss_mb'))}"
+            f"{tokens:.1f} tok/s   rss {mb(readings.get('rss_mb'))}"
         )
         self.query_one("#loaded", Table).show(
             [
@@ -81,7 +84,7 @@ class Dashboard(Pane):
                     "key": m["name"],
                     "memory": mb(m["memory_mb"]),
                     "slots": f"{m['slots_busy']}/{m['slot_limit']}",
-                    "tps": m["tokens_per_second"],
+                    "rate": f"{m['rate_per_second']:g} {UNITS.get(m['rate_unit'], '')}",
                     "device": m["device"],
                     "idle": ago(m["idle_seconds"]),
                     "expires": ago(m["expires_in_seconds"]),

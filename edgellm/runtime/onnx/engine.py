@@ -36,7 +36,7 @@ from edgellm.errors import (
     RequestCancelled,
 )
 from edgellm.runtime import failpoints
-from edgellm.runtime.engine import EngineStats, EngineThread
+from edgellm.runtime.engine import EngineThread
 from edgellm.runtime.memory import rss_bytes
 from edgellm.runtime.onnx import bundle
 from edgellm.runtime.source import ModelRecord
@@ -64,12 +64,7 @@ class OnnxEngine(EngineThread):
         on_request_done: Any = None,
         on_died: Any = None,
     ) -> None:
-        self.record, self.name, self.model_path, self.settings = (
-            record,
-            record.name,
-            model_path,
-            settings,
-        )
+        super().__init__(record, model_path, settings, on_request_done, on_died)
         self.inputs: list[dict[str, Any]] = record.extra.get("inputs", [])
         self.outputs: list[dict[str, Any]] = record.extra.get("outputs", [])
         self.embedding: dict[str, Any] | None = record.extra.get("embedding")
@@ -80,22 +75,15 @@ class OnnxEngine(EngineThread):
         self.batchable = all(
             s["shape"] and not isinstance(s["shape"][0], int) for s in self.inputs + self.outputs
         )
-        self.n_threads = settings.n_threads or 1
-        self._applied_threads = self.n_threads
         self.n_ctx = int(record.context_length or 0)
-        self.stats = EngineStats()
         self.working_bytes = 0  # the most the process grew during a run, after the load
         self._base_rss = 0
-        self.gpu_offload = False
         self.providers: list[str] = []
-        self._on_request_done, self._on_died = on_request_done, on_died
-        self._queue: queue.Queue[TensorRequest | None] = queue.Queue()
         self._running: list[TensorRequest] = []
         self._run_options: Any = None
         self._in_run = threading.Event()
         self._session: Any = None
         self._tokenizer: Any = None
-        self._init_thread()
         self._watcher = threading.Thread(target=self._watch, name=f"watch-{self.name}", daemon=True)
 
     # --- called from other threads -------------------------------------------------------
@@ -124,15 +112,15 @@ class OnnxEngine(EngineThread):
         if n_parallel is not None:
             self.max_active = max(1, min(n_parallel, self.max_batch))
 
-    def describe(self) -> dict[str, Any]:
+    rate_unit = "rows"
+
+    def details(self) -> dict[str, Any]:
         st = self.stats
         return {
             "format": "onnx",
             "providers": self.providers,
-            "n_threads": self.n_threads,
             "max_batch": self.max_active,
             "batching": self.batchable,
-            "items_per_second": round(self.rate(), 1),
             "runs": st.batches,
             "mean_batch_size": round(st.batch_items / st.batches, 2) if st.batches else 0.0,
         }

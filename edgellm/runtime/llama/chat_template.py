@@ -4,7 +4,7 @@ A GGUF model carries its chat template (Jinja) and every chat request renders it
 The sandbox keeps a template from reaching the system, but not from looping for
 ever or building a string of gigabytes: a model file is code from whoever made it.
 So the template runs in a small worker process (``python -m
-edgellm.runtime.chat_template``) with an address-space limit; the engine waits for it
+edgellm.runtime.llama.chat_template``) with an address-space limit; the engine waits for it
 at most ``timeout`` seconds, and a worker that overruns is killed and replaced. A
 template that fails either way fails that request with a 400, and the model serves
 on. One JSON line each way per render: a few hundred microseconds.
@@ -43,7 +43,7 @@ class TemplateRenderer:
 
     def _start(self) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgellm.runtime.chat_template"],
+            [sys.executable, "-m", "edgellm.runtime.llama.chat_template"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgellm.runtime.text import StopMatcher
+from edgellm.runtime.llama.text import StopMatcher
 from edgellm.runtime.types import GenerationRequest
 
 

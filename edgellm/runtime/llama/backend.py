@@ -15,7 +15,7 @@ from typing import Any
 
 from edgellm.config import ModelSettings
 from edgellm.errors import InvalidRequest, ModelLoadFailed
-from edgellm.runtime.chat_template import TemplateRenderer
+from edgellm.runtime.llama.chat_template import TemplateRenderer
 
 log = logging.getLogger("edgellm.engine")
 

@@ -1,0 +1,172 @@
+"""The one way a request reaches the runtime (DESIGN.md, "a request's way through").
+
+    async with serve(request, job, prompt=text) as events:
+        first = await events.start()   # an error before any output raises here
+        async for event in events: ...  # Delta…, then one Finished (or Failed)
+
+``serve`` does, in order: access to the model, the keep-alive limit, the accepting
+check, the allow row (no row, no service), submit; then hands the route the job's
+typed events; on leaving it cancels the job unless it ended, and writes the outcome
+row. A dialect (OpenAI, ONNX, …) only turns its wire shapes into a job and events
+back into its wire shapes.
+
+``overlap_audit``: for side-effect-free runs that answer in milliseconds (ONNX), the
+allow row commits while the model runs, and nothing is answered until it is durable;
+the outcome row is written after the answer instead of before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from edgellm.errors import EdgeError
+from edgellm.runtime.types import Delta, Event, Failed, Finished, Request, Result
+from edgellm.server.context import PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_keep_alive
+
+log = logging.getLogger("edgellm.requests")
+TERMINAL = (Finished, Failed, Result)
+
+
+class Events:
+    """A job's events as they arrive from its engine thread, and how it ended."""
+
+    def __init__(self, job: Request) -> None:
+        self.job = job
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._held: Event | None = None
+        self.ended = False  # a terminal event arrived: nothing to cancel
+        self.status = 499  # the outcome row's status until the job ends otherwise
+        self.finish_reason = "cancelled"
+
+    def sink_for(self, loop: asyncio.AbstractEventLoop) -> Any:
+        return lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def refused(self, exc: EdgeError) -> None:
+        self.ended, self.status, self.finish_reason = True, exc.status, "error"
+
+    async def _next(self) -> Event:
+        event = await self._queue.get()
+        if isinstance(event, Failed):
+            self.ended, self.finish_reason = True, "error"
+            self.status = getattr(event.error, "status", 500)
+        elif isinstance(event, Finished):
+            self.ended, self.status, self.finish_reason = True, 200, event.finish_reason
+        elif isinstance(event, Result):
+            self.ended, self.status, self.finish_reason = True, 200, "stop"
+        return event
+
+    async def start(self) -> Event:
+        """The first event, kept for iteration; a failure raises its error (nothing has
+        been answered yet, so it is the response)."""
+        first = self._held = await self._next()
+        if isinstance(first, Failed):
+            raise first.error
+        return first
+
+    async def result(self) -> Result:
+        """The one Result of a tensor job, or its error."""
+        event = await self._next()
+        if isinstance(event, Failed):
+            raise event.error
+        if not isinstance(event, Result):
+            raise TypeError(f"a tensor job gave {type(event).__name__}, not a Result")
+        return event
+
+    def __aiter__(self) -> AsyncIterator[Delta | Finished | Failed]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Delta | Finished | Failed]:
+        while True:
+            event, self._held = (self._held, None) if self._held else (await self._next(), None)
+            if isinstance(event, Delta | Finished | Failed):
+                yield event
+            if isinstance(event, TERMINAL):
+                return
+
+
+def prompt_text(job: Request) -> str | None:
+    """What the audit row's prompt HMAC is of: the prompt, the messages, or the texts."""
+    prompt = getattr(job, "prompt", None)
+    if prompt is not None:
+        return str(prompt)
+    if getattr(job, "messages", None) is not None:
+        return json.dumps(job.messages, sort_keys=True)  # type: ignore[attr-defined]
+    texts = getattr(job, "texts", None)
+    return "\n".join(texts) if texts is not None else None
+
+
+@asynccontextmanager
+async def serve(
+    request: web.Request, job: Request, *, overlap_audit: bool = False
+) -> AsyncIterator[Events]:
+    st: State = request.app[STATE]
+    request[REQUEST_ID] = job.id
+    if st.access is not None:
+        st.access.require(request[WHO], "models.use", job.model)
+    check_keep_alive(request, job.model, job.keep_alive)
+    st.check_accepting()
+    limit = st.settings.request_timeout
+    job.timeout = min(job.timeout or limit, limit)
+    job.principal = request.get(PRINCIPAL, {})
+    events = Events(job)
+    job.sink = events.sink_for(asyncio.get_running_loop())
+    text = prompt_text(job)
+    prompt_hmac = st.audit.prompt_hash(text) if st.audit and text is not None else None
+    row = st.audit_row(
+        request,
+        request_id=job.id,
+        action="models.use",
+        resource=job.model,
+        decision="allow",
+        prompt_hmac=prompt_hmac,
+    )
+    allow = asyncio.ensure_future(st.write_audit(row))
+    if not overlap_audit:
+        await allow  # no row, no service
+    st.opened()
+    try:
+        try:
+            st.runtime.submit(job)  # unknown model, queue full…: answered at once
+        except EdgeError as exc:
+            events.refused(exc)
+            raise
+        if overlap_audit:
+            await asyncio.shield(allow)  # the model runs meanwhile; nothing is answered yet
+        yield events
+    finally:
+        if not events.ended:  # the client went away, writing to it failed, or no row
+            job.cancel()
+        outcome = dict(
+            request_id=job.id,
+            action="models.use",
+            resource=job.model,
+            decision="outcome",
+            status=events.status,
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=getattr(job, "completion_tokens", 0),
+            latency_ms=round((time.monotonic() - job.started) * 1000, 1),
+            finish_reason=events.finish_reason,
+            prompt_hmac=prompt_hmac,
+        )
+        try:
+            if overlap_audit:
+                st.record_soon(request, after=allow, **outcome)
+            else:
+                await _record_outcome(st, request, outcome)
+        finally:
+            st.closed()
+
+
+async def _record_outcome(st: State, request: web.Request, outcome: dict[str, Any]) -> None:
+    try:
+        await st.record(request, **outcome)
+    except EdgeError:
+        log.error("event=audit_failed decision=outcome id=%s", outcome["request_id"])
