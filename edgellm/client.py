@@ -64,31 +64,6 @@ def _raise_for(response: httpx.Response) -> None:
     raise from_body(response.status_code, body, retry_after)
 
 
-class ChatStream:
-    """Iterates over generated text; afterwards holds the finish reason, usage and id."""
-
-    def __init__(self) -> None:
-        self.id: str | None = None
-        self.finish_reason: str | None = None
-        self.usage: dict[str, int] | None = None
-
-    def _take(self, payload: dict[str, Any]) -> str | None:
-        if "error" in payload:
-            raise from_body(None, payload)  # its class says its status
-        self.id = payload.get("id", self.id)
-        if payload.get("usage"):
-            self.usage = payload["usage"]
-        for choice in payload.get("choices", []):
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-            text = (
-                choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
-            )
-            if text:
-                return text
-        return None
-
-
 def _sse_payloads(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
     for line in lines:
         if not line.startswith("data: "):
@@ -364,15 +339,36 @@ class Client:
             else self._json("POST", "/v1/completions", json=body)
         )
 
-    def _stream(self, path: str, body: dict[str, Any]) -> _SyncStream:
-        return _SyncStream(self, path, body)
+    def _stream(self, path: str, body: dict[str, Any]) -> ChatStream:
+        return ChatStream(self, path, body)
 
 
-class _SyncStream(ChatStream):
+class ChatStream:
+    """Iterates over generated text; afterwards holds the finish reason, usage and id.
+    Closing it early closes the connection, which makes the daemon cancel the generation."""
+
     def __init__(self, client: Client, path: str, body: dict[str, Any]) -> None:
-        super().__init__()
         self._client, self._path, self._body = client, path, body
         self._response: httpx.Response | None = None
+        self.id: str | None = None
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+
+    def _take(self, payload: dict[str, Any]) -> str | None:
+        if "error" in payload:
+            raise from_body(None, payload)  # its class says its status
+        self.id = payload.get("id", self.id)
+        if payload.get("usage"):
+            self.usage = payload["usage"]
+        for choice in payload.get("choices", []):
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            text = (
+                choice.get("delta", {}).get("content") if "delta" in choice else choice.get("text")
+            )
+            if text:
+                return text
+        return None
 
     def __iter__(self) -> Iterator[str]:
         c = self._client

@@ -41,10 +41,20 @@ n_parallel = 4
 """
 
 
+def each(*calls: Callable[[], object]) -> Callable[[], None]:
+    """One step made of several calls, made in order."""
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
+
+
 @dataclass
 class Step:
     what: str
-    do: Callable[[], None]
+    do: Callable[[], object]
 
 
 def _templates() -> Path:
@@ -80,14 +90,17 @@ def install_steps(
     if edgellm is None:
         venv = prefix / "venv"
         source = Path(__file__).resolve().parent.parent
-        spec = str(source) if (source / "pyproject.toml").exists() else "edgellm"
+        # the appliance: the server and the TUI beside the client
+        spec = (str(source) if (source / "pyproject.toml").exists() else "edgellm") + "[server,tui]"
         edgellm = venv / "bin" / "edgellm"
         steps.append(
             Step(
                 f"create {venv} and install edgellm from {spec} into it",
-                lambda: (
-                    _run(sys.executable, "-m", "venv", str(root / venv.relative_to("/"))),
-                    _run(str(root / venv.relative_to("/") / "bin" / "pip"), "install", "-q", spec),
+                each(
+                    lambda: _run(sys.executable, "-m", "venv", str(root / venv.relative_to("/"))),
+                    lambda: _run(
+                        str(root / venv.relative_to("/") / "bin" / "pip"), "install", "-q", spec
+                    ),
                 ),
             )
         )
@@ -129,9 +142,9 @@ def install_steps(
         steps.append(
             Step(
                 f"write a default /{CONFIG} (root:edgellm 0640)",
-                lambda: (
-                    _writer(root / CONFIG, DEFAULT_CONFIG, 0o640)(),
-                    os.chown(root / CONFIG, 0, _ids(root, "edgellm")[1]),
+                each(
+                    lambda: _writer(root / CONFIG, DEFAULT_CONFIG, 0o640)(),
+                    lambda: os.chown(root / CONFIG, 0, _ids(root, "edgellm")[1]),
                 ),
             )
         )
@@ -147,10 +160,10 @@ def install_steps(
         steps.append(
             Step(
                 "systemctl daemon-reload; enable and start edgellm.socket; enable edgellm.service",
-                lambda: (
-                    _run("systemctl", "daemon-reload"),
-                    _run("systemctl", "enable", "--now", "edgellm.socket"),
-                    _run("systemctl", "enable", "edgellm.service"),
+                each(
+                    lambda: _run("systemctl", "daemon-reload"),
+                    lambda: _run("systemctl", "enable", "--now", "edgellm.socket"),
+                    lambda: _run("systemctl", "enable", "edgellm.service"),
                 ),
             )
         )

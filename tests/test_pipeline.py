@@ -42,6 +42,12 @@ async def echo(request: web.Request) -> web.Response:
     return web.json_response({"text": "".join(words), "id": job.id})
 
 
+@route.post("/test/sloppy", permission="models.use", audit=Audit.PIPELINE)
+async def sloppy(request: web.Request) -> web.Response:
+    """Declared as a model's use, but answers without the pipeline (a bug)."""
+    return web.json_response({"text": "unaudited"})
+
+
 async def _undeclared(request: web.Request) -> web.Response:
     return web.json_response({"reached": True})
 
@@ -127,12 +133,15 @@ async def _until(predicate: Callable[[], bool], timeout: float = 5) -> None:
     raise AssertionError("not in time")
 
 
-def test_a_route_without_a_declared_policy_is_refused(tmp_path: Path) -> None:
+def test_a_route_without_a_declared_policy_or_its_pipeline_is_refused(tmp_path: Path) -> None:
     async def scenario(state: State, call: Call) -> None:
         for method in ("GET", "HEAD"):
             r = await call(method, "/test/undeclared")
             assert r.status_code == 403, method
         r = await call("GET", "/test/undeclared")
         assert "has no declared access policy" in r.json()["error"]["message"]
+        sloppy = await call("POST", "/test/sloppy", json={})
+        assert sloppy.status_code == 500 and "unaudited" not in sloppy.text
+        assert "outside the request pipeline" in sloppy.json()["error"]["message"]
 
     asyncio.run(_serving(tmp_path, scenario))

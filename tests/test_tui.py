@@ -403,3 +403,14 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
         ),
         timeout=10,
     )
+
+
+def test_the_help_is_built_from_the_key_bindings() -> None:
+    from edgellm.tui.app import TABS, key_help
+
+    shown = key_help(EdgeApp("/nonexistent/edgellm.sock"))
+    for _, title, pane in TABS:
+        assert f"[b]{title}[/b]" in shown or not pane.BINDINGS
+        for binding in pane.BINDINGS:
+            assert (binding.tooltip or binding.description.lower()) in shown, binding
+    assert "1-6 Dashboard, Models" in shown and "? help" in shown

@@ -144,6 +144,11 @@ def audit() -> None:
     """The tamper-evident record of who did what (never prompts or outputs)."""
 
 
+def _print_audit_lines(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        click.echo(_audit_line(row))
+
+
 def _audit_line(r: dict[str, Any]) -> str:
     tokens = (
         f" tokens={r['prompt_tokens']}+{r['completion_tokens']}"
@@ -168,7 +173,7 @@ def audit_tail(count: int, socket: str | None, as_json: bool) -> None:
     """The newest rows."""
     with client(socket) as c:
         rows = list(reversed(c.audit(limit=count, order="newest")))
-    emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
+    emit(rows, as_json, _print_audit_lines)
 
 
 @audit.command("search")
@@ -196,7 +201,7 @@ def audit_search(
         rows = c.audit(
             since=since, until=until, user=user, action=action, decision=decision, model=model
         )
-    emit(rows, as_json, lambda rs: [click.echo(_audit_line(r)) for r in rs])
+    emit(rows, as_json, _print_audit_lines)
 
 
 @audit.command("export")

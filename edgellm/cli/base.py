@@ -32,6 +32,27 @@ def one_line(exc: EdgeError) -> str:
     return f"{exc.message.rstrip('.')} (retry in {exc.retry_after:g}s)"
 
 
+# what the extras bring (pyproject.toml): a command that needs one names it
+SERVER_MODULES = {
+    "llama_cpp",
+    "aiohttp",
+    "prometheus_client",
+    "psutil",
+    "cryptography",
+    "sqlite_utils",
+    "onnxruntime",
+    "onnx",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    root = (exc.name or "").split(".")[0]
+    return "server" if root in SERVER_MODULES else "tui" if root == "textual" else None
+
+
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn our errors into one line on stderr and exit 1; never show a traceback."""
 
@@ -49,6 +70,16 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(
                 f"error: the daemon did not answer ({type(exc).__name__}: "
                 f"{exc or 'no reply'}); see `edgellm status` and its log",
+                err=True,
+            )
+            sys.exit(1)
+        except ModuleNotFoundError as exc:  # a client-only install, asked for the appliance
+            extra = missing_extra(exc)
+            if extra is None:
+                raise
+            click.echo(
+                f"error: this needs edgellm's {extra} part (Python package {exc.name!r} is "
+                f"not installed); install it with: pip install 'edgellm[{extra}]'",
                 err=True,
             )
             sys.exit(1)

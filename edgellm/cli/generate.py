@@ -118,7 +118,7 @@ def ask(
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
-    params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     with client(socket) as c:
         if as_json:
             click.echo(json.dumps(c.chat(messages, model=model, **params), indent=2))
@@ -144,7 +144,7 @@ def chat(
 ) -> None:
     """Chat interactively; Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    params = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     with client(socket) as c:
         c.health()  # fail early, with the clear message, if no daemon is there
         click.echo("edgellm chat — Ctrl-C stops an answer, Ctrl-D or /exit leaves.", err=True)

@@ -10,8 +10,7 @@
 
 Each poll also runs the stability watch (watch.py): stuck or dead engines recovered,
 suspected leaks reported. It runs on its own thread. The runtime is reached only
-through ``apply_limits``, ``unload_idle``, ``cancel_newest``, ``stalled_models``,
-``recover``, ``model_changes`` and ``failures``.
+through ``RuntimeControls`` (runtime/controls.py).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from edgellm.governor.policy import LEVELS, Policy, Signal, Verdict, temperature
 from edgellm.governor.sensors import Readings
 from edgellm.governor.trace import TraceSensors
 from edgellm.governor.watch import StabilityWatch
+from edgellm.runtime.controls import RuntimeControls
 from edgellm.runtime.types import Limits
 
 log = logging.getLogger("edgellm.governor")
@@ -46,7 +46,7 @@ class Governor:
     def __init__(
         self,
         settings: GovernorSettings,
-        runtime: Any,
+        runtime: RuntimeControls,
         sensors: Sensors,
         record: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -237,7 +237,7 @@ class Governor:
                 self.pinned = None
             for name, values in (thresholds or {}).items():
                 current = getattr(self.settings, name, None)
-                if not hasattr(current, "triple"):
+                if current is None or not hasattr(current, "triple"):
                     raise InvalidRequest(
                         f"no signal {name!r} with thresholds: one of memory, "
                         "cgroup_memory, memory_pressure, gpu_temperature",

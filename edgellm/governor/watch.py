@@ -17,11 +17,12 @@ from typing import Any
 
 from edgellm.config import GovernorSettings
 from edgellm.governor.sensors import Readings
+from edgellm.runtime.controls import RuntimeControls
 
 
 class StabilityWatch:
     def __init__(
-        self, settings: GovernorSettings, runtime: Any, event: Callable[..., None]
+        self, settings: GovernorSettings, runtime: RuntimeControls, event: Callable[..., None]
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -84,7 +85,7 @@ class StabilityWatch:
         return {
             "stuck_after": self.settings.stuck_after,
             "recovered": self.recovered,
-            "failures": self.runtime.failures.describe(),
+            "failures": self.runtime.failure_report(),
             "memory_baseline_mb": None if base is None else round(base[0], 1),
             "suspected_leak": self.leak,
         }

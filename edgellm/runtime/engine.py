@@ -229,9 +229,12 @@ def register_engine(fmt: str, factory: EngineFactory) -> None:
 
 def engine_for(record: ModelRecord, path: str, settings: ModelSettings, **hooks: Any) -> Engine:
     factory = _FACTORIES.get(record.format)
-    if factory is None:  # imported when first used: onnxruntime or llama.cpp only if needed
-        if record.format == "onnx":
-            from edgellm.runtime.onnx.engine import OnnxEngine as factory
-        else:
-            from edgellm.runtime.llama.engine import LlamaEngine as factory
-    return factory(record, path, settings, **hooks)
+    if factory is not None:
+        return factory(record, path, settings, **hooks)
+    if record.format == "onnx":  # imported when first used: onnxruntime only if needed
+        from edgellm.runtime.onnx.engine import OnnxEngine
+
+        return OnnxEngine(record, path, settings, **hooks)
+    from edgellm.runtime.llama.engine import LlamaEngine
+
+    return LlamaEngine(record, path, settings, **hooks)

@@ -262,7 +262,7 @@ def read_gguf_metadata(
         "n_head_kv": n_head_kv,
         "head_dim": head_dim,
         "n_vocab": int(kv.get("tokenizer.ggml.tokens", 0) or get("vocab_size")),
-        "quantization": _FILE_TYPES.get(file_type, str(file_type or "")),
+        "quantization": "" if file_type is None else _FILE_TYPES.get(file_type, str(file_type)),
         "has_chat_template": isinstance(kv.get("tokenizer.chat_template"), str),
         "general_name": kv.get("general.name", ""),
         "license": kv.get("general.license", ""),

@@ -30,6 +30,7 @@ from edgellm.runtime.failures import FailureBook
 from edgellm.runtime.memory import MB, estimate_bytes, headroom, rss_bytes
 from edgellm.runtime.source import ModelRecord, ModelSource
 from edgellm.runtime.types import (
+    Event,
     Failed,
     Finished,
     GenerationRequest,
@@ -37,6 +38,7 @@ from edgellm.runtime.types import (
     ModelStatus,
     Request,
     Result,
+    Sink,
 )
 
 log = logging.getLogger("edgellm.runtime")
@@ -133,7 +135,7 @@ class Runtime:
             self._requests[request.id] = request
             inner_sink = request.sink
 
-            def sink(event: Any, _inner: Any = inner_sink, _id: str = request.id) -> None:
+            def sink(event: Event, _inner: Sink = inner_sink, _id: str = request.id) -> None:
                 if not isinstance(event, Failed | Finished | Result):
                     _inner(event)
                     return
@@ -466,6 +468,9 @@ class Runtime:
             self.load(name, keep_alive=-1.0)
         except EdgeError as exc:
             log.error("event=reload_failed model=%s error=%s", name, exc.message)
+
+    def failure_report(self) -> dict[str, dict[str, Any]]:
+        return self.failures.describe()
 
     def model_changes(self) -> int:
         """A counter that moves whenever the set of loaded models changes."""

@@ -65,9 +65,6 @@ class Failed:
     error: Exception
 
 
-Event = Delta | Finished | Failed
-
-
 @dataclass
 class Result:
     """What a tensor request gives: named output arrays (numpy), in one piece."""
@@ -77,6 +74,14 @@ class Result:
     seconds: float  # in the engine, batch included
 
 
+Event = Delta | Finished | Failed | Result  # all an engine emits: deltas, then one of the rest
+Sink = Callable[[Event], None]
+
+
+def _nowhere(event: Event) -> None:
+    """A request's sink until the pipeline gives it its own."""
+
+
 @dataclass
 class Request:
     """What every request to the runtime has: its model, where its events go, its
@@ -84,7 +89,7 @@ class Request:
     in order, ending with exactly one Finished, Result or Failed. It must not block."""
 
     model: str
-    sink: Callable[[Any], None] = field(default=lambda event: None)  # the pipeline's
+    sink: Sink = _nowhere
     keep_alive: float | None = None
     timeout: float | None = None
     principal: dict[str, Any] = field(default_factory=dict)
@@ -111,7 +116,7 @@ class Request:
     def deadline(self) -> float | None:
         return None if self.timeout is None else self.started + self.timeout
 
-    def emit(self, event: Any) -> None:
+    def emit(self, event: Event) -> None:
         if self._done:
             return
         if isinstance(event, Finished | Failed | Result):

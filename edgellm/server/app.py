@@ -118,6 +118,12 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
                 decision="allow",
             )
         response = await handler(request)
+        if policy is not None and policy.audit is Audit.PIPELINE and REQUEST_ID not in request:
+            # declared as a model's use, answered without the pipeline: no rows were
+            # written for it, so the answer is withheld (a bug of ours, never a 200)
+            log.error("event=route_skipped_pipeline route=%s", route)
+            if response.status < 400 and not response.prepared:
+                raise InternalError(f"{request.path} answered outside the request pipeline")
     except PermissionDenied as exc:
         await _record_denial(request, exc)
         response = error_response(exc, request.get(REQUEST_ID))

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import ClientPayloadError, web
 from aiohttp.web_protocol import RequestPayloadError
@@ -26,9 +26,13 @@ from edgellm.errors import (
     VaultLocked,
 )
 from edgellm.runtime.manager import Runtime
-from edgellm.runtime.source import ModelStore
 from edgellm.server.metrics import Metrics
-from edgellm.vault.access import Principal
+from edgellm.vault.access import AccessPolicy, Principal
+from edgellm.vault.audit import AuditLog
+from edgellm.vault.store import VaultStore
+
+if TYPE_CHECKING:
+    from edgellm.governor.governor import Governor
 
 log = logging.getLogger("edgellm.requests")
 # how long an outcome row waits for another commit to join before it makes its own
@@ -39,11 +43,11 @@ OUTCOME_DELAY = 0.005
 class State:
     settings: Settings
     runtime: Runtime
-    store: ModelStore
+    store: VaultStore  # the models' store, the data objects, access, the audit log
     started: float = field(default_factory=time.monotonic)
     draining: bool = False
     load_failures: dict[str, str] = field(default_factory=dict)
-    governor: Any = None
+    governor: Governor | None = None
     locking: bool = False  # the vault is being locked: no new audited work starts
     _unwritten: set[asyncio.Future[None]] = field(default_factory=set)
     _open: int = 0  # audited requests between their allow row and their outcome row
@@ -68,16 +72,15 @@ class State:
                 log.error("event=outcomes_unsettled open=%d", self._open)
 
     @property
-    def vault(self) -> Any:
-        """The store when it is the vault (it always is in the daemon)."""
-        return self.store if hasattr(self.store, "access") else None
+    def vault(self) -> VaultStore:
+        return self.store
 
     @property
-    def access(self) -> Any:
-        return self.vault.access if self.vault is not None else None
+    def access(self) -> AccessPolicy:
+        return self.vault.access
 
     @property
-    def audit(self) -> Any:
+    def audit(self) -> AuditLog | None:
         """The audit log while the vault is unlocked; None while it is locked."""
         v = self.vault
         return v.audit if v is not None and not v.locked else None
@@ -136,6 +139,7 @@ class State:
             if after is not None:
                 await asyncio.gather(after, return_exceptions=True)
             audit = self.vault.audit
+            assert row is not None  # the daemon always has its vault
             pending = audit.defer(**row)
             await asyncio.sleep(OUTCOME_DELAY)
             if not pending.done:

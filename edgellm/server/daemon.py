@@ -31,6 +31,7 @@ from edgellm.server.listener import (
 )
 from edgellm.server.systemd import Notifier, Watchdog, listen_socket, watchdog_interval
 from edgellm.server.unix import bind_unix_socket, remove_socket
+from edgellm.vault.store import VaultStore
 
 log = logging.getLogger("edgellm.daemon")
 
@@ -43,7 +44,7 @@ def setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.server").addFilter(BadHttpLines())
 
 
-def open_store(settings: Settings) -> ModelStore:
+def open_store(settings: Settings) -> VaultStore:
     from edgellm.vault.open import open_vault
 
     settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,7 @@ def serve(
 
 
 async def _serve(
-    settings: Settings, store: ModelStore, reload: Callable[[], Settings] | None
+    settings: Settings, store: VaultStore, reload: Callable[[], Settings] | None
 ) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()

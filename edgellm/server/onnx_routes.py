@@ -13,14 +13,13 @@ import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgellm.config import parse_duration
 from edgellm.errors import InvalidRequest
 from edgellm.runtime.source import ModelRecord, check_name
 from edgellm.runtime.types import Result, TensorRequest
 from edgellm.server.context import REQUEST_ID, STATE, State, model_view, read_json, visible_record
 from edgellm.server.pipeline import serve
 from edgellm.server.routes import Audit, RouteTable
-from edgellm.server.schemas import parse
+from edgellm.server.schemas import Duration, parse
 
 log = logging.getLogger("edgellm.requests")
 MAX_INPUTS = 2048  # texts in one embeddings request, as OpenAI allows
@@ -30,9 +29,7 @@ route = RouteTable()
 class _Run(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timeout: float | None = Field(default=None, gt=0)  # seconds; capped by request_timeout
-    keep_alive: float | str | None = None
-
-    _ka = field_validator("keep_alive")(lambda v: None if v is None else parse_duration(v))
+    keep_alive: Duration = None
 
 
 class EmbeddingsBody(_Run):
@@ -77,7 +74,7 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run) -> Resul
     """The tensor job through the pipeline: its allow row commits while the model runs
     (a model that answers in milliseconds would otherwise spend a good part of its time
     on two fsyncs), and the answer waits for it."""
-    tensor.keep_alive = body.keep_alive  # type: ignore[assignment]  # parsed to seconds
+    tensor.keep_alive = body.keep_alive
     tensor.timeout = body.timeout
     async with serve(request, tensor, overlap_audit=True) as events:
         return await events.result()

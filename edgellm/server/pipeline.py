@@ -28,7 +28,17 @@ from typing import Any
 from aiohttp import web
 
 from edgellm.errors import EdgeError
-from edgellm.runtime.types import Delta, Event, Failed, Finished, Request, Result
+from edgellm.runtime.types import (
+    Delta,
+    Event,
+    Failed,
+    Finished,
+    GenerationRequest,
+    Request,
+    Result,
+    Sink,
+    TensorRequest,
+)
 from edgellm.server.context import PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_keep_alive
 
 log = logging.getLogger("edgellm.requests")
@@ -46,8 +56,13 @@ class Events:
         self.status = 499  # the outcome row's status until the job ends otherwise
         self.finish_reason = "cancelled"
 
-    def sink_for(self, loop: asyncio.AbstractEventLoop) -> Any:
-        return lambda event: loop.call_soon_threadsafe(self._queue.put_nowait, event)
+    def sink_for(self, loop: asyncio.AbstractEventLoop) -> Sink:
+        """Where the engine thread puts the job's events: onto this loop."""
+
+        def sink(event: Event) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+        return sink
 
     def refused(self, exc: EdgeError) -> None:
         self.ended, self.status, self.finish_reason = True, exc.status, "error"
@@ -94,13 +109,11 @@ class Events:
 
 def prompt_text(job: Request) -> str | None:
     """What the audit row's prompt HMAC is of: the prompt, the messages, or the texts."""
-    prompt = getattr(job, "prompt", None)
-    if prompt is not None:
-        return str(prompt)
-    if getattr(job, "messages", None) is not None:
-        return json.dumps(job.messages, sort_keys=True)  # type: ignore[attr-defined]
-    texts = getattr(job, "texts", None)
-    return "\n".join(texts) if texts is not None else None
+    if isinstance(job, GenerationRequest):
+        return job.prompt if job.prompt is not None else json.dumps(job.messages, sort_keys=True)
+    if isinstance(job, TensorRequest) and job.texts is not None:
+        return "\n".join(job.texts)
+    return None
 
 
 @asynccontextmanager
@@ -151,7 +164,7 @@ async def serve(
             decision="outcome",
             status=events.status,
             prompt_tokens=job.prompt_tokens,
-            completion_tokens=getattr(job, "completion_tokens", 0),
+            completion_tokens=job.completion_tokens,
             latency_ms=round((time.monotonic() - job.started) * 1000, 1),
             finish_reason=events.finish_reason,
             prompt_hmac=prompt_hmac,

@@ -6,13 +6,18 @@ accept at their neutral value (``n=1``, ``logprobs=false``…), so stock clients
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from edgellm.config import parse_duration
 from edgellm.errors import InvalidRequest
 from edgellm.runtime.types import Sampling
+
+# seconds, from 300, "300", "30s", "5m", "1h" or -1 (forever); junk is a ValueError
+Duration = Annotated[
+    float | None, BeforeValidator(lambda v: None if v is None else parse_duration(v))
+]
 
 
 class TextPart(BaseModel):
@@ -55,14 +60,14 @@ class _Generation(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
-    keep_alive: float | str | None = None
+    keep_alive: Duration = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; capped by request_timeout
     user: str | None = None
     # OpenAI parameters accepted only at their neutral values
     n: Literal[1] = 1
     logprobs: Literal[False] | None = None
-    frequency_penalty: Literal[0, 0.0] | None = None
-    presence_penalty: Literal[0, 0.0] | None = None
+    frequency_penalty: Literal[0] | None = None  # 0.0 == 0: both are taken
+    presence_penalty: Literal[0] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -73,11 +78,6 @@ class _Generation(BaseModel):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, v: Any) -> float | None:
-        return None if v is None else parse_duration(v)
 
     def sampling(self) -> Sampling:
         return Sampling(
@@ -122,9 +122,7 @@ class CompletionRequest(_Generation):
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    keep_alive: float | str | None = None
-
-    _ka = field_validator("keep_alive")(lambda v: None if v is None else parse_duration(v))
+    keep_alive: Duration = None
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:

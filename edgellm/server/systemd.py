@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 import time
-from typing import Any
+
+from edgellm.runtime.controls import RuntimeControls
 
 log = logging.getLogger("edgellm.systemd")
 
@@ -105,7 +106,7 @@ class Watchdog:
     """Pings only while every busy engine makes progress: a hung llama.cpp call stops
     the pings, and systemd restarts the service after WatchdogSec."""
 
-    def __init__(self, runtime: Any, stall_after: float) -> None:
+    def __init__(self, runtime: RuntimeControls, stall_after: float) -> None:
         self.runtime = runtime
         self.stall_after = stall_after
         self.stalled: list[str] = []

@@ -23,7 +23,7 @@ class Access(Pane):
         )
 
     def fetch(self, client: Any) -> Any:
-        if not can(self.app.snapshot.whoami):  # type: ignore[attr-defined]
+        if not can(self.edge.snapshot.whoami):
             return None
         return client.grants()
 

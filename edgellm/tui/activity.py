@@ -92,7 +92,7 @@ def parse_filters(text: str) -> dict[str, str]:
 class Audit(Pane):
     BINDINGS = [
         Binding("v", "verify", "Verify chain"),
-        Binding("slash", "filter", "Filter"),
+        Binding("slash", "filter", "Filter", tooltip="filter (user=… action=… decision=… model=…)"),
         Binding("enter", "details", "Details"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
@@ -136,7 +136,7 @@ class Audit(Pane):
         except InvalidRequest as exc:
             self.notify(exc.message, severity="error")
             return
-        self.app.poll()  # type: ignore[attr-defined]
+        self.edge.poll()
         self.query_one(Table).focus()
 
     def action_verify(self) -> None:
@@ -147,7 +147,7 @@ class Audit(Pane):
                 if result["ok"]
                 else f"CHAIN BROKEN: {result.get('problem') or result}"
             )
-            self.app.deliver(lambda: self.query_one("#audit-verify", Static).update(text))
+            self.edge.deliver(lambda: self.query_one("#audit-verify", Static).update(text))
             if not result["ok"]:
                 raise ValueError(text)
             return text
@@ -160,7 +160,7 @@ class Audit(Pane):
     def action_clear_filter(self) -> None:
         self.query_one("#audit-filter", Input).value = ""
         self.filters = {}
-        self.app.poll()  # type: ignore[attr-defined]
+        self.edge.poll()
         self.query_one(Table).focus()
 
     def action_details(self) -> None:

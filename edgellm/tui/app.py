@@ -28,9 +28,9 @@ from edgellm.tui.data import LEVEL_STYLES, Snapshot, problem, take_snapshot
 from edgellm.tui.dialogs import Help
 from edgellm.tui.models import Models
 from edgellm.tui.playground import Playground
-from edgellm.tui.widgets import Pane
+from edgellm.tui.widgets import Pane, Table
 
-TABS = [
+TABS: list[tuple[str, str, type[Pane]]] = [
     ("dashboard", "Dashboard", Dashboard),
     ("models", "Models", Models),
     ("requests", "Requests", Requests),
@@ -39,43 +39,57 @@ TABS = [
     ("access", "Access", Access),
 ]
 
-KEYS = """[b]edgellm tui: keys[/b]
+AFTER_KEYS = """What you may do is what your role allows: a denied action shows
+the daemon's reason. The view refreshes every second."""
 
-[b]Everywhere[/b]
-  1-6          Dashboard, Models, Requests, Audit, Playground, Access
-  ↑ ↓ / j k    move in a table       Enter   details
-  s            sort by the next column (or click a header)
-  ctrl+p       command palette       ?       this help
-  Esc          back / close          q       quit
 
-[b]Models[/b]     l load   u unload   p pin/unpin   v verify   i import   d remove   / filter
-[b]Requests[/b]   c cancel the selected request
-[b]Audit[/b]      / filter (user=… action=… decision=… model=…)   v verify the chain
-[b]Playground[/b] Enter sends the prompt; Esc stops the reply or leaves the prompt
-[b]Access[/b]     g grant a role   r revoke the selected grant (admins)
+def key_help(app: App[Any]) -> str:
+    """The help page, from the key bindings themselves: a key added to a tab is in it."""
 
-What you may do is what your role allows: a denied action shows the daemon's
-reason. The view refreshes every second."""
+    def keys(binding: Binding) -> str:
+        return "/".join(
+            app.get_key_display(Binding(k.strip(), binding.action)) for k in binding.key.split(",")
+        )
+
+    def entries(bindings: Iterable[Any]) -> list[str]:
+        return [
+            f"{keys(b)} {b.tooltip or b.description.lower()}"
+            for b in bindings
+            if isinstance(b, Binding) and not b.action.startswith("show_tab")
+        ]
+
+    def rows(label: str, items: list[str], width: int = 71) -> list[str]:
+        """``label`` then the items, wrapped under each other past the label."""
+        indent = 13
+        out = [f"{label:<{indent}}"]
+        for item in items:
+            if len(out[-1].rstrip()) > indent and len(out[-1]) + len(item) > width:
+                out.append(" " * indent)
+            out[-1] += item + "   "
+        out[0] = f"[b]{label}[/b]" + out[0][len(label) :]
+        return [row.rstrip() for row in out]
+
+    titles = ", ".join(title for _, title, _ in TABS)
+    lines = ["[b]edgellm tui: keys[/b]", ""]
+    lines += rows(
+        "Everywhere",
+        [
+            f"1-{len(TABS)} {titles}",
+            "↑/↓ move",
+            *entries(Table.BINDINGS),
+            f"{app.get_key_display(Binding(app.COMMAND_PALETTE_BINDING, ''))} command palette",
+            *entries(EdgeApp.BINDINGS),
+        ],
+    )
+    for _, title, pane in TABS:
+        if own := entries(pane.BINDINGS):
+            lines += rows(title, own)
+    return "\n".join([*lines, "", AFTER_KEYS])
 
 
 class EdgeApp(App[None]):
     TITLE = "edgellm"
-    CSS = """
-    #banner { display: none; padding: 1 2; background: $error 30%; border: heavy $error; }
-    /* the tabs take what the banner and footer leave: the screen itself never
-       scrolls, so focusing a table cannot push the banner off the top */
-    TabbedContent, TabbedContent > ContentSwitcher { height: 1fr; }
-    #health { padding: 0 1; background: $boost; }
-    .gauges { height: 3; }
-    Table { height: 1fr; }
-    #models-filter, #audit-filter { display: none; }
-    #models-filter:focus, #audit-filter:focus { display: block; }
-    #play-scroll { height: 1fr; border: round $primary; }
-    #play-stats { color: $text-muted; }
-    """ + "".join(
-        f"\n.level-{name} #health {{ border-left: thick {colour}; }}"
-        for name, colour in LEVEL_STYLES.items()
-    ).replace("_", "")
+    CSS_PATH = Path(__file__).with_name("edgellm.tcss")  # also for subclasses elsewhere
     BINDINGS = [
         *[
             Binding(str(i + 1), f"show_tab('{tab}')", title, show=False)
@@ -194,7 +208,7 @@ class EdgeApp(App[None]):
             self.main.query_one(TabbedContent).active = tab
 
     def action_help(self) -> None:
-        self.push_screen(Help(KEYS))
+        self.push_screen(Help(key_help(self)))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -14,12 +14,6 @@ class Confirm(ModalScreen[bool]):
     """Yes or no; Enter/y confirms, Esc/n declines."""
 
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
-    DEFAULT_CSS = """
-    Confirm { align: center middle; }
-    Confirm > Grid { grid-size: 2; grid-gutter: 1 2; padding: 1 2; width: 60; height: auto;
-                     border: thick $error; background: $surface; }
-    Confirm #question { column-span: 2; width: 100%; }
-    """
 
     def __init__(self, question: str) -> None:
         super().__init__()
@@ -45,12 +39,6 @@ class Form(ModalScreen[dict[str, str] | None]):
     """A few labelled inputs; Enter in the last one submits, Esc cancels."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
-    DEFAULT_CSS = """
-    Form { align: center middle; }
-    Form > Vertical { padding: 1 2; width: 70; height: auto; border: thick $primary;
-                      background: $surface; }
-    Form Input { margin-bottom: 1; }
-    """
 
     def __init__(self, title: str, fields: list[tuple[str, str, str]]) -> None:
         """``fields``: (key, label, initial value)."""
@@ -82,11 +70,6 @@ class Help(ModalScreen[None]):
     """Every key, by screen."""
 
     BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
-    DEFAULT_CSS = """
-    Help { align: center middle; background: $background; }  /* opaque: a page of its own */
-    Help > Static { padding: 1 2; width: 76; height: auto; max-height: 90%;
-                    border: thick $primary; background: $surface; }
-    """
 
     def __init__(self, text: str | Text) -> None:
         super().__init__()

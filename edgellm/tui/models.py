@@ -61,7 +61,7 @@ class Models(Pane):
         self.redraw()
 
     def redraw(self) -> None:
-        loaded = {m["name"]: m for m in self.app.snapshot.loaded}  # type: ignore[attr-defined]
+        loaded = {m["name"]: m for m in self.edge.snapshot.loaded}
         text = self.query_one("#models-filter", Input).value.strip().lower()
         self.query_one(Table).show(
             [
@@ -174,7 +174,7 @@ class Models(Pane):
         if name := self._selected():
             self.act(
                 "",
-                lambda c: self.app.deliver(
+                lambda c: self.edge.deliver(
                     self.app.push_screen,
                     Help(Text(f"{name}\n\n" + json.dumps(c.model(name), indent=2))),
                 ),

@@ -68,9 +68,9 @@ class Playground(Pane):
 
     @work(thread=True, exclusive=True, group="playground")
     def generate(self, prompt: str, model: str | None) -> None:
-        socket = self.app.socket  # type: ignore[attr-defined]
+        socket = self.edge.socket
         t0, first, pieces = time.monotonic(), None, 0
-        self.app.deliver(self._stats, "generating…")
+        self.edge.deliver(self._stats, "generating…")
         try:
             with Client(socket, timeout=600) as client:
                 self.stream = client.chat(
@@ -79,22 +79,22 @@ class Playground(Pane):
                 for text in self.stream:
                     first = first or time.monotonic()
                     pieces += 1
-                    self.app.deliver(self._append, text)
+                    self.edge.deliver(self._append, text)
             stream, end = self.stream, time.monotonic()
             tokens = (stream.usage or {}).get("completion_tokens", pieces)
             rate = (tokens - 1) / (end - first) if first and tokens > 1 and end > first else 0.0
             ttft = (first - t0) * 1000 if first else 0.0
-            self.app.deliver(
+            self.edge.deliver(
                 self._stats,
                 f"{tokens} tokens, {rate:.1f} tok/s, first "
                 f"token after {ttft:.0f} ms, finish: "
                 f"{stream.finish_reason or 'stopped'}",
             )
         except Exception as exc:  # shown, never raised: no traceback reaches the screen
-            self.app.deliver(self._stats, f"[red]error: {problem(exc)}[/]")
+            self.edge.deliver(self._stats, f"[red]error: {problem(exc)}[/]")
         finally:
             self.stream = None
-            self.app.deliver(self._append, "\n\n")
+            self.edge.deliver(self._append, "\n\n")
 
     def action_stop(self) -> None:
         """Esc: stop the reply if one is coming, else leave the prompt (so the tab keys

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.text import Text
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Static
+
+if TYPE_CHECKING:
+    from edgellm.tui.app import EdgeApp
 
 
 class Table(DataTable):
@@ -48,7 +52,7 @@ class Table(DataTable):
         if not self.row_count:
             return None
         try:
-            return self.coordinate_to_cell_key((self.cursor_row, 0)).row_key.value
+            return self.coordinate_to_cell_key(Coordinate(self.cursor_row, 0)).row_key.value
         except Exception:
             return None
 
@@ -97,10 +101,6 @@ def spark(values: list[float], width: int, low: float, high: float) -> str:
 class Gauge(Static):
     """A reading's name and last value over its recent history."""
 
-    DEFAULT_CSS = """
-    Gauge { height: 3; width: 1fr; padding: 0 1; }
-    """
-
     def __init__(self, title: str, unit: str, high: float = 100.0, **kw: Any) -> None:
         super().__init__(f"{title}: -", **kw)
         self.label, self.unit, self.high = title, unit, high
@@ -129,6 +129,11 @@ class Pane(Vertical):
     def on_snapshot(self, snapshot: Any) -> None:
         pass
 
+    @property
+    def edge(self) -> EdgeApp:
+        """The app, as the edgellm app it is (its client, snapshot and workers)."""
+        return cast("EdgeApp", self.app)
+
     def act(self, done: str, call: Any) -> None:
         """Run ``call(client)`` off the UI thread; say ``done`` or the daemon's error."""
-        self.app.act(done, call)  # type: ignore[attr-defined]
+        self.edge.act(done, call)

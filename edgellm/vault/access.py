@@ -141,13 +141,13 @@ class AccessPolicy:
         self.db, self._lock = db, lock
         with lock:
             if "grants" not in db.table_names():
-                db["grants"].create(
+                db.table("grants").create(
                     {"subject": str, "role": str, "scope": str}, pk=("subject", "role", "scope")
                 )
-            elif "model" in db["grants"].columns_dict:  # from before data grants
-                db["grants"].transform(rename={"model": "scope"})
+            elif "model" in db.table("grants").columns_dict:  # from before data grants
+                db.table("grants").transform(rename={"model": "scope"})
             if "tokens" not in db.table_names():
-                db["tokens"].create({"name": str, "hash": str}, pk="name")
+                db.table("tokens").create({"name": str, "hash": str}, pk="name")
         self.daemon_uid = os.getuid()
 
     # --- grants ----------------------------------------------------------------------
@@ -161,28 +161,28 @@ class AccessPolicy:
             )
         row = {"subject": subject, "role": role, "scope": scope if role in SCOPED_ROLES else "*"}
         with self._lock:
-            self.db["grants"].upsert(row, pk=("subject", "role", "scope"))
+            self.db.table("grants").upsert(row, pk=("subject", "role", "scope"))
         return row
 
     def revoke(self, subject: str, role: str, scope: str = "*") -> bool:
         with self._lock:
-            found = self.db["grants"].count_where(
+            found = self.db.table("grants").count_where(
                 "subject = ? and role = ? and scope = ?", [subject, role, scope]
             )
-            self.db["grants"].delete_where(
+            self.db.table("grants").delete_where(
                 "subject = ? and role = ? and scope = ?", [subject, role, scope]
             )
         return bool(found)
 
     def grants(self) -> list[dict[str, str]]:
         with self._lock:
-            return list(self.db["grants"].rows_where(order_by="subject, role, scope"))
+            return list(self.db.table("grants").rows_where(order_by="subject, role, scope"))
 
     # --- tokens ------------------------------------------------------------------------
     def create_token(self, name: str) -> str:
         token = "edg_" + secrets.token_urlsafe(32)
         with self._lock:
-            self.db["tokens"].upsert({"name": name, "hash": _hash(token)}, pk="name")
+            self.db.table("tokens").upsert({"name": name, "hash": _hash(token)}, pk="name")
         return token
 
     def token_name(self, token: str | None) -> str | None:

@@ -160,9 +160,9 @@ class AuditLog:
                 latency_ms=float,
                 mac=str,
             )
-            self.db["audit"].create(columns, pk="seq")
+            self.db.table("audit").create(columns, pk="seq")
         if "checkpoint" not in self.db.table_names():
-            self.db["checkpoint"].create(
+            self.db.table("checkpoint").create(
                 {"id": int, "seq": int, "mac": str, "time": str, "pruned": int, "sig": str}, pk="id"
             )
 
@@ -388,13 +388,13 @@ class AuditLog:
         order = "seq desc" if newest_first else "seq"
         with self._lock:
             return list(
-                self.db["audit"].rows_where(
+                self.db.table("audit").rows_where(
                     " and ".join(where) or None, args, order_by=order, limit=limit
                 )
             )
 
     def checkpoint(self) -> dict[str, Any] | None:
-        rows = list(self.db["checkpoint"].rows)
+        rows = list(self.db.table("checkpoint").rows)
         return rows[0] if rows else None
 
     def prune(self, before: str | None = None, keep_rows: int | None = None) -> int:
@@ -474,7 +474,7 @@ class AuditLog:
         key = self._need_key()
         previous, expected_seq, count = GENESIS, 1, 0
         cp = self.checkpoint()
-        base = {"checkpoint": None}
+        base: dict[str, Any] = {"checkpoint": None}
         if cp is not None:
             if not hmac.compare_digest(cp["sig"] or "", checkpoint_mac(key, cp)):
                 return {

@@ -19,6 +19,7 @@ secret), and everything that needs the key raises VaultLocked until ``unlock``.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import hmac
@@ -123,7 +124,7 @@ class VaultStore:
         self._records: dict[str, ModelRecord] = {}  # parsed, while the catalog is unchanged
         self._records_version: int | None = None
         self._generation = 0
-        table = self.db["objects"]
+        table = self.db.table("objects")
         if "objects" not in self.db.table_names():
             table.create(
                 {
@@ -220,8 +221,9 @@ class VaultStore:
             with self._lock:
                 files = [
                     (r["file"], fmt.identity(r["kind"], r["name"], r["sha256"]))
-                    for r in self.db["objects"].rows
+                    for r in self.db.table("objects").rows
                 ]
+            assert self._master is not None  # unlocked just above
             audit_key = self.meta.audit_key_for(self._master)
             count = rotation.rotate(self.root, files, old_wrap, new_key, kdf, audit_key)
             self.unlock(new_key)
@@ -229,7 +231,7 @@ class VaultStore:
 
     def remove_leftovers(self) -> None:
         with self._lock:
-            named = {row["file"] for row in self.db["objects"].rows}
+            named = {row["file"] for row in self.db.table("objects").rows}
         for path in self.objects.iterdir():
             if path.name.startswith(".tmp-") or path.name not in named:
                 path.unlink(missing_ok=True)
@@ -275,17 +277,18 @@ class VaultStore:
     def list(self) -> list[ModelRecord]:
         with self._lock:
             names = [
-                r["name"] for r in self.db["objects"].rows_where("kind = 'model'", order_by="name")
+                r["name"]
+                for r in self.db.table("objects").rows_where("kind = 'model'", order_by="name")
             ]
         return [self.get(n) for n in names]
 
     def data_info(self, name: str) -> dict[str, Any]:
         return json.loads(self._row(name, "data")["record"])
 
-    def list_data(self, prefix: str = "") -> list[dict[str, Any]]:
+    def list_data(self, prefix: str = "") -> builtins.list[dict[str, Any]]:
         with self._lock:
             rows = list(
-                self.db["objects"].rows_where(
+                self.db.table("objects").rows_where(
                     "kind = 'data' and substr(name, 1, ?) = ?",
                     [len(prefix), prefix],
                     order_by="name",
@@ -341,14 +344,14 @@ class VaultStore:
                 "the object was swapped or its catalog row changed"
             )
 
-    def migrate(self) -> list[tuple[str, str]]:
+    def migrate(self) -> builtins.list[tuple[str, str]]:
         """Bring a version 1 vault to version 2: each object whose plaintext matches its
         catalog row gets a header bound to that row's identity (85 bytes rewritten);
         one that does not is left as it was, and a version 2 vault refuses it, so a swap
         made before the migration is caught too. Returns (name, problem) for those."""
         bad = []
         with self._lock:
-            rows = list(self.db["objects"].rows)
+            rows = list(self.db.table("objects").rows)
         wrap, key_id = self._keys()
         for row in rows:
             label = row["name"] if row["kind"] == "model" else f"data:{row['name']}"
@@ -478,7 +481,7 @@ class VaultStore:
         replace: bool,
     ) -> dict[str, Any]:
         with self._lock:
-            taken = self.db["objects"].count_where("kind = ? and name = ?", [kind, name])
+            taken = self.db.table("objects").count_where("kind = ? and name = ?", [kind, name])
         if taken and not replace:
             raise Conflict(f"{kind} {name!r} already exists; remove it first", param="name")
         with self._keylock:
@@ -544,9 +547,9 @@ class VaultStore:
         with self._lock:
             old = [
                 r["file"]
-                for r in self.db["objects"].rows_where("kind = ? and name = ?", [kind, name])
+                for r in self.db.table("objects").rows_where("kind = ? and name = ?", [kind, name])
             ]
-            self.db["objects"].upsert(
+            self.db.table("objects").upsert(
                 {
                     "kind": kind,
                     "name": name,
@@ -564,7 +567,7 @@ class VaultStore:
     def _delete(self, kind: str, name: str) -> None:
         row = self._row(name, kind)
         with self._keylock, self._lock:
-            self.db["objects"].delete((kind, name))
+            self.db.table("objects").delete((kind, name))
             self._changed()
         (self.objects / row["file"]).unlink(missing_ok=True)
 
@@ -578,12 +581,12 @@ class VaultStore:
         self._delete("data", name)
         return info
 
-    def verify(self) -> list[tuple[str, str]]:
+    def verify(self) -> builtins.list[tuple[str, str]]:
         """Authenticate every segment of every object; (name, problem) for each bad one
         (data objects are named ``data:NAME``)."""
         bad = []
         with self._lock:
-            rows = list(self.db["objects"].rows_where(order_by="kind, name"))
+            rows = list(self.db.table("objects").rows_where(order_by="kind, name"))
         for row in rows:
             label = row["name"] if row["kind"] == "model" else f"data:{row['name']}"
             try:

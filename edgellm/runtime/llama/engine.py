@@ -12,7 +12,7 @@ Every turn of the loop:
 
 Prompt chunks run as batches of their own sequence, aligned to absolute positions,
 decode steps carry one token per sequence, and each slot has its own KV stream
-(see llama_backend.py): every row is computed exactly as if the request ran alone,
+(see backend.py): every row is computed exactly as if the request ran alone,
 so output does not depend on what else runs. Cancellation and deadlines are
 checked every turn: a cancelled or disconnected request frees its slot within one
 decode step.
@@ -39,7 +39,7 @@ from edgellm.runtime.llama.backend import LlamaBackend
 from edgellm.runtime.llama.slots import Slot, reusable
 from edgellm.runtime.llama.text import StopMatcher
 from edgellm.runtime.source import ModelRecord
-from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest, Usage
+from edgellm.runtime.types import Delta, Failed, Finished, FinishReason, GenerationRequest, Usage
 
 log = logging.getLogger("edgellm.engine")
 
@@ -329,7 +329,7 @@ class LlamaEngine(EngineThread):
     def _usage(self, slot: Slot) -> Usage:
         return Usage(len(slot.prompt), slot.generated)
 
-    def _end(self, slot: Slot, reason: str) -> None:
+    def _end(self, slot: Slot, reason: FinishReason) -> None:
         if reason != "stop" and slot.stops is not None:
             tail = slot.stops.flush()
             if tail and slot.request is not None:
@@ -340,7 +340,7 @@ class LlamaEngine(EngineThread):
             Finished(
                 reason,
                 self._usage(slot),
-                slot.prompt_seconds,  # type: ignore[arg-type]
+                slot.prompt_seconds,
                 decode_s if slot.state == "generate" else 0.0,
             ),
         )
