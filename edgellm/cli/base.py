@@ -45,6 +45,7 @@ SERVER_MODULES = {
     "tokenizers",
     "safetensors",
     "numpy",
+    "jsonschema",
 }
 
 

@@ -139,6 +139,17 @@ class Request:
         }
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What decoding must follow: a llama.cpp grammar (GBNF), and what the finished text
+    is checked against: ``schema`` (a JSON Schema), ``json_object`` (any object), or
+    neither (a plain grammar)."""
+
+    grammar: str
+    schema: dict[str, Any] | None = None
+    json_object: bool = False
+
+
 @dataclass
 class GenerationRequest(Request):
     """One generation: either ``prompt`` (plain completion) or ``messages`` (chat)."""
@@ -148,6 +159,7 @@ class GenerationRequest(Request):
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
+    constraint: Constraint | None = None
 
 
 @dataclass

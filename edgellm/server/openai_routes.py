@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edgellm.errors import EdgeError
+from edgellm.errors import EdgeError, InternalError
 from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest
 from edgellm.server.context import STATE, State, read_json
 from edgellm.server.pipeline import Events, serve
@@ -39,6 +39,23 @@ def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> No
         "-" if ttft is None else f"{ttft:.3f}",
         time.monotonic() - gen.started,
     )
+
+
+def _hold_constraint(gen: GenerationRequest, text: str, finished: Finished) -> None:
+    """A finished JSON answer that does not validate is never handed back: the grammar
+    should have made that impossible, so it is our bug (500), logged. An answer cut by
+    max_tokens ends with finish_reason "length" and claims nothing."""
+    from edgellm.runtime.llama.schema_grammar import answer_problem
+
+    if gen.constraint is None or finished.finish_reason != "stop":
+        return
+    problem = answer_problem(gen.constraint, text)
+    if problem is not None:
+        log.error("event=constraint_broken id=%s model=%s problem=%r", gen.id, gen.model, problem)
+        raise InternalError(
+            f"the answer broke its response_format ({problem}) although decoding was "
+            "constrained; this is a bug in edgellm, and the answer is withheld"
+        )
 
 
 def _sse(payload: Any) -> bytes:
@@ -74,6 +91,7 @@ async def _generate(
         max_tokens=body.limit(),
         stop=body.stop,
         sampling=body.sampling(),
+        constraint=body.constraint(),
         keep_alive=body.keep_alive,
         timeout=body.timeout,
     )
@@ -105,6 +123,7 @@ async def _collect(
     assert finished is not None  # the events end with one Finished, or a Failed raised
     _log_done(gen, finished, None)
     text = "".join(parts)
+    _hold_constraint(gen, text, finished)
     choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
@@ -148,8 +167,10 @@ async def _stream(
     if chat:
         await response.write(chunk("", role=True))
     ttft = time.monotonic() - gen.started
+    sent: list[str] = []
     async for event in events:
         if isinstance(event, Delta):
+            sent.append(event.text)
             await response.write(chunk(event.text))
         elif isinstance(event, Failed):
             err = event.error
@@ -159,6 +180,11 @@ async def _stream(
             await response.write(_sse(body_err))
         elif isinstance(event, Finished):
             _log_done(gen, event, ttft)
+            try:
+                _hold_constraint(gen, "".join(sent), event)
+            except EdgeError as exc:
+                await response.write(_sse(exc.body()))
+                break
             await response.write(chunk(None, event.finish_reason))
             if body.include_usage:
                 await response.write(

@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from edgellm.config import parse_duration
 from edgellm.errors import InvalidRequest
-from edgellm.runtime.types import Sampling
+from edgellm.runtime.types import Constraint, Sampling
 
 # seconds, from 300, "300", "30s", "5m", "1h" or -1 (forever); junk is a ValueError
 Duration = Annotated[
@@ -45,6 +45,26 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``json_schema`` (what the SDK's ``parse()`` sends)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # edgellm always holds the schema: strict or not
+
+
+class ResponseFormat(BaseModel):
+    """``text``; ``json_object`` (any object, or with ``schema`` that schema: the shape
+    llama.cpp's server and instructor send); ``json_schema`` (OpenAI's)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
 class _Generation(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +83,8 @@ class _Generation(BaseModel):
     keep_alive: Duration = None
     timeout: float | None = Field(default=None, gt=0)  # seconds; capped by request_timeout
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    grammar: str | None = Field(default=None, min_length=1, max_length=65536)  # GBNF
     # OpenAI parameters accepted only at their neutral values
     n: Literal[1] = 1
     logprobs: Literal[False] | None = None
@@ -89,6 +111,47 @@ class _Generation(BaseModel):
             seed=self.seed,
             ignore_eos=self.ignore_eos,
         )
+
+    def constraint(self) -> Constraint | None:
+        """The grammar decoding follows, checked and compiled (a bad schema or a keyword
+        edgellm cannot enforce is a 400 naming it), or None for free text."""
+        from edgellm.runtime.llama import schema_grammar
+
+        constrained = self.grammar is not None or (
+            self.response_format is not None and self.response_format.type != "text"
+        )
+        if constrained and self.ignore_eos:
+            raise InvalidRequest(
+                "ignore_eos cannot be combined with a grammar or a JSON response_format: "
+                "the answer ends where the grammar does",
+                param="ignore_eos",
+            )
+        fmt = self.response_format
+        if self.grammar is not None:
+            if fmt is not None and fmt.type != "text":
+                raise InvalidRequest(
+                    "send either grammar or a JSON response_format, not both", param="grammar"
+                )
+            return Constraint(grammar=self.grammar)
+        if fmt is None or fmt.type == "text":
+            if fmt is not None and (fmt.json_schema is not None or fmt.schema_ is not None):
+                raise InvalidRequest(
+                    "response_format text takes no schema", param="response_format.type"
+                )
+            return None
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidRequest(
+                    "response_format json_schema needs its json_schema",
+                    param="response_format.json_schema",
+                )
+            schema, path = fmt.json_schema.schema_, "response_format.json_schema.schema"
+        elif fmt.schema_ is not None:
+            schema, path = fmt.schema_, "response_format.schema"
+        else:
+            return Constraint(grammar=schema_grammar.any_json_object(), json_object=True)
+        schema_grammar.check(schema, path)
+        return Constraint(grammar=schema_grammar.to_grammar(schema, path), schema=schema)
 
     @property
     def include_usage(self) -> bool:

@@ -215,10 +215,20 @@ class LlamaBackend:
         repeat_penalty: float,
         seed: int,
         ignore_eos: bool,
+        grammar: str | None = None,
     ) -> Any:
         from llama_cpp._internals import LlamaSampler
 
         s = LlamaSampler()
+        if grammar is not None:  # first: every later step sees only what it allows
+            _errors.clear()
+            g = self._c.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not g:
+                raise InvalidRequest(
+                    f"the grammar does not compile: {_reason('llama.cpp refused it')}",
+                    param="grammar",
+                )
+            self._c.llama_sampler_chain_add(s.sampler, g)
         if repeat_penalty != 1.0:
             s.add_penalties(self.n_vocab, 64, repeat_penalty, 0.0, 0.0)
         if ignore_eos:

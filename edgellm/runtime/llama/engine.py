@@ -218,14 +218,23 @@ class LlamaEngine(EngineThread):
         slot.cached = tokens[:keep]
         p = request.sampling
         seed = p.seed if p.seed is not None else random.getrandbits(32)
+        grammar = request.constraint.grammar if request.constraint is not None else None
+        sampler = llm.sampler(  # before the slot changes: a bad grammar fails here
+            p.temperature,
+            p.top_k,
+            p.top_p,
+            p.min_p,
+            p.repeat_penalty,
+            seed,
+            p.ignore_eos,
+            grammar,
+        )
         room = self.n_ctx - n
         slot.request, slot.state, slot.prompt = request, "prefill", tokens
         slot.prefilled = slot.reused = keep
         slot.pos, slot.generated, slot.prompt_seconds = keep, 0, 0.0
         slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        slot.sampler = llm.sampler(
-            p.temperature, p.top_k, p.top_p, p.min_p, p.repeat_penalty, seed, p.ignore_eos
-        )
+        slot.sampler = sampler
         slot.stops = StopMatcher(list(request.stop) + template_stops)
         slot.admitted = time.monotonic()
         request.state, request.prompt_tokens = "running", n

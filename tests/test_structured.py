@@ -1,0 +1,366 @@
+"""Structured output: JSON Schema (OpenAI's json_schema, llama.cpp's json_object with
+a schema, plain json_object) and GBNF grammars constrain decoding token by token, so
+every answer parses and validates, whatever the model. Numeric ranges are enforced
+by rules of our own (checked here against Python's comparisons), keywords that
+cannot be enforced are refused by name, and the real model answers through the
+openai SDK's parse()."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from fractions import Fraction
+from typing import Any, Literal
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from edgellm.errors import InvalidRequest
+from edgellm.runtime.llama import ranges, schema_grammar
+
+from conftest import MODEL, Daemon
+
+ASK = [{"role": "user", "content": "Describe a small order from a shop as JSON."}]
+
+
+# --- ranges, against Python's own comparisons --------------------------------------------
+BOUNDS = [None, -1000, -101, -100, -99, -17, -10, -9, -1, 0, 1, 3, 9, 10, 17, 99, 100, 101, 342]
+
+
+def test_integer_ranges_hold_exactly_the_integers_in_them() -> None:
+    values = [*range(-1300, 1300), 99999, -99999, 10**15, -(10**15)]
+    for lo, hi in itertools.product(BOUNDS, BOUNDS):
+        if lo is not None and hi is not None and lo > hi:
+            continue
+        pattern = re.compile(ranges.regex(ranges.integers(lo, hi)))
+        for v in values:
+            inside = (lo is None or v >= lo) and (hi is None or v <= hi)
+            assert bool(pattern.fullmatch(str(v))) == inside, (lo, hi, v)
+        for form in ("-0", "00", "01", "-01", "+1", "1.0"):  # never JSON's other spellings
+            assert not pattern.fullmatch(form), (lo, hi, form)
+
+
+def test_decimal_ranges_hold_exactly_the_numbers_in_them() -> None:
+    texts = {f"{i}{f}" for i in range(-120, 121) for f in ("", ".0", ".5", ".05", ".999", ".001")}
+    for lo, hi in itertools.product([None, -100, -10, -1, 0, 1, 10, 17, 100], repeat=2):
+        for lo_open, hi_open in itertools.product([False, True], repeat=2):
+            if (
+                lo is not None
+                and hi is not None
+                and (lo > hi or (lo == hi and (lo_open or hi_open)))
+            ):
+                continue
+            a, b = (None if x is None else Fraction(x) for x in (lo, hi))
+            pattern = re.compile(ranges.regex(ranges.decimals(a, b, lo_open, hi_open)))
+            for text in texts:
+                v = Fraction(text)
+                if text.startswith("-") and v == 0:
+                    continue  # "-0…" is never produced, either way
+                above = lo is None or (v > lo if lo_open else v >= lo)
+                below = hi is None or (v < hi if hi_open else v <= hi)
+                assert bool(pattern.fullmatch(text)) == (above and below), (lo, hi, text)
+
+
+# --- what is refused, by name -----------------------------------------------------------
+REFUSED = [
+    ({"type": "integer", "multipleOf": 3}, "schema.multipleOf"),
+    ({"not": {"type": "string"}}, "schema.not"),
+    ({"type": "array", "items": {"type": "string"}, "uniqueItems": True}, "schema.uniqueItems"),
+    (
+        {"type": "object", "properties": {"a": {"type": "string", "format": "email"}}},
+        "schema.properties.a.format",
+    ),
+    ({"type": "number", "minimum": 0.5}, "schema.minimum"),
+    ({"type": "string", "pattern": "abc"}, "schema.pattern"),
+    ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "schema.maxLength"),
+    ({"type": "object", "properties": {}, "required": ["x"]}, "schema.required"),
+    ({"type": "object", "patternProperties": {"^x": {}}}, "schema.patternProperties"),
+    ({"$ref": "https://example.com/s.json"}, "schema.$ref"),
+    ({"type": "integer", "minimum": 5, "maximum": 2}, "schema.minimum"),
+    ({"type": "nope"}, "schema"),
+    ([1, 2], "schema"),
+]
+
+
+@pytest.mark.parametrize("schema,param", REFUSED, ids=[p for _, p in REFUSED])
+def test_what_the_grammar_cannot_hold_is_refused_by_name(schema: Any, param: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        schema_grammar.check(schema, "schema")
+    assert refused.value.param == param and refused.value.message
+
+
+# --- the real model through the socket ----------------------------------------------------
+class Line(BaseModel):
+    item: Literal["apple", "pear", "plum"]
+    quantity: int = Field(ge=1, le=12)
+    price: float = Field(ge=0, le=100)
+
+
+class Order(BaseModel):
+    customer: str = Field(max_length=24)
+    lines: list[Line] = Field(min_length=1, max_length=3)
+    rush: bool
+    note: str | None = Field(default=None, max_length=16)
+
+
+def _sdk(d: Daemon) -> openai.OpenAI:
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), timeout=120)
+    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+
+
+def test_the_openai_sdks_parse_returns_a_validated_object(daemon: Daemon) -> None:
+    sdk = _sdk(daemon)
+    schema = Order.model_json_schema()
+    for seed in (1, 2, 3):
+        done = sdk.chat.completions.parse(
+            model=MODEL, messages=ASK, response_format=Order, seed=seed, max_tokens=400
+        )
+        choice = done.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        order = choice.message.parsed
+        assert isinstance(order, Order) and 1 <= len(order.lines) <= 3
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)
+
+
+def test_json_object_and_llama_cpps_schema_shape(daemon: Daemon) -> None:
+    sdk = _sdk(daemon)
+    anything = sdk.chat.completions.create(
+        model=MODEL, messages=ASK, response_format={"type": "json_object"}, seed=4, max_tokens=300
+    )
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string", "enum": ["yes", "no"]},
+            "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+        },
+        "required": ["answer", "confidence"],
+    }
+    with daemon.http() as h:
+        body = {
+            "messages": ASK,
+            "seed": 5,
+            "max_tokens": 60,
+            "response_format": {"type": "json_object", "schema": schema},
+        }
+        r = h.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+
+
+def test_a_grammar_constrains_both_endpoints_and_a_bad_one_is_a_400(daemon: Daemon) -> None:
+    grammar = 'root ::= "yes" | "no" | "maybe"'
+    with daemon.http() as h:
+        for path, body in [
+            ("/v1/completions", {"prompt": "Is the sky blue? Answer:"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Sky blue?"}]}),
+        ]:
+            for seed in (1, 2):
+                r = h.post(path, json={**body, "grammar": grammar, "seed": seed, "max_tokens": 8})
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                text = choice.get("text", (choice.get("message") or {}).get("content"))
+                assert text in ("yes", "no", "maybe") and choice["finish_reason"] == "stop"
+        bad = h.post(
+            "/v1/completions", json={"prompt": "x", "grammar": "root ::= (", "max_tokens": 4}
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "grammar"
+        assert "grammar does not compile" in bad.json()["error"]["message"]
+        for fmt, param in [
+            (
+                {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 2}},
+                },
+                "response_format.json_schema.schema.multipleOf",
+            ),
+            ({"type": "json_object", "schema": {"type": "nope"}}, "response_format.schema"),
+            ({"type": "json_schema"}, "response_format.json_schema"),
+        ]:
+            r = h.post("/v1/chat/completions", json={"messages": ASK, "response_format": fmt})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        both = {"messages": ASK, "grammar": grammar, "response_format": {"type": "json_object"}}
+        assert h.post("/v1/chat/completions", json=both).status_code == 400
+        assert h.get("/health").json()["status"] == "ready"  # and it goes on serving
+
+
+def test_running_out_of_tokens_mid_object_says_length(daemon: Daemon) -> None:
+    with daemon.http() as h:
+        body = {
+            "messages": ASK,
+            "max_tokens": 5,
+            "seed": 1,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "order", "schema": Order.model_json_schema()},
+            },
+        }
+        r = h.post("/v1/chat/completions", json=body).json()
+        assert r["choices"][0]["finish_reason"] == "length"
+        assert r["choices"][0]["message"]["content"].startswith("{")
+
+
+SCHEMAS: list[dict[str, Any]] = [
+    {"type": "integer", "minimum": -5, "maximum": 5},
+    {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+    {"type": "boolean"},
+    {"type": "string", "enum": ["red", "green", "blue"]},
+    {"type": "string", "maxLength": 8},
+    {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+    {"type": "string", "format": "date"},
+    {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 10, "maximum": 20},
+        "minItems": 2,
+        "maxItems": 4,
+    },
+    {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": ["string", "null"], "maxLength": 5}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
+    {"anyOf": [{"type": "integer", "minimum": 100}, {"type": "string", "maxLength": 4}]},
+    {
+        "$defs": {
+            "p": {
+                "type": "object",
+                "properties": {"x": {"type": "integer", "maximum": -1}},
+                "required": ["x"],
+            }
+        },
+        "type": "array",
+        "items": {"$ref": "#/$defs/p"},
+        "maxItems": 2,
+    },
+    {
+        "type": "object",
+        "properties": {"tags": {"type": "array", "items": {"const": "t"}, "maxItems": 2}},
+        "required": ["tags"],
+    },
+    Line.model_json_schema(),
+]
+
+
+def test_every_answer_validates_across_schemas_and_seeds(daemon: Daemon) -> None:
+    """Each schema, two seeds, streamed and not, four at a time in the model's slots."""
+    cases = [
+        (i, seed, stream)
+        for i in range(len(SCHEMAS))
+        for seed in (7, 8)
+        for stream in (False, True)
+    ]
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def run(chunk: list[tuple[int, int, bool]]) -> None:
+        sdk = _sdk(daemon)
+        for i, seed, stream in chunk:
+            fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i]}}
+            args = dict(model=MODEL, messages=ASK, seed=seed, max_tokens=200, response_format=fmt)
+            if stream:
+                parts = sdk.chat.completions.create(stream=True, **args)
+                pieces, finish = [], None
+                for c in parts:
+                    if c.choices:
+                        pieces.append(c.choices[0].delta.content or "")
+                        finish = c.choices[0].finish_reason or finish
+                text = "".join(pieces)
+            else:
+                r = sdk.chat.completions.create(**args)
+                text, finish = r.choices[0].message.content or "", r.choices[0].finish_reason
+            problem = None
+            if finish != "stop":
+                problem = f"finished with {finish}"
+            else:
+                try:
+                    jsonschema.validate(json.loads(text), SCHEMAS[i])
+                except (ValueError, jsonschema.ValidationError) as exc:
+                    problem = str(exc).splitlines()[0]
+            if problem:
+                with lock:
+                    failures.append(f"schema {i} seed {seed} stream {stream}: {problem}: {text!r}")
+
+    threads = [threading.Thread(target=run, args=(cases[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_constrained_greedy_output_is_the_same_alone_and_beside_others(daemon: Daemon) -> None:
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "order", "schema": Order.model_json_schema()},
+    }
+    mine = {"messages": ASK, "temperature": 0, "max_tokens": 300, "response_format": fmt}
+    neighbours = [
+        {"messages": ASK, "temperature": 0.9, "seed": 3, "max_tokens": 120},
+        {
+            "messages": ASK,
+            "seed": 4,
+            "max_tokens": 120,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "line", "schema": Line.model_json_schema()},
+            },
+        },
+        {
+            "prompt": "Once upon a time",
+            "seed": 5,
+            "max_tokens": 120,
+            "grammar": 'root ::= [a-z ]+ "."',
+        },
+    ]
+
+    def ask(body: dict[str, Any], out: list[str]) -> None:
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        with daemon.http() as h:
+            choice = h.post(path, json=body).json()["choices"][0]
+            out.append(choice.get("text") or choice["message"]["content"])
+
+    alone: list[str] = []
+    ask(mine, alone)
+    together: list[str] = []
+    others: list[str] = []
+    threads = [threading.Thread(target=ask, args=(n, others)) for n in neighbours]
+    threads.append(threading.Thread(target=ask, args=(mine, together)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone and len(others) == 3
+    json.loads(alone[0])  # and it is the JSON it was made to be
+
+
+def test_langchain_and_instructor_get_validated_objects(daemon: Daemon) -> None:
+    """Two clients nobody here wrote, as their users call them."""
+    import instructor
+    from langchain_openai import ChatOpenAI
+
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120)
+    chat = ChatOpenAI(
+        model=MODEL,
+        base_url="http://localhost/v1",
+        api_key="unused",
+        http_client=http,
+        max_tokens=400,
+        seed=1,
+    )
+    line = chat.with_structured_output(Line, method="json_schema").invoke(
+        "One line of a fruit order, as JSON."
+    )
+    assert isinstance(line, Line) and 1 <= line.quantity <= 12
+    # instructor's JSON_SCHEMA mode sends llama.cpp's shape (json_object with a schema)
+    client = instructor.from_openai(_sdk(daemon), mode=instructor.Mode.JSON_SCHEMA)
+    order = client.chat.completions.create(
+        model=MODEL, messages=ASK, response_model=Order, max_tokens=400, seed=2, max_retries=0
+    )
+    assert isinstance(order, Order) and 1 <= len(order.lines) <= 3
