@@ -249,12 +249,9 @@ SCHEMAS: list[dict[str, Any]] = [
 
 
 def test_every_answer_validates_across_schemas_and_seeds(daemon: Daemon) -> None:
-    """Each schema, two seeds, streamed and not, four at a time in the model's slots."""
+    """Each schema, two seeds (one streamed), four at a time in the model's slots."""
     cases = [
-        (i, seed, stream)
-        for i in range(len(SCHEMAS))
-        for seed in (7, 8)
-        for stream in (False, True)
+        (i, seed, stream) for i in range(len(SCHEMAS)) for seed, stream in ((7, False), (8, True))
     ]
     failures: list[str] = []
     lock = threading.Lock()
@@ -364,3 +361,61 @@ def test_langchain_and_instructor_get_validated_objects(daemon: Daemon) -> None:
         model=MODEL, messages=ASK, response_model=Order, max_tokens=400, seed=2, max_retries=0
     )
     assert isinstance(order, Order) and 1 <= len(order.lines) <= 3
+
+
+# --- sampling parity ------------------------------------------------------------------------
+def _complete(d: Daemon, **body: Any) -> httpx.Response:
+    with d.http() as h:
+        return h.post("/v1/completions", json={"temperature": 0, "max_tokens": 40, **body})
+
+
+def test_logit_bias_bans_tokens_and_penalties_change_greedy_output(
+    daemon: Daemon, model_file: Any
+) -> None:
+    from llama_cpp import Llama
+
+    vocab = Llama(str(model_file), vocab_only=True, verbose=False)
+    with_e = [
+        t
+        for t in range(vocab.n_vocab())
+        if "e" in vocab.detokenize([t]).decode("utf-8", "replace").lower()
+    ]
+    prompt = "Here are three sentences about the sea:"
+    free = _complete(daemon, prompt=prompt).json()["choices"][0]["text"]
+    assert "e" in free.lower()
+    banned = _complete(daemon, prompt=prompt, logit_bias={str(t): -100 for t in with_e})
+    assert banned.status_code == 200, banned.text
+    text = banned.json()["choices"][0]["text"]
+    assert text and "e" not in text.lower()  # no token holding an e was ever chosen
+    loop = "the cat the cat the cat the cat the cat"
+    plain = _complete(daemon, prompt=loop).json()["choices"][0]["text"]
+    for field in ("frequency_penalty", "presence_penalty"):
+        penalised = _complete(daemon, prompt=loop, **{field: 2.0}).json()["choices"][0]["text"]
+        assert penalised != plain, field
+    for body, param in [
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -3}, "presence_penalty"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"logit_bias": {"999999999": -100}}, "logit_bias"),
+        ({"store": True}, "store"),
+    ]:
+        r = _complete(daemon, prompt="x", **body)
+        assert r.status_code == 400 and param in r.json()["error"]["message"], (body, r.text)
+
+
+def test_fields_that_change_nothing_are_taken(daemon: Daemon) -> None:
+    sdk = _sdk(daemon)
+    r = sdk.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=4,
+        temperature=0,
+        user="u1",
+        store=False,
+        metadata={"team": "edge"},
+        service_tier="auto",
+        parallel_tool_calls=False,
+    )
+    plain = sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content == plain.choices[0].message.content

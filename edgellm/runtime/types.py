@@ -24,6 +24,9 @@ class Sampling:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0  # OpenAI's: by how often a token was generated so far
+    presence_penalty: float = 0.0  # ... and whether it was at all
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias; -100 bans
     seed: int | None = None
     ignore_eos: bool = False
 

@@ -85,11 +85,25 @@ class _Generation(BaseModel):
     user: str | None = None
     response_format: ResponseFormat | None = None
     grammar: str | None = Field(default=None, min_length=1, max_length=65536)  # GBNF
-    # OpenAI parameters accepted only at their neutral values
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    # OpenAI fields that change nothing about the answer: taken, and listed in the README
+    metadata: dict[str, str] | None = None
+    store: Literal[False] | None = None  # edgellm keeps no completions to fetch later
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None  # only means something with tools
+    # OpenAI parameters accepted only at their neutral values (for now)
     n: Literal[1] = 1
     logprobs: Literal[False] | None = None
-    frequency_penalty: Literal[0] | None = None  # 0.0 == 0: both are taken
-    presence_penalty: Literal[0] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 9):
+                raise ValueError(f"keys are token ids (whole numbers), not {key!r}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -108,6 +122,9 @@ class _Generation(BaseModel):
             top_k=self.top_k,
             min_p=self.min_p,
             repeat_penalty=self.repeat_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
             seed=self.seed,
             ignore_eos=self.ignore_eos,
         )

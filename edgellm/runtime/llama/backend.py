@@ -16,6 +16,7 @@ from typing import Any
 from edgellm.config import ModelSettings
 from edgellm.errors import InvalidRequest, ModelLoadFailed
 from edgellm.runtime.llama.chat_template import TemplateRenderer
+from edgellm.runtime.types import Sampling
 
 log = logging.getLogger("edgellm.engine")
 
@@ -207,20 +208,15 @@ class LlamaBackend:
         self._c.llama_set_n_threads(self.ctx.ctx, n, n)
 
     def sampler(
-        self,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        min_p: float,
-        repeat_penalty: float,
-        seed: int,
-        ignore_eos: bool,
-        grammar: str | None = None,
+        self, p: Sampling, seed: int, grammar: str | None = None, penalty_window: int = 64
     ) -> Any:
+        """One request's sampler chain: its grammar first (every later step sees only
+        what it allows), then penalties and biases on the logits, then greedy or the
+        truncations and a seeded draw."""
         from llama_cpp._internals import LlamaSampler
 
         s = LlamaSampler()
-        if grammar is not None:  # first: every later step sees only what it allows
+        if grammar is not None:
             _errors.clear()
             g = self._c.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
             if not g:
@@ -229,17 +225,35 @@ class LlamaBackend:
                     param="grammar",
                 )
             self._c.llama_sampler_chain_add(s.sampler, g)
-        if repeat_penalty != 1.0:
-            s.add_penalties(self.n_vocab, 64, repeat_penalty, 0.0, 0.0)
-        if ignore_eos:
-            s.add_logit_bias(self.n_vocab, {t: float("-inf") for t in self.eog_tokens})
-        if temperature <= 0:
+        if p.frequency_penalty or p.presence_penalty:  # over the whole answer so far
+            s.add_penalties(
+                self.n_vocab,
+                penalty_window,
+                p.repeat_penalty,
+                p.frequency_penalty,
+                p.presence_penalty,
+            )
+        elif p.repeat_penalty != 1.0:
+            s.add_penalties(self.n_vocab, 64, p.repeat_penalty, 0.0, 0.0)
+        bias = {t: float("-inf") if b <= -100 else b for t, b in p.logit_bias.items()}
+        unknown = [t for t in bias if not 0 <= t < self.n_vocab]
+        if unknown:
+            raise InvalidRequest(
+                f"logit_bias names token {unknown[0]}, but the model's vocabulary has "
+                f"{self.n_vocab} tokens (0 to {self.n_vocab - 1})",
+                param="logit_bias",
+            )
+        if p.ignore_eos:
+            bias.update({t: float("-inf") for t in self.eog_tokens})
+        if bias:
+            s.add_logit_bias(self.n_vocab, bias)
+        if p.temperature <= 0:
             s.add_greedy()
         else:
-            s.add_top_k(top_k)
-            s.add_top_p(top_p, 1)
-            s.add_min_p(min_p, 1)
-            s.add_temp(temperature)
+            s.add_top_k(p.top_k)
+            s.add_top_p(p.top_p, 1)
+            s.add_min_p(p.min_p, 1)
+            s.add_temp(p.temperature)
             s.add_dist(seed & 0xFFFFFFFF)
         return s
 

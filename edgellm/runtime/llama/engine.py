@@ -219,16 +219,8 @@ class LlamaEngine(EngineThread):
         p = request.sampling
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         grammar = request.constraint.grammar if request.constraint is not None else None
-        sampler = llm.sampler(  # before the slot changes: a bad grammar fails here
-            p.temperature,
-            p.top_k,
-            p.top_p,
-            p.min_p,
-            p.repeat_penalty,
-            seed,
-            p.ignore_eos,
-            grammar,
-        )
+        # before the slot changes: a bad grammar or token id fails here
+        sampler = llm.sampler(p, seed, grammar, penalty_window=self.n_ctx)
         room = self.n_ctx - n
         slot.request, slot.state, slot.prompt = request, "prefill", tokens
         slot.prefilled = slot.reused = keep
