@@ -6,10 +6,12 @@ directory and edgellm.toml, so tests can run several side by side.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,25 @@ from edgellm.vault.keys import create_key_file
 from edgellm.vault.store import VaultStore
 
 MODEL = "smollm2-135m-instruct"
+# vaults already built, by (model file, names): a daemon's vault is a copy of one (the
+# same key, the same encrypted objects), which saves encrypting the model each time
+_VAULTS: dict[tuple[str, tuple[str, ...]], Path] = {}
+_VAULT_ROOT = Path(tempfile.mkdtemp(prefix="edgellm-test-vaults-"))
+atexit.register(shutil.rmtree, _VAULT_ROOT, True)
+
+
+def _built_vault(model_file: Path, names: tuple[str, ...]) -> Path:
+    key = (str(model_file), names)
+    if key not in _VAULTS:
+        root = _VAULT_ROOT / str(len(_VAULTS))
+        store = VaultStore.create(root / "vault", create_key_file(root / "vault.key"))
+        for name in names:
+            store.add_file(model_file, name)
+        for conn in (store.db.conn, store.audit._conn):  # everything in the main files
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+        _VAULTS[key] = root
+    return _VAULTS[key]
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +77,10 @@ class Daemon:
         self.config = root / "edgellm.toml"
         self.log = root / "daemon.log"
         self.key_file = root / "vault.key"
-        store = VaultStore.create(self.state_dir / "vault", create_key_file(self.key_file))
-        for name in names:
-            store.add_file(model_file, name)
+        built = _built_vault(model_file, tuple(names))
+        self.state_dir.mkdir(parents=True)
+        shutil.copytree(built / "vault", self.state_dir / "vault")
+        shutil.copy2(built / "vault.key", self.key_file)  # its mode (0600) too
         per_model = settings.pop("model_settings", {})
         governor = settings.pop("governor", {})
         self.extra_env: dict[str, str] = settings.pop("env", {})
