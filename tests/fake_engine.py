@@ -22,7 +22,14 @@ from edgellm.config import ModelSettings
 from edgellm.errors import EdgeError, ModelLoadFailed, ModelNotFound
 from edgellm.runtime.engine import EngineThread, register_engine
 from edgellm.runtime.source import ModelRecord
-from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest, Usage
+from edgellm.runtime.types import (
+    Delta,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Usage,
+)
 
 _go = threading.Event()
 _go.set()
@@ -102,9 +109,9 @@ class FakeEngine(EngineThread):
         for request, words in list(self.running):
             if request.cancel_event.is_set() or not words:
                 self.running.remove((request, words))
-                reason = "cancelled" if request.cancel_event.is_set() else "stop"
+                reason: FinishReason = "cancelled" if request.cancel_event.is_set() else "stop"
                 usage = Usage(len((request.prompt or "").split()), request.completion_tokens)
-                request.emit(Finished(reason, usage, 0.0, 0.0))  # type: ignore[arg-type]
+                request.emit(Finished(reason, usage, 0.0, 0.0))
                 if self._on_request_done is not None:
                     self._on_request_done(self.name)
                 continue

@@ -145,9 +145,11 @@ class LlamaEngine(EngineThread):
         self._llm = None
 
     def _loop(self) -> None:
+        llm = self._llm
+        assert llm is not None  # _load ran before the loop
         while not self._stopping.is_set():
             if self.n_threads != self._applied_threads:
-                self._llm.set_threads(self.n_threads)  # type: ignore[union-attr]
+                llm.set_threads(self.n_threads)
                 self._applied_threads = self.n_threads
             self._admit()
             self._check_cancelled()
