@@ -6,6 +6,7 @@ Only OpenAI's shapes live here: the body becomes a GenerationRequest, the pipeli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -58,6 +59,14 @@ def _hold_constraint(gen: GenerationRequest, text: str, finished: Finished) -> N
         )
 
 
+async def _held(gen: GenerationRequest, text: str, finished: Finished) -> None:
+    """``_hold_constraint`` off the event loop (validating a long answer is CPU work)."""
+    if gen.constraint is not None:
+        await asyncio.get_running_loop().run_in_executor(
+            None, _hold_constraint, gen, text, finished
+        )
+
+
 def _sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -84,6 +93,9 @@ async def _generate(
     prompt: str | None = None,
 ) -> web.StreamResponse:
     state: State = request.app[STATE]
+    loop = asyncio.get_running_loop()
+    # checking and compiling a schema is CPU work (cached afterwards): off the loop
+    constraint = await loop.run_in_executor(None, body.constraint)
     gen = GenerationRequest(
         model=body.model or state.settings.default_model,
         prompt=prompt,
@@ -91,7 +103,7 @@ async def _generate(
         max_tokens=body.limit(),
         stop=body.stop,
         sampling=body.sampling(),
-        constraint=body.constraint(),
+        constraint=constraint,
         keep_alive=body.keep_alive,
         timeout=body.timeout,
     )
@@ -123,7 +135,7 @@ async def _collect(
     assert finished is not None  # the events end with one Finished, or a Failed raised
     _log_done(gen, finished, None)
     text = "".join(parts)
-    _hold_constraint(gen, text, finished)
+    await _held(gen, text, finished)
     choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
@@ -181,7 +193,7 @@ async def _stream(
         elif isinstance(event, Finished):
             _log_done(gen, event, ttft)
             try:
-                _hold_constraint(gen, "".join(sent), event)
+                await _held(gen, "".join(sent), event)
             except EdgeError as exc:
                 await response.write(_sse(exc.body()))
                 break
