@@ -42,6 +42,7 @@ class ModelSettings(BaseModel):
 
     n_ctx: int | None = Field(default=None, ge=64)
     n_parallel: int | None = Field(default=None, ge=1, le=64)
+
     n_threads: int | None = Field(default=None, ge=1)
     n_batch: int | None = Field(default=None, ge=1)
     prefill_chunk: int | None = Field(default=None, ge=16)
@@ -63,6 +64,11 @@ class ModelSettings(BaseModel):
     _dur = field_validator("keep_alive", mode="before")(
         lambda v: None if v is None else parse_duration(v)
     )
+
+    def context_for(self, trained: int) -> int:
+        """Each request's context: ``n_ctx``, within what the model was trained on."""
+        n = self.n_ctx or 2048
+        return min(n, trained) if trained else n
 
 
 class Thresholds(BaseModel):

@@ -177,7 +177,7 @@ MALFORMED = [
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ""}', 400, "stop"),
-    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 3}', 400, "'n'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "n": 65}', 400, "'n'"),
     (
         b'{"messages": [{"role": "user", "content": "hi"}], "bogus": 1}',
         400,

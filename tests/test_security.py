@@ -122,6 +122,9 @@ def test_every_route_declares_its_policy() -> None:
         ("POST", "/v1/completions"),
         ("POST", "/v1/embeddings"),
         ("POST", "/api/onnx/{name}/infer"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+        ("POST", "/apply-template"),
     }
 
 

@@ -11,6 +11,7 @@ import itertools
 import json
 import re
 import threading
+from enum import StrEnum
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from edgellm.errors import InvalidRequest
 from edgellm.runtime.llama import ranges, schema_grammar
+from edgellm.runtime.types import GenerationRequest
 
 from conftest import MODEL, Daemon
 
@@ -66,6 +68,63 @@ def test_decimal_ranges_hold_exactly_the_numbers_in_them() -> None:
                 assert bool(pattern.fullmatch(text)) == (above and below), (lo, hi, text)
 
 
+# --- patterns: every string the grammar allows is JSON that matches -------------------------
+def _gbnf_regex(gbnf: str) -> re.Pattern[str]:
+    """pattern.py's GBNF as a Python regex over the JSON text between the quotes (it
+    uses literals, classes in \\u escapes, groups, | and quantifiers, which Python
+    writes the same way, but for the literals' quoting)."""
+    out, i = [], 0
+    while i < len(gbnf):
+        char = gbnf[i]
+        if char == '"':
+            end = i + 1
+            while gbnf[end] != '"':
+                end += 2 if gbnf[end] == "\\" else 1
+            text = re.sub(r"\\(.)", r"\1", gbnf[i + 1 : end])
+            out.append(re.escape(text))
+            i = end + 1
+        elif char == "[":
+            end = gbnf.index("]", i)
+            out.append(gbnf[i : end + 1])
+            i = end + 1
+        else:
+            out.append("" if char == " " else char)
+            i += 1
+    return re.compile("".join(out))
+
+
+PATTERNS = [
+    (r"^\d{3}-\d{4}$", ["123-4567", "000-0000"]),
+    (r'^[a-z"\\]{1,6}$', ["ab", 'a"b', "a\\b"]),
+    (r"^.{1,8}$", ["hello", "a b c", "\u00e9t\u00e9"]),
+    (r"^[^,]{1,6}\s\w{1,4}$", ["ab cd", "x\ty_1"]),
+    (r"^(ab|c)+x?$", ["ab", "cabx", "ccc"]),
+    (r"^\w+@\w+\.com$", ["a@b.com"]),
+    (r"^[\d.,-]+$", ["1,234.5", "-1"]),
+    (r"^\t\n\\\.$", ["\t\n\\."]),
+    (r"^a{2,}?b{0,3}$", ["aa", "aaab"]),
+    (r"^\D\W\S$", ["a b", "x!y"]),
+]
+PROBES = ['a"b', "a\\b", "a\nb", "\x01", "ab,cd", " x", "123-456", "\u00e9", "x" * 9, ""]
+
+
+@pytest.mark.parametrize("pattern,examples", PATTERNS, ids=[p for p, _ in PATTERNS])
+def test_a_patterns_grammar_gives_only_json_strings_that_match(
+    pattern: str, examples: list[str]
+) -> None:
+    from edgellm.runtime.llama.pattern import to_gbnf
+
+    allowed = _gbnf_regex(to_gbnf(pattern))
+    for text in examples:  # what it is for: these are allowed, written as JSON writes them
+        assert re.fullmatch(pattern, text)
+        assert allowed.fullmatch(json.dumps(text, ensure_ascii=False)[1:-1]), (pattern, text)
+    for text in examples + PROBES:
+        for written in {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], text}:
+            if allowed.fullmatch(written):  # what the grammar lets through parses and matches
+                value = json.loads(f'"{written}"')
+                assert re.fullmatch(pattern, value), (pattern, written)
+
+
 # --- what is refused, by name -----------------------------------------------------------
 REFUSED = [
     ({"type": "integer", "multipleOf": 3}, "schema.multipleOf"),
@@ -77,6 +136,8 @@ REFUSED = [
     ),
     ({"type": "number", "minimum": 0.5}, "schema.minimum"),
     ({"type": "string", "pattern": "abc"}, "schema.pattern"),
+    ({"type": "string", "pattern": "^(?=a)b$"}, "schema.pattern"),
+    ({"type": "string", "pattern": "^a\\bc$"}, "schema.pattern"),
     ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "schema.maxLength"),
     ({"type": "object", "properties": {}, "required": ["x"]}, "schema.required"),
     ({"type": "object", "patternProperties": {"^x": {}}}, "schema.patternProperties"),
@@ -206,6 +267,33 @@ def test_running_out_of_tokens_mid_object_says_length(daemon: Daemon) -> None:
         assert r["choices"][0]["message"]["content"].startswith("{")
 
 
+class Reading(BaseModel):
+    sensor: Literal["temp", "humidity"]
+    value: float = Field(ge=-40, le=85)
+    ok: bool
+    note: str | None = Field(default=None, max_length=10)
+
+
+class Item(BaseModel):
+    sku: str = Field(pattern=r"^[A-Z]{2}[0-9]{3}$")
+    count: int = Field(ge=0, le=500)
+
+
+class Inventory(BaseModel):
+    items: list[Item] = Field(min_length=1, max_length=2)
+
+
+class Colour(StrEnum):
+    red = "red"
+    amber = "amber"
+    green = "green"
+
+
+class Light(BaseModel):
+    colour: Colour
+    seconds: int = Field(gt=0, lt=60)
+
+
 SCHEMAS: list[dict[str, Any]] = [
     {"type": "integer", "minimum": -5, "maximum": 5},
     {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -245,51 +333,142 @@ SCHEMAS: list[dict[str, Any]] = [
         "required": ["tags"],
     },
     Line.model_json_schema(),
+    {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 12},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                },
+                "required": ["name", "age"],
+            }
+        },
+        "required": ["user"],
+    },
+    {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
+    {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 6}},
+        "required": ["a"],
+    },
+    {"oneOf": [{"type": "boolean"}, {"type": "integer", "minimum": 5, "maximum": 9}]},
+    {
+        "type": "object",
+        "properties": {
+            "kind": {"const": "point"},
+            "x": {"type": "integer", "minimum": -50, "maximum": 50},
+        },
+        "required": ["kind", "x"],
+    },
+    {"type": "number", "minimum": -10, "maximum": 10},
+    {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
+    {"type": "string", "minLength": 3, "maxLength": 6},
+    {"type": "string", "pattern": "^[a-z]{1,8}@[a-z]{1,8}\\.com$"},
+    {"type": "string", "format": "date-time"},
+    {"type": "string", "format": "uuid"},
+    {"enum": [1, "two", None, True]},
+    {"type": "null"},
+    {
+        "type": "array",
+        "items": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 0, "maximum": 9},
+            "maxItems": 3,
+        },
+        "maxItems": 3,
+    },
+    {
+        "$defs": {"c": {"type": "string", "enum": ["x", "y"]}},
+        "type": "object",
+        "properties": {"a": {"$ref": "#/$defs/c"}, "b": {"$ref": "#/$defs/c"}},
+        "required": ["a", "b"],
+    },
+    {
+        "type": "array",
+        "prefixItems": [
+            {"type": "string", "maxLength": 4},
+            {"type": "integer", "minimum": 1, "maximum": 3},
+        ],
+        "items": False,
+    },
+    {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"cat": {"type": "string", "maxLength": 8}},
+                "required": ["cat"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"dog": {"type": "integer", "maximum": 20, "minimum": 0}},
+                "required": ["dog"],
+                "additionalProperties": False,
+            },
+        ]
+    },
+    # patterns through edgellm's own translation (the converter's let \d, " and
+    # control characters through as they stand: answers that were not JSON)
+    {"type": "string", "pattern": r"^\d{3}-\d{4}$"},
+    {"type": "string", "pattern": r'^[a-z"\\]{1,6}$'},
+    {"type": "string", "pattern": r"^.{1,8}$"},
+    {"type": "string", "pattern": r"^[^,]{1,6}\s\w{1,4}$"},
+    Reading.model_json_schema(),
+    Inventory.model_json_schema(),
+    Light.model_json_schema(),
 ]
 
 
 def test_every_answer_validates_across_schemas_and_seeds(daemon: Daemon) -> None:
-    """Each schema, two seeds (one streamed), four at a time in the model's slots."""
-    cases = [
-        (i, seed, stream) for i in range(len(SCHEMAS)) for seed, stream in ((7, False), (8, True))
-    ]
+    """Each schema under three seeds: two choices of one request (n=2: seeds s and
+    s+1), and a third seed streamed; four requests at a time in the model's slots."""
+    assert len(SCHEMAS) >= 30
+    cases = [(i, stream) for i in range(len(SCHEMAS)) for stream in (False, True)]
     failures: list[str] = []
+    checked = 0
     lock = threading.Lock()
 
-    def run(chunk: list[tuple[int, int, bool]]) -> None:
+    def run(chunk: list[tuple[int, bool]]) -> None:
+        nonlocal checked
         sdk = _sdk(daemon)
-        for i, seed, stream in chunk:
+        for i, stream in chunk:
             fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i]}}
-            args = dict(model=MODEL, messages=ASK, seed=seed, max_tokens=200, response_format=fmt)
+            args = dict(model=MODEL, messages=ASK, max_tokens=200, response_format=fmt)
+            answers: list[tuple[int, str, str | None]] = []
             if stream:
-                parts = sdk.chat.completions.create(stream=True, **args)
                 pieces, finish = [], None
-                for c in parts:
+                for c in sdk.chat.completions.create(stream=True, seed=3 * i + 2, **args):
                     if c.choices:
                         pieces.append(c.choices[0].delta.content or "")
                         finish = c.choices[0].finish_reason or finish
-                text = "".join(pieces)
+                answers.append((3 * i + 2, "".join(pieces), finish))
             else:
-                r = sdk.chat.completions.create(**args)
-                text, finish = r.choices[0].message.content or "", r.choices[0].finish_reason
-            problem = None
-            if finish != "stop":
-                problem = f"finished with {finish}"
-            else:
-                try:
-                    jsonschema.validate(json.loads(text), SCHEMAS[i])
-                except (ValueError, jsonschema.ValidationError) as exc:
-                    problem = str(exc).splitlines()[0]
-            if problem:
+                r = sdk.chat.completions.create(n=2, seed=3 * i, **args)
+                answers += [
+                    (3 * i + c.index, c.message.content or "", c.finish_reason) for c in r.choices
+                ]
+            for seed, text, finish in answers:
+                problem = None
+                if finish != "stop":
+                    problem = f"finished with {finish}"
+                else:
+                    try:
+                        jsonschema.validate(json.loads(text), SCHEMAS[i])
+                    except (ValueError, jsonschema.ValidationError) as exc:
+                        problem = str(exc).splitlines()[0]
                 with lock:
-                    failures.append(f"schema {i} seed {seed} stream {stream}: {problem}: {text!r}")
+                    checked += 1
+                    if problem:
+                        failures.append(f"schema {i} seed {seed}: {problem}: {text!r}")
 
     threads = [threading.Thread(target=run, args=(cases[k::4],)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert failures == []
+    assert failures == [] and checked == 3 * len(SCHEMAS)
 
 
 def test_constrained_greedy_output_is_the_same_alone_and_beside_others(daemon: Daemon) -> None:
@@ -419,3 +598,74 @@ def test_fields_that_change_nothing_are_taken(daemon: Daemon) -> None:
     )
     plain = sdk.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, temperature=0)
     assert r.choices[0].message.content == plain.choices[0].message.content
+
+
+# --- the grammar sampler's shortcuts change no greedy token ---------------------------------
+def test_greedy_under_a_grammar_is_greedy_over_what_the_grammar_allows(
+    model_file: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler checks the chain's pick, then a shortlist, before the whole
+    vocabulary (grammar_sampler.py). Against the plain way — the grammar filters
+    every candidate, then greedy — the answers are the same, token for token."""
+    from llama_cpp._internals import LlamaSampler
+
+    from edgellm.config import ModelSettings
+    from edgellm.runtime.llama import backend, grammar_sampler
+    from edgellm.runtime.llama.engine import LlamaEngine
+    from edgellm.runtime.source import ModelRecord
+    from edgellm.runtime.types import Constraint, Finished, Sampling
+
+    used: list[dict[str, int]] = []
+    close = grammar_sampler.GrammarSampler.close
+
+    def counted(self: grammar_sampler.GrammarSampler) -> None:
+        used.append(dict(self.steps))
+        close(self)
+
+    monkeypatch.setattr(grammar_sampler.GrammarSampler, "close", counted)
+
+    def plain(self: Any, p: Sampling, seed: int, grammar: str | None = None, **kw: Any) -> Any:
+        chain = LlamaSampler()
+        g = self._c.llama_sampler_init_grammar(self.vocab, (grammar or "").encode(), b"root")
+        self._c.llama_sampler_chain_add(chain.sampler, g)
+        chain.add_greedy()
+        return chain
+
+    record = ModelRecord(name=MODEL, format="gguf", sha256="", size=0, context_length=8192)
+    engine = LlamaEngine(record, str(model_file), ModelSettings(n_ctx=1024, n_parallel=1))
+    engine.start()
+
+    def answer(schema: dict[str, Any]) -> str:
+        done = threading.Event()
+        parts: list[str] = []
+
+        def sink(event: Any) -> None:
+            if isinstance(event, Finished):
+                done.set()
+            elif hasattr(event, "text"):
+                parts.append(event.text)
+
+        grammar = schema_grammar.to_grammar(schema)
+        engine.submit(
+            GenerationRequest(
+                model=MODEL,
+                messages=ASK,
+                max_tokens=160,
+                sampling=Sampling(temperature=0),
+                constraint=Constraint(grammar, schema),
+                sink=sink,
+            )
+        )
+        assert done.wait(120)
+        return "".join(parts)
+
+    schemas = [Order.model_json_schema(), SCHEMAS[35]]
+    try:
+        shortcut = [answer(s) for s in schemas]
+        with monkeypatch.context() as m:
+            m.setattr(backend.LlamaBackend, "sampler", plain)
+            reference = [answer(s) for s in schemas]
+    finally:
+        engine.stop()
+    assert shortcut == reference
+    assert sum(u["first"] for u in used) and sum(u["shortlist"] for u in used)

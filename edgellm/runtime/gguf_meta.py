@@ -263,7 +263,9 @@ def read_gguf_metadata(
         "head_dim": head_dim,
         "n_vocab": int(kv.get("tokenizer.ggml.tokens", 0) or get("vocab_size")),
         "quantization": "" if file_type is None else _FILE_TYPES.get(file_type, str(file_type)),
-        "has_chat_template": isinstance(kv.get("tokenizer.chat_template"), str),
+        "has_chat_template": isinstance(template := kv.get("tokenizer.chat_template"), str),
+        # a template that renders a ``tools`` variable offers the model its tools
+        "template_tools": isinstance(template, str) and "tools" in template,
         "general_name": kv.get("general.name", ""),
         "license": kv.get("general.license", ""),
     }

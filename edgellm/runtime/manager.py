@@ -289,9 +289,7 @@ class Runtime:
         if record.format == "onnx":
             return self._measured.get(record.name) or 2 * record.size + 32 * MB
         ms = self.settings.for_model(record.name)
-        return estimate_bytes(
-            record, min(ms.n_ctx or 4096, record.context_length or 1 << 30), ms.n_parallel or 1
-        )
+        return estimate_bytes(record, ms.context_for(record.context_length), ms.n_parallel or 1)
 
     def _make_room(self, name: str, need: int) -> None:
         """Evict idle, unpinned models (least recently used first) until ``need`` fits."""
@@ -622,7 +620,7 @@ def check_kind(record: ModelRecord, request: Request) -> None:
         raise InvalidRequest(
             f"{record.name} is an ONNX model: it answers /v1/embeddings "
             f"(if it embeds text) and /api/onnx/{record.name}/infer, not "
-            "completions",
+            "completions or tokenization",
             param="model",
         )
     if record.format != "onnx" and request.kind == "tensor":

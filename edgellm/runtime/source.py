@@ -44,6 +44,7 @@ class ModelRecord:
     head_dim: int = 0
     n_vocab: int = 0
     has_chat_template: bool = False
+    template_tools: bool = False  # the chat template renders tools
     license: str = ""
     source: str = ""
     added: str = ""

@@ -48,19 +48,40 @@ class Usage:
         }
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its bytes, its log-probability under the model's own
+    distribution (the logits' softmax, before penalties, biases, temperature or a
+    grammar), and the most likely tokens at that step with theirs."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
 @dataclass
 class Delta:
-    """A piece of generated text."""
+    """A piece of generated text of choice ``index``, and, when asked for, the tokens
+    it completes with their log-probabilities."""
 
     text: str
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
 class Finished:
+    """How a generation ended: ``finish_reason`` for the request as a whole, and, when
+    it had several choices, ``reasons`` for each (``reason(i)`` reads either)."""
+
     finish_reason: FinishReason
     usage: Usage
     prompt_seconds: float
     decode_seconds: float
+    reasons: tuple[FinishReason, ...] = ()
+
+    def reason(self, choice: int) -> FinishReason:
+        return self.reasons[choice] if self.reasons else self.finish_reason
 
 
 @dataclass
@@ -70,7 +91,8 @@ class Failed:
 
 @dataclass
 class Result:
-    """What a tensor request gives: named output arrays (numpy), in one piece."""
+    """What a tensor request gives (named output arrays, numpy) or a text request
+    (named JSON values), in one piece."""
 
     outputs: dict[str, Any]
     usage: Usage
@@ -108,7 +130,8 @@ class Request:
     on_cancel: Callable[[], None] | None = None  # set by an engine that can stop a run
     _done: bool = False
 
-    kind = "generation"  # which engines take it: "generation" (GGUF) or "tensor" (ONNX)
+    # which engines take it: "generation" and "text" (GGUF), or "tensor" (ONNX)
+    kind = "generation"
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -163,6 +186,8 @@ class GenerationRequest(Request):
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
     constraint: Constraint | None = None
+    n: int = 1  # choices, each in its own slot, sharing the prompt's KV
+    logprobs: int | None = None  # None: none; k: each token's, and the k likeliest
 
 
 @dataclass
@@ -176,6 +201,21 @@ class TensorRequest(Request):
     outputs: list[str] | None = None
 
     kind = "tensor"
+
+
+@dataclass
+class TextRequest(Request):
+    """Work on a language model's text side, without generating: ``tokenize`` the
+    ``text``, ``detokenize`` the ``tokens``, or render the chat ``template`` for
+    ``messages``. Served between decode steps, in no slot."""
+
+    op: Literal["tokenize", "detokenize", "template"] = "tokenize"
+    text: str = ""
+    add_special: bool = False  # tokenize: the BOS (or whatever the model adds)
+    tokens: list[int] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    kind = "text"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from edgellm.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from edgellm.server import native_routes, onnx_routes, openai_routes, vault_routes
+from edgellm.server import native_routes, onnx_routes, openai_routes, text_routes, vault_routes
 from edgellm.server.context import METRICS, PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_text
 from edgellm.server.metrics import Metrics
 from edgellm.server.peer import connection_peer
@@ -124,6 +124,8 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
             log.error("event=route_skipped_pipeline route=%s", route)
             if response.status < 400 and not response.prepared:
                 raise InternalError(f"{request.path} answered outside the request pipeline")
+        if REQUEST_ID in request and not response.prepared:  # every model use names its id
+            response.headers.setdefault("X-Request-Id", request[REQUEST_ID])
     except PermissionDenied as exc:
         await _record_denial(request, exc)
         response = error_response(exc, request.get(REQUEST_ID))
@@ -180,7 +182,13 @@ def add_routes(router: web.UrlDispatcher) -> Policies:
     return policies
 
 
-ROUTE_TABLES = [native_routes.route, openai_routes.route, vault_routes.route, onnx_routes.route]
+ROUTE_TABLES = [
+    native_routes.route,
+    openai_routes.route,
+    text_routes.route,
+    vault_routes.route,
+    onnx_routes.route,
+]
 
 
 def _state(request: web.Request) -> State:

@@ -26,6 +26,7 @@ from edgellm.errors import (
     VaultLocked,
 )
 from edgellm.runtime.manager import Runtime
+from edgellm.runtime.source import ModelRecord
 from edgellm.server.metrics import Metrics
 from edgellm.vault.access import AccessPolicy, Principal
 from edgellm.vault.audit import AuditLog
@@ -181,10 +182,29 @@ def may_see(request: web.Request, name: str) -> bool:
     )
 
 
-def model_view(st: State, record: Any) -> dict[str, Any]:
-    """A stored model as the API shows it: its record, its state, whether it is the default."""
+def capabilities(record: ModelRecord) -> list[str]:
+    """What a model answers, by name (as Ollama's /api/show lists them)."""
+    if record.format == "onnx":
+        return (["embedding"] if "embedding" in record.extra else []) + ["tensor"]
+    return [
+        "completion",
+        *(["chat"] if record.has_chat_template else []),
+        *(["tools"] if record.template_tools else []),
+        "json_schema",
+        "grammar",
+        "logprobs",
+        "tokenize",
+    ]
+
+
+def model_view(st: State, record: ModelRecord) -> dict[str, Any]:
+    """A stored model as the API shows it: its record, what it can do, its context per
+    request, its state, whether it is the default."""
+    view = {**record.as_dict(), "capabilities": capabilities(record)}
+    if record.format != "onnx":
+        view["n_ctx"] = st.settings.for_model(record.name).context_for(record.context_length)
     return {
-        **record.as_dict(),
+        **view,
         "state": st.runtime.model_state(record.name),
         "default": record.name == st.settings.default_model,
     }

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from edgellm.errors import EdgeError, InternalError
-from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest
+from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest, TokenLogprob
 from edgellm.server.context import STATE, State, read_json
 from edgellm.server.pipeline import Events, serve
 from edgellm.server.routes import Audit, RouteTable
@@ -42,29 +42,74 @@ def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> No
     )
 
 
-def _hold_constraint(gen: GenerationRequest, text: str, finished: Finished) -> None:
+def _hold_constraint(gen: GenerationRequest, texts: list[str], finished: Finished) -> None:
     """A finished JSON answer that does not validate is never handed back: the grammar
     should have made that impossible, so it is our bug (500), logged. An answer cut by
     max_tokens ends with finish_reason "length" and claims nothing."""
     from edgellm.runtime.llama.schema_grammar import answer_problem
 
-    if gen.constraint is None or finished.finish_reason != "stop":
+    if gen.constraint is None:
         return
-    problem = answer_problem(gen.constraint, text)
-    if problem is not None:
-        log.error("event=constraint_broken id=%s model=%s problem=%r", gen.id, gen.model, problem)
-        raise InternalError(
-            f"the answer broke its response_format ({problem}) although decoding was "
-            "constrained; this is a bug in edgellm, and the answer is withheld"
-        )
+    for i, text in enumerate(texts):
+        if finished.reason(i) != "stop":
+            continue
+        problem = answer_problem(gen.constraint, text)
+        if problem is not None:
+            log.error(
+                "event=constraint_broken id=%s model=%s choice=%d problem=%r",
+                gen.id,
+                gen.model,
+                i,
+                problem,
+            )
+            raise InternalError(
+                f"the answer broke its response_format ({problem}) although decoding was "
+                "constrained; this is a bug in edgellm, and the answer is withheld"
+            )
 
 
-async def _held(gen: GenerationRequest, text: str, finished: Finished) -> None:
+async def _held(gen: GenerationRequest, texts: list[str], finished: Finished) -> None:
     """``_hold_constraint`` off the event loop (validating a long answer is CPU work)."""
     if gen.constraint is not None:
         await asyncio.get_running_loop().run_in_executor(
-            None, _hold_constraint, gen, text, finished
+            None, _hold_constraint, gen, texts, finished
         )
+
+
+# --- log-probabilities in OpenAI's two shapes -------------------------------------------
+def _token_text(token: bytes) -> str:
+    return token.decode("utf-8", "replace")
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """Chat's: ``content`` lists each token with its bytes and top alternatives."""
+
+    def entry(token: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": _token_text(token), "logprob": logprob, "bytes": list(token)}
+
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(b, lp) for b, lp in t.top]}
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _legacy_logprobs(tokens: list[TokenLogprob], offset: int) -> tuple[dict[str, Any], int]:
+    """/v1/completions': parallel lists, offsets in characters from the text's start.
+    Gives the shape and the offset after these tokens."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(_token_text(t.token))
+    shape = {
+        "tokens": [_token_text(t.token) for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{_token_text(b): lp for b, lp in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+    return shape, offset
 
 
 def _sse(payload: Any) -> bytes:
@@ -104,6 +149,8 @@ async def _generate(
         stop=body.stop,
         sampling=body.sampling(),
         constraint=constraint,
+        n=body.n,
+        logprobs=body.token_logprobs(),
         keep_alive=body.keep_alive,
         timeout=body.timeout,
     )
@@ -123,25 +170,33 @@ async def _generate(
 async def _collect(
     gen: GenerationRequest, base: dict[str, Any], events: Events, chat: bool, kind: str
 ) -> web.Response:
-    parts: list[str] = []
+    parts: list[list[str]] = [[] for _ in range(gen.n)]
+    tokens: list[list[TokenLogprob]] = [[] for _ in range(gen.n)]
     finished: Finished | None = None
     async for event in events:
         if isinstance(event, Failed):
             raise event.error
         if isinstance(event, Delta):
-            parts.append(event.text)
+            parts[event.index].append(event.text)
+            tokens[event.index].extend(event.logprobs)
         elif isinstance(event, Finished):
             finished = event
     assert finished is not None  # the events end with one Finished, or a Failed raised
     _log_done(gen, finished, None)
-    text = "".join(parts)
-    await _held(gen, text, finished)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finished.finish_reason}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice.update(text=text, logprobs=None)
-    payload = {**base, "object": kind, "choices": [choice], "usage": finished.usage.as_dict()}
+    texts = ["".join(p) for p in parts]
+    await _held(gen, texts, finished)
+    choices = []
+    for i, text in enumerate(texts):
+        choice: dict[str, Any] = {"index": i, "finish_reason": finished.reason(i)}
+        logprobs: dict[str, Any] | None = None
+        if gen.logprobs is not None:
+            logprobs = _chat_logprobs(tokens[i]) if chat else _legacy_logprobs(tokens[i], 0)[0]
+        if chat:
+            choice.update(message={"role": "assistant", "content": text}, logprobs=logprobs)
+        else:
+            choice.update(text=text, logprobs=logprobs)
+        choices.append(choice)
+    payload = {**base, "object": kind, "choices": choices, "usage": finished.usage.as_dict()}
     return web.json_response(payload, headers={"X-Request-Id": gen.id})
 
 
@@ -163,27 +218,47 @@ async def _stream(
     )
     await response.prepare(request)
     obj = f"{kind}.chunk" if chat else kind
+    offsets = [0] * gen.n  # the legacy shape's text_offset, per choice
 
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> bytes:
+    def chunk(
+        index: int,
+        text: str | None,
+        finish: str | None = None,
+        role: bool = False,
+        tokens: tuple[TokenLogprob, ...] = (),
+    ) -> bytes:
+        logprobs: dict[str, Any] | None = None
+        if tokens:
+            if chat:
+                logprobs = _chat_logprobs(list(tokens))
+            else:
+                logprobs, offsets[index] = _legacy_logprobs(list(tokens), offsets[index])
         if chat:
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs}
+            choice["finish_reason"] = finish
         return _sse({**base, "object": obj, "choices": [choice]})
 
     if chat:
-        await response.write(chunk("", role=True))
+        for i in range(gen.n):
+            await response.write(chunk(i, "", role=True))
     ttft = time.monotonic() - gen.started
-    sent: list[str] = []
+    sent: list[list[str]] = [[] for _ in range(gen.n)]
     async for event in events:
         if isinstance(event, Delta):
-            sent.append(event.text)
-            await response.write(chunk(event.text))
+            sent[event.index].append(event.text)
+            await response.write(chunk(event.index, event.text, tokens=event.logprobs))
         elif isinstance(event, Failed):
             err = event.error
             body_err = (
@@ -193,11 +268,12 @@ async def _stream(
         elif isinstance(event, Finished):
             _log_done(gen, event, ttft)
             try:
-                await _held(gen, "".join(sent), event)
+                await _held(gen, ["".join(p) for p in sent], event)
             except EdgeError as exc:
                 await response.write(_sse(exc.body()))
                 break
-            await response.write(chunk(None, event.finish_reason))
+            for i in range(gen.n):
+                await response.write(chunk(i, None, event.reason(i)))
             if body.include_usage:
                 await response.write(
                     _sse({**base, "object": obj, "choices": [], "usage": event.usage.as_dict()})

@@ -40,6 +40,7 @@ from edgellm.runtime.types import (
     Result,
     Sink,
     TensorRequest,
+    TextRequest,
 )
 from edgellm.server.context import PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_keep_alive
 
@@ -115,6 +116,8 @@ def prompt_text(job: Request) -> str | None:
         return job.prompt if job.prompt is not None else json.dumps(job.messages, sort_keys=True)
     if isinstance(job, TensorRequest) and job.texts is not None:
         return "\n".join(job.texts)
+    if isinstance(job, TextRequest):
+        return json.dumps(job.messages, sort_keys=True) if job.op == "template" else job.text
     return None
 
 

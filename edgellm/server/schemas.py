@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints, validated with pydantic.
 
-Unknown fields are refused with a message naming them, except OpenAI parameters we
-accept at their neutral value (``n=1``, ``logprobs=false``…), so stock clients work.
+Unknown fields are refused with a message naming them; OpenAI's fields that change
+nothing about the answer (``user``, ``metadata``…) are taken, so stock clients work.
 """
 
 from __future__ import annotations
@@ -93,9 +93,7 @@ class _Generation(BaseModel):
     store: Literal[False] | None = None  # edgellm keeps no completions to fetch later
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None  # only means something with tools
-    # OpenAI parameters accepted only at their neutral values (for now)
-    n: Literal[1] = 1
-    logprobs: Literal[False] | None = None
+    n: int = Field(default=1, ge=1, le=64)  # up to the model's slots, checked there
 
     @field_validator("logit_bias")
     @classmethod
@@ -167,7 +165,6 @@ class _Generation(BaseModel):
             schema, path = fmt.schema_, "response_format.schema"
         else:
             return Constraint(grammar=schema_grammar.any_json_object(), json_object=True)
-        schema_grammar.check(schema, path)
         return Constraint(grammar=schema_grammar.to_grammar(schema, path), schema=schema)
 
     @property
@@ -178,14 +175,23 @@ class _Generation(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def token_logprobs(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: none)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str]
     echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=20)  # the legacy shape: a count
 
     @field_validator("prompt")
     @classmethod
@@ -198,6 +204,9 @@ class CompletionRequest(_Generation):
 
     def limit(self) -> int | None:
         return self.max_tokens
+
+    def token_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class LoadRequest(BaseModel):

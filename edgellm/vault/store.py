@@ -409,6 +409,7 @@ class VaultStore:
                         "head_dim",
                         "n_vocab",
                         "has_chat_template",
+                        "template_tools",
                         "quantization",
                         "license",
                     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from edgellm.config import ModelSettings
 from edgellm.errors import InvalidRequest, ModelLoadFailed
 from edgellm.runtime.llama.chat_template import TemplateRenderer
-from edgellm.runtime.types import Sampling
+from edgellm.runtime.llama.grammar_sampler import GrammarSampler
+from edgellm.runtime.types import Sampling, TokenLogprob
 
 log = logging.getLogger("edgellm.engine")
 
@@ -158,7 +159,7 @@ class LlamaBackend:
             raise InvalidRequest(f"{why}; use /v1/completions", param="model")
         # bounded in time, memory and output, in a worker (chat_template.py); raises
         # InvalidRequest for a template that rejects the messages or overruns
-        prompt = self.chat.render(messages)
+        prompt = self.render(messages)
         tokens = self.model.tokenize(prompt.encode(), False, True)
         return tokens, [self._eos_text] if self._eos_text else []
 
@@ -166,15 +167,42 @@ class LlamaBackend:
         """The bytes of one token (memoised: the vocabulary does not change)."""
         cached = self._pieces.get(token)
         if cached is None:
-            n = self._c.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, False)
-            if n < 0:  # longer than the buffer: llama.cpp says how long
-                buf = ctypes.create_string_buffer(-n)
-                n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-                cached = buf.raw[:n]
-            else:
-                cached = self._piece_buf.raw[:n]
-            self._pieces[token] = cached
+            cached = self._pieces[token] = self._piece(token, special=False)
         return cached
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        n = self._c.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, special)
+        if n >= 0:
+            return self._piece_buf.raw[:n]
+        buf = ctypes.create_string_buffer(-n)  # longer than the buffer: llama.cpp says how long
+        n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """Special tokens written out (``<|im_end|>``) are read as themselves."""
+        return self.model.tokenize(text.encode(), add_special, True)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens``, special tokens written out."""
+        self.check_tokens(tokens, "tokens")
+        return b"".join(self._piece(t, special=True) for t in tokens).decode("utf-8", "replace")
+
+    def check_tokens(self, tokens: Iterable[int], param: str) -> None:
+        """InvalidRequest (``param``) naming the first id outside the vocabulary."""
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise InvalidRequest(
+                f"{param} names token {bad[0]}, but the model's vocabulary has "
+                f"{self.n_vocab} tokens (0 to {self.n_vocab - 1})",
+                param=param,
+            )
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt the chat template makes of ``messages``."""
+        if self.chat is None:
+            why = getattr(self, "_template_problem", "this model has no chat template")
+            raise InvalidRequest(why, param="model")
+        return self.chat.render(messages)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._c.llama_vocab_is_eog(self.vocab, token))
@@ -210,12 +238,14 @@ class LlamaBackend:
     def sampler(
         self, p: Sampling, seed: int, grammar: str | None = None, penalty_window: int = 64
     ) -> Any:
-        """One request's sampler chain: its grammar first (every later step sees only
-        what it allows), then penalties and biases on the logits, then greedy or the
-        truncations and a seeded draw."""
+        """One request's sampler chain: penalties and biases on the logits, then greedy
+        or the truncations and a seeded draw; with a grammar, the grammar beside it
+        (grammar_sampler.py), which every token must pass."""
         from llama_cpp._internals import LlamaSampler
 
-        s = LlamaSampler()
+        self.check_tokens(p.logit_bias, "logit_bias")
+        bias = {t: float("-inf") if b <= -100 else b for t, b in p.logit_bias.items()}
+        g = None
         if grammar is not None:
             _errors.clear()
             g = self._c.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
@@ -224,9 +254,27 @@ class LlamaBackend:
                     f"the grammar does not compile: {_reason('llama.cpp refused it')}",
                     param="grammar",
                 )
-            self._c.llama_sampler_chain_add(s.sampler, g)
+        if g is None:  # one chain: the transforms, then the selection
+            chain = LlamaSampler()
+            self._add_samplers(p, seed, bias, penalty_window, chain, chain)
+            return chain
+        transform, select = LlamaSampler(), LlamaSampler()
+        self._add_samplers(p, seed, bias, penalty_window, transform, select)
+        return GrammarSampler(self._c, transform, select, g, self.n_vocab)
+
+    def _add_samplers(
+        self,
+        p: Sampling,
+        seed: int,
+        bias: dict[int, float],
+        penalty_window: int,
+        transform: Any,
+        select: Any,
+    ) -> None:
+        """Penalties and biases onto ``transform``; greedy, or the truncations and a
+        seeded draw, onto ``select``."""
         if p.frequency_penalty or p.presence_penalty:  # over the whole answer so far
-            s.add_penalties(
+            transform.add_penalties(
                 self.n_vocab,
                 penalty_window,
                 p.repeat_penalty,
@@ -234,28 +282,35 @@ class LlamaBackend:
                 p.presence_penalty,
             )
         elif p.repeat_penalty != 1.0:
-            s.add_penalties(self.n_vocab, 64, p.repeat_penalty, 0.0, 0.0)
-        bias = {t: float("-inf") if b <= -100 else b for t, b in p.logit_bias.items()}
-        unknown = [t for t in bias if not 0 <= t < self.n_vocab]
-        if unknown:
-            raise InvalidRequest(
-                f"logit_bias names token {unknown[0]}, but the model's vocabulary has "
-                f"{self.n_vocab} tokens (0 to {self.n_vocab - 1})",
-                param="logit_bias",
-            )
+            transform.add_penalties(self.n_vocab, 64, p.repeat_penalty, 0.0, 0.0)
         if p.ignore_eos:
             bias.update({t: float("-inf") for t in self.eog_tokens})
         if bias:
-            s.add_logit_bias(self.n_vocab, bias)
+            transform.add_logit_bias(self.n_vocab, bias)
         if p.temperature <= 0:
-            s.add_greedy()
+            select.add_greedy()
         else:
-            s.add_top_k(p.top_k)
-            s.add_top_p(p.top_p, 1)
-            s.add_min_p(p.min_p, 1)
-            s.add_temp(p.temperature)
-            s.add_dist(seed & 0xFFFFFFFF)
-        return s
+            select.add_top_k(p.top_k)
+            select.add_top_p(p.top_p, 1)
+            select.add_min_p(p.min_p, 1)
+            select.add_temp(p.temperature)
+            select.add_dist(seed & 0xFFFFFFFF)
 
     def sample(self, sampler: Any, index: int) -> int:
         return sampler.sample(self.ctx, index)
+
+    def logprob(self, index: int, token: int, top: int) -> TokenLogprob:
+        """``token``'s log-probability in the model's distribution at batch ``index``
+        (the softmax of its logits, before any sampler), and the ``top`` likeliest."""
+        import numpy as np
+
+        ptr = self._c.llama_get_logits_ith(self.ctx.ctx, index)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        norm = peak + np.log(np.exp(logits - peak).sum())
+        best: tuple[tuple[bytes, float], ...] = ()
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = tuple((self.piece(int(t)), float(logits[t] - norm)) for t in ids)
+        return TokenLogprob(self.piece(token), float(min(0.0, logits[token] - norm)), best)

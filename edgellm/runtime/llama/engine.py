@@ -4,7 +4,9 @@ Requests arrive on a thread-safe queue; events leave through each request's sink
 Every turn of the loop:
 
 1. admits queued requests into free slots (reusing a cached prompt prefix when
-   one matches, copied between sequences with ``llama_memory_seq_cp``);
+   one matches, copied between sequences with ``llama_memory_seq_cp``); a request
+   for ``n`` choices takes ``n`` slots at once, and its prompt, evaluated in the
+   first, is copied to the others when it is done;
 2. decodes one token for every generating slot in a single ``llama_decode``, and
    samples each with its own sampler chain;
 3. evaluates one prompt chunk of one prefilling slot, so a long prompt never
@@ -32,14 +34,24 @@ import time
 from typing import Any
 
 from edgellm.config import ModelSettings
-from edgellm.errors import ContextOverflow, EdgeError, InternalError
+from edgellm.errors import ContextOverflow, EdgeError, InternalError, InvalidRequest
 from edgellm.runtime import failpoints
 from edgellm.runtime.engine import EngineThread
 from edgellm.runtime.llama.backend import LlamaBackend
-from edgellm.runtime.llama.slots import Slot, reusable
+from edgellm.runtime.llama.slots import Run, Slot, reusable
 from edgellm.runtime.llama.text import StopMatcher
 from edgellm.runtime.source import ModelRecord
-from edgellm.runtime.types import Delta, Failed, Finished, FinishReason, GenerationRequest, Usage
+from edgellm.runtime.types import (
+    Delta,
+    Failed,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    Result,
+    TextRequest,
+    TokenLogprob,
+    Usage,
+)
 
 log = logging.getLogger("edgellm.engine")
 
@@ -54,19 +66,23 @@ class LlamaEngine(EngineThread):
         on_died: Any = None,
     ) -> None:
         super().__init__(record, model_path, settings, on_request_done, on_died)
-        self.n_ctx = settings.n_ctx or 2048
-        if record.context_length:
-            self.n_ctx = min(self.n_ctx, record.context_length)
+        self.n_ctx = settings.context_for(record.context_length)
         self.slots = [Slot(i) for i in range(settings.n_parallel or 1)]
         self.capacity = self.max_active = len(self.slots)  # requests it can run at once
         self.prefill_chunk = min(settings.prefill_chunk or 256, settings.n_batch or 512)
         self.prefix_cache = True if settings.prefix_cache is None else settings.prefix_cache
         self.tokens_per_second_cap = 0.0  # a duty cycle, so a hot device cools
         self._llm: LlamaBackend | None = None
+        self._waiting: GenerationRequest | None = None  # next, until it has its n slots
+        self._texts: queue.SimpleQueue[TextRequest] = queue.SimpleQueue()
 
     # --- called from other threads -----------------------------------------------
-    def submit(self, request: GenerationRequest) -> None:
-        self._enqueue(request)
+    def submit(self, request: GenerationRequest | TextRequest) -> None:
+        if isinstance(request, TextRequest):  # served next turn, busy slots or not
+            self._texts.put(request)
+            self._queue.put(None)  # wakes an idle loop
+        else:
+            self._enqueue(request)
 
     def abandon(self, error: EdgeError) -> None:
         """Give up on an engine that makes no progress, from another thread: its
@@ -79,8 +95,20 @@ class LlamaEngine(EngineThread):
         for slot in self.slots:
             if (request := slot.request) is not None:
                 request.emit(Failed(error))
-        for request in self._drain():
+        for request in self._taken_back():
             request.emit(Failed(error))
+
+    def _taken_back(self) -> list[GenerationRequest]:
+        """Every request not yet in a slot: the one waiting for slots, then the queue."""
+        waiting, self._waiting = self._waiting, None
+        texts: list[Any] = []
+        while not self._texts.empty():
+            texts.append(self._texts.get_nowait())
+        return texts + ([waiting] if waiting is not None else []) + list(self._drain())
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + (self._waiting is not None)
 
     def set_limits(
         self,
@@ -116,7 +144,7 @@ class LlamaEngine(EngineThread):
         for slot in self.slots:
             if slot.request is not None:
                 slot.request.cancel()
-        for request in self._drain():
+        for request in self._taken_back():
             request.cancel()
             request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
 
@@ -139,7 +167,7 @@ class LlamaEngine(EngineThread):
             self.cancel_all()
             for slot in self.slots:
                 if slot.request is not None:
-                    self._finish(slot, Finished("cancelled", self._usage(slot), 0.0, 0.0))
+                    self._end(slot, "cancelled")
         if self._llm is not None:
             self._llm.close()
         self._llm = None
@@ -151,6 +179,7 @@ class LlamaEngine(EngineThread):
             if self.n_threads != self._applied_threads:
                 llm.set_threads(self.n_threads)
                 self._applied_threads = self.n_threads
+            self._serve_texts()
             self._admit()
             self._check_cancelled()
             if any(s.state == "generate" for s in self.slots):
@@ -159,20 +188,74 @@ class LlamaEngine(EngineThread):
             if prefilling:
                 self._prefill_step(min(prefilling, key=lambda s: s.admitted))
 
-    # --- admission ----------------------------------------------------------------------
-    def _admit(self) -> None:
-        while self.busy_slots < self.max_active:
-            idle = self.busy_slots == 0
+    # --- text requests ------------------------------------------------------------------
+    def _serve_texts(self) -> None:
+        llm = self._llm
+        assert llm is not None
+        while not self._texts.empty():
+            request = self._texts.get_nowait()
+            if request.cancel_event.is_set():
+                request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
+                continue
+            t0 = time.monotonic()
             try:
-                request = self._queue.get(timeout=0.25) if idle else self._queue.get_nowait()
-            except queue.Empty:
-                return
+                if request.op == "tokenize":
+                    tokens = llm.tokenize(request.text, request.add_special)
+                    out: dict[str, Any] = {
+                        "tokens": tokens,
+                        "pieces": [llm.detokenize([t]) for t in tokens],  # specials too
+                    }
+                    usage = Usage(len(tokens))
+                elif request.op == "detokenize":
+                    out, usage = (
+                        {"content": llm.detokenize(request.tokens)},
+                        Usage(len(request.tokens)),
+                    )
+                else:
+                    prompt = llm.render(request.messages)
+                    out = {"prompt": prompt}
+                    usage = Usage(len(llm.tokenize(prompt, False)))
+            except EdgeError as exc:
+                request.emit(Failed(exc))
+                continue
+            request.state, request.prompt_tokens = "running", usage.prompt_tokens
+            request.emit(Result(out, usage, time.monotonic() - t0))
+
+    # --- admission ----------------------------------------------------------------------
+    def _fits(self, request: GenerationRequest) -> bool:
+        """Whether its n slots are free now. A request for more choices than the
+        governor's limit allows runs alone, once the model is idle."""
+        busy = self.busy_slots
+        free = len(self.slots) - busy
+        return request.n <= free and (busy + request.n <= self.max_active or busy == 0)
+
+    def _admit(self) -> None:
+        while self._waiting is not None or self.busy_slots < self.max_active:
+            idle = self.busy_slots == 0
+            if self._waiting is not None:
+                request: GenerationRequest | None = self._waiting
+                self._waiting = None
+            else:
+                try:
+                    request = self._queue.get(timeout=0.25) if idle else self._queue.get_nowait()
+                except queue.Empty:
+                    return
             if request is None:
                 return
             try:
                 if request.cancel_event.is_set():
                     request.emit(Finished("cancelled", Usage(), 0.0, 0.0))
                     continue
+                if request.n > len(self.slots):
+                    raise InvalidRequest(
+                        f"n is {request.n}, but {self.name} decodes at most "
+                        f"{len(self.slots)} choices at once (its n_parallel slots); "
+                        f"ask for n up to {len(self.slots)}",
+                        param="n",
+                    )
+                if not self._fits(request):
+                    self._waiting = request  # first in line: nothing overtakes it
+                    return
                 self._place(request)
             except EdgeError as exc:
                 request.emit(Failed(exc))
@@ -200,37 +283,51 @@ class LlamaEngine(EngineThread):
                 f"per request; shorten it (or raise n_ctx)",
                 param="messages" if request.messages is not None else "prompt",
             )
-        free = [s for s in self.slots if not s.busy]
+        free = sorted(  # the caches least worth keeping first: shortest, then oldest
+            (s for s in self.slots if not s.busy), key=lambda s: (len(s.cached), s.last_used)
+        )
         source, keep = None, 0
         if self.prefix_cache:
             for s in self.slots:
                 k = reusable(s.cached, tokens, self.prefill_chunk)
                 if k > keep:
                     source, keep = s, k
-        if source is not None and not source.busy:
-            slot = source
-            llm.seq_keep_prefix(slot.index, keep)
-        else:
-            # the free slot whose cache is least worth keeping: shortest, then oldest
-            slot = min(free, key=lambda s: (len(s.cached), s.last_used))
-            if source is None:
-                llm.seq_keep_prefix(slot.index, 0)
-            else:
-                llm.seq_copy_prefix(source.index, slot.index, keep)
-        slot.cached = tokens[:keep]
+        lead = source if source is not None and not source.busy else free[0]
+        chosen = [lead, *[s for s in free if s is not lead][: request.n - 1]]
         p = request.sampling
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         grammar = request.constraint.grammar if request.constraint is not None else None
-        # before the slot changes: a bad grammar or token id fails here
-        sampler = llm.sampler(p, seed, grammar, penalty_window=self.n_ctx)
+        # before any slot changes: a bad grammar or token id fails here
+        samplers = []
+        try:
+            for choice in range(request.n):  # choice i draws with seed + i
+                samplers.append(llm.sampler(p, seed + choice, grammar, penalty_window=self.n_ctx))
+        except Exception:
+            for made in samplers:
+                made.close()
+            raise
+        if lead is source:
+            llm.seq_keep_prefix(lead.index, keep)
+        elif source is None:
+            llm.seq_keep_prefix(lead.index, 0)
+        else:
+            llm.seq_copy_prefix(source.index, lead.index, keep)
+        lead.cached = tokens[:keep]
+        run = Run(request, n, [None] * request.n)
         room = self.n_ctx - n
-        slot.request, slot.state, slot.prompt = request, "prefill", tokens
-        slot.prefilled = slot.reused = keep
-        slot.pos, slot.generated, slot.prompt_seconds = keep, 0, 0.0
-        slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
-        slot.sampler = sampler
-        slot.stops = StopMatcher(list(request.stop) + template_stops)
-        slot.admitted = time.monotonic()
+        now = time.monotonic()
+        for choice, (slot, sampler) in enumerate(zip(chosen, samplers, strict=True)):
+            if slot is not lead:  # its cells come from the lead when its prompt is done
+                llm.seq_keep_prefix(slot.index, 0)
+                slot.cached = []
+            slot.request, slot.run, slot.choice, slot.prompt = request, run, choice, tokens
+            slot.state = "prefill" if slot is lead else "wait"
+            slot.prefilled = slot.reused = keep if slot is lead else 0
+            slot.pos, slot.generated = slot.prefilled, 0
+            slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
+            slot.sampler = sampler
+            slot.stops = StopMatcher(list(request.stop) + template_stops)
+            slot.admitted = now
         request.state, request.prompt_tokens = "running", n
         self.last_progress = time.monotonic()
         self.stats.reused_prompt_tokens += keep
@@ -238,6 +335,14 @@ class LlamaEngine(EngineThread):
     # --- stepping -----------------------------------------------------------------------
     def _check_cancelled(self) -> None:
         now = time.monotonic()
+        waiting = self._waiting
+        if waiting is not None and (
+            waiting.cancel_event.is_set()
+            or (waiting.deadline is not None and now > waiting.deadline)
+        ):
+            self._waiting = None
+            reason: FinishReason = "cancelled" if waiting.cancel_event.is_set() else "deadline"
+            waiting.emit(Finished(reason, Usage(), 0.0, 0.0))
         for slot in self.slots:
             r = slot.request
             if r is None:
@@ -258,15 +363,14 @@ class LlamaEngine(EngineThread):
             (slot.prompt[i], i, slot.index, last and i == end - 1) for i in range(start, end)
         ]
         if llm.decode(entries) != 0:
-            self._finish(
+            self._fail(
                 slot,
-                Failed(
-                    InternalError(f"llama.cpp could not fit the prompt in {self.name}'s KV cache")
-                ),
+                InternalError(f"llama.cpp could not fit the prompt in {self.name}'s KV cache"),
             )
             return
         elapsed = time.monotonic() - t0
-        slot.prompt_seconds += elapsed
+        assert slot.run is not None
+        slot.run.prompt_seconds += elapsed
         self.stats.prompt_seconds += elapsed
         self.stats.prompt_tokens += end - start
         self.last_progress = time.monotonic()
@@ -274,9 +378,19 @@ class LlamaEngine(EngineThread):
         if end - start == self.prefill_chunk and end % self.prefill_chunk == 0:
             slot.cached = slot.prompt[:end]  # a whole aligned chunk: reusable bit for bit
         if last:
-            slot.state = "generate"
-            slot.first_token_at = time.monotonic()
-            self._take(slot, llm.sample(slot.sampler, len(entries) - 1))
+            # the further choices get a copy of the prompt's cells, and draw their first
+            # token from the same logits with their own samplers
+            run, index = slot.run, len(entries) - 1
+            choices = [slot, *(s for s in self.slots if s.run is run and s is not slot)]
+            for other in choices[1:]:
+                llm.seq_copy_prefix(slot.index, other.index, end)
+                other.prefilled = other.pos = end
+                other.cached = list(slot.cached)
+            run.first_token_at = time.monotonic()
+            for each in choices:
+                each.state = "generate"
+            for each in choices:
+                self._take(each, llm.sample(each.sampler, index), index)
 
     def _decode_step(self) -> None:
         llm = self._llm
@@ -287,18 +401,18 @@ class LlamaEngine(EngineThread):
         code = llm.decode([(s.last_token, s.pos, s.index, True) for s in active])
         if code != 0:
             for s in active:
-                self._finish(
+                self._fail(
                     s,
-                    Failed(
-                        InternalError(
-                            f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full"
-                        )
+                    InternalError(
+                        f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full"
                     ),
                 )
             return
         for i, slot in enumerate(active):
+            if slot.request is None:  # ended with a sibling that failed
+                continue
             slot.pos += 1
-            self._take(slot, llm.sample(slot.sampler, i))
+            self._take(slot, llm.sample(slot.sampler, i), i)
         now = time.monotonic()
         st = self.stats
         st.decode_seconds += now - t0
@@ -309,19 +423,26 @@ class LlamaEngine(EngineThread):
         if self.tokens_per_second_cap:  # idle out the rest of this step's time share
             self._stopping.wait(max(0.0, len(active) / self.tokens_per_second_cap - (now - t0)))
 
-    def _take(self, slot: Slot, token: int) -> None:
-        """A sampled token: emit its text, and end the sequence if it is done."""
-        llm, request = self._llm, slot.request
-        assert llm is not None and request is not None and slot.stops is not None
+    def _take(self, slot: Slot, token: int, index: int) -> None:
+        """A sampled token (from the logits at batch ``index``): emit its text, and end
+        the choice if it is done."""
+        llm, request, run = self._llm, slot.request, slot.run
+        assert llm is not None and request is not None and run is not None
+        assert slot.stops is not None
         if llm.is_eog(token) and not request.sampling.ignore_eos:
             self._end(slot, "stop")
             return
         slot.generated += 1
-        request.completion_tokens = slot.generated
+        run.generated += 1
+        request.completion_tokens = run.generated
         self.stats.generated_tokens += 1
-        text, hit = slot.stops.feed(llm.piece(token))
-        if text:
-            request.emit(Delta(text))
+        piece = llm.piece(token)
+        if request.logprobs is not None:
+            start, slot.bytes_fed = slot.bytes_fed, slot.bytes_fed + len(piece)
+            lp = llm.logprob(index, token, request.logprobs)
+            slot.held_logprobs.append((start, slot.bytes_fed, lp))
+        text, hit = slot.stops.feed(piece)
+        self._emit(slot, text, stopped=hit)
         if hit:
             self._end(slot, "stop")
         elif slot.generated >= slot.max_tokens or slot.pos >= self.n_ctx:
@@ -329,38 +450,57 @@ class LlamaEngine(EngineThread):
         else:
             slot.last_token = token
 
-    def _usage(self, slot: Slot) -> Usage:
-        return Usage(len(slot.prompt), slot.generated)
+    def _emit(self, slot: Slot, text: str, stopped: bool = False, final: bool = False) -> None:
+        assert slot.request is not None
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if slot.request.logprobs is not None:
+            logprobs = slot.let_out(len(text.encode()), stopped, final)
+        if text or logprobs:
+            slot.request.emit(Delta(text, slot.choice, logprobs))
 
     def _end(self, slot: Slot, reason: FinishReason) -> None:
+        """One choice ended; the request ends with its last choice."""
+        run = slot.run
+        if run is None:
+            return
         if reason != "stop" and slot.stops is not None:
-            tail = slot.stops.flush()
-            if tail and slot.request is not None:
-                slot.request.emit(Delta(tail))
-        decode_s = time.monotonic() - slot.first_token_at if slot.first_token_at else 0.0
-        self._finish(
-            slot,
-            Finished(
-                reason,
-                self._usage(slot),
-                slot.prompt_seconds,
-                decode_s if slot.state == "generate" else 0.0,
-            ),
-        )
+            self._emit(slot, slot.stops.flush(), final=True)
+        run.reasons[slot.choice] = reason
+        self._free(slot, keep_cache=True)
+        if run.done:
+            now = time.monotonic()
+            self._done(
+                run.request,
+                Finished(
+                    run.overall(),
+                    Usage(run.prompt_tokens, run.generated),
+                    run.prompt_seconds,
+                    now - run.first_token_at if run.first_token_at else 0.0,
+                    tuple(r for r in run.reasons if r is not None) if len(run.reasons) > 1 else (),
+                ),
+            )
 
-    def _finish(self, slot: Slot, final: Finished | Failed) -> None:
-        """Free the slot (keeping its reusable prefix), then tell the client: whatever
-        it asks next sees the slot free."""
-        request = slot.request
+    def _fail(self, slot: Slot, error: EdgeError) -> None:
+        """The request fails as a whole: every choice's slot is freed."""
+        run = slot.run
+        for each in self.slots:
+            if each.run is run:
+                self._free(each, keep_cache=False)
+        if run is not None:
+            self._done(run.request, Failed(error))
+
+    def _free(self, slot: Slot, keep_cache: bool) -> None:
+        """Free the slot, keeping its reusable prefix (whatever the client asks next
+        sees the slot free)."""
         if self._llm is not None:
-            if isinstance(final, Failed) or not self.prefix_cache:
+            if not keep_cache or not self.prefix_cache:
                 slot.cached = []
             self._llm.seq_keep_prefix(slot.index, len(slot.cached))
-        slot.first_token_at = 0.0
         slot.release()
+
+    def _done(self, request: GenerationRequest, final: Finished | Failed) -> None:
         self.stats.requests += 1
         self.last_progress = time.monotonic()
         if self._on_request_done:
             self._on_request_done(self.name)
-        if request is not None:
-            request.emit(final)
+        request.emit(final)

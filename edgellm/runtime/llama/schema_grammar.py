@@ -24,6 +24,8 @@ from jsonschema.exceptions import best_match
 
 from edgellm.errors import InvalidRequest
 from edgellm.runtime.llama import ranges
+from edgellm.runtime.llama.pattern import PatternError
+from edgellm.runtime.llama.pattern import to_gbnf as pattern_gbnf
 from edgellm.runtime.types import Constraint
 
 # keywords the grammar (with this module's additions) enforces
@@ -111,6 +113,12 @@ def _check_node(node: dict[str, Any], where: str) -> None:
                 "pattern",
                 "patterns must be anchored as ^…$ (edgellm matches the whole string)",
             )
+        try:
+            pattern_gbnf(pattern)
+        except PatternError as exc:
+            raise _refuse(
+                where, "pattern", f"{exc}; edgellm cannot hold it while decoding"
+            ) from None
         for other in ("minLength", "maxLength", "format"):
             if other in node:
                 raise _refuse(
@@ -184,10 +192,26 @@ def _range(node: dict[str, Any], where: str) -> list[ranges.Alternative]:
     return ranges.decimals(lo, hi, lo_open, hi_open)
 
 
+# a character of a JSON string: anything but a control character, " or \, or an escape
+JSON_CHAR = (
+    r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] '
+    r"[0-9a-fA-F])"
+)
+
+
 def _converter() -> Any:
     from llama_cpp import llama_grammar
 
     class Converter(llama_grammar.SchemaConverter):
+        def _add_primitive(self, name: str, rule: Any) -> Any:
+            if name == "char":  # the converter's lets control characters through: not JSON
+                rule = llama_grammar.BuiltinRule(JSON_CHAR, [])
+            return super()._add_primitive(name, rule)
+
+        def _visit_pattern(self, pattern: str, name: str) -> Any:
+            # the converter's copies the pattern nearly verbatim (see pattern.py)
+            return self._add_rule(name, '"\\"" ' + pattern_gbnf(pattern) + ' "\\"" space')
+
         def visit(self, schema: Any, name: str) -> Any:
             if not isinstance(schema, dict):
                 return super().visit(schema, name)
@@ -217,12 +241,14 @@ def schema_hash(schema: Any) -> str:
 
 
 def to_grammar(schema: dict[str, Any], path: str = "schema") -> str:
-    """The GBNF for a checked schema (``check`` first), from the cache when it is there."""
+    """The GBNF for a schema, checked (InvalidRequest naming what edgellm cannot
+    hold), from the cache when it is there: a schema seen before costs a hash."""
     key = schema_hash(schema)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
+    check(schema, path)
     converter = _converter()
     try:
         resolved = converter.resolve_refs(copy.deepcopy(schema), "schema")

@@ -7,14 +7,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgellm.runtime.llama.text import StopMatcher
-from edgellm.runtime.types import GenerationRequest
+from edgellm.runtime.types import FinishReason, GenerationRequest, TokenLogprob
+
+
+@dataclass
+class Run:
+    """One request in the engine: its choices (one slot each) and how each ended."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    reasons: list[FinishReason | None]
+    generated: int = 0
+    prompt_seconds: float = 0.0
+    first_token_at: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def overall(self) -> FinishReason:
+        """The request's reason: the worst of its choices'."""
+        for worst in ("error", "deadline", "cancelled", "length"):
+            if worst in self.reasons:
+                return worst
+        return "stop"
 
 
 @dataclass
 class Slot:
     index: int  # also its llama.cpp sequence id
     request: GenerationRequest | None = None
-    state: str = "free"  # free | prefill | generate
+    run: Run | None = None
+    choice: int = 0  # which of its run's choices this slot decodes
+    # free | prefill | wait (a further choice, waiting for the first's prompt) | generate
+    state: str = "free"
     prompt: list[int] = field(default_factory=list)
     # Tokens whose KV cells this sequence holds and that a prefill computed as whole
     # aligned chunks: the part another request may reuse bit for bit.
@@ -28,9 +54,12 @@ class Slot:
     sampler: Any = None
     stops: StopMatcher | None = None
     admitted: float = 0.0
-    prompt_seconds: float = 0.0
-    first_token_at: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
+    # tokens whose text the stop matcher has not all let out yet: (start, end) byte
+    # offsets into the choice's text, and the token with its log-probabilities
+    held_logprobs: list[tuple[int, int, TokenLogprob]] = field(default_factory=list)
+    bytes_fed: int = 0
+    bytes_out: int = 0
 
     @property
     def busy(self) -> bool:
@@ -39,8 +68,30 @@ class Slot:
     def release(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
-        self.request, self.state, self.sampler, self.stops = None, "free", None, None
+        self.request, self.run, self.state, self.sampler, self.stops = (
+            None,
+            None,
+            "free",
+            None,
+            None,
+        )
+        self.held_logprobs, self.bytes_fed, self.bytes_out = [], 0, 0
         self.last_used = time.monotonic()
+
+    def let_out(
+        self, nbytes: int, stopped: bool = False, final: bool = False
+    ) -> tuple[TokenLogprob, ...]:
+        """The held tokens whose text is now out, after ``nbytes`` more bytes of it:
+        those it covers; at a stop string, those it reaches into (the stop's own tokens
+        are dropped with it); at the end, all."""
+        self.bytes_out += nbytes
+        if stopped or final:
+            out = [lp for start, _, lp in self.held_logprobs if final or start < self.bytes_out]
+            self.held_logprobs = []
+        else:
+            out = [lp for _, end, lp in self.held_logprobs if end <= self.bytes_out]
+            self.held_logprobs = self.held_logprobs[len(out) :]
+        return tuple(out)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
