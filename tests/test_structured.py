@@ -162,6 +162,11 @@ class Line(BaseModel):
     price: float = Field(ge=0, le=100)
 
 
+class City(BaseModel):
+    name: str
+    country: str
+
+
 class Order(BaseModel):
     customer: str = Field(max_length=24)
     lines: list[Line] = Field(min_length=1, max_length=3)
@@ -540,6 +545,19 @@ def test_langchain_and_instructor_get_validated_objects(daemon: Daemon) -> None:
         model=MODEL, messages=ASK, response_model=Order, max_tokens=400, seed=2, max_retries=0
     )
     assert isinstance(order, Order) and 1 <= len(order.lines) <= 3
+    # JSON mode: instructor puts the schema in the system prompt and asks for
+    # json_object; the grammar holds the JSON, the model (greedy) fills in the fields
+    json_mode = instructor.from_openai(_sdk(daemon), mode=instructor.Mode.JSON)
+    paris = "Paris is a city in France. Give the city and its country as JSON."
+    city = json_mode.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": paris}],
+        response_model=City,
+        max_tokens=100,
+        temperature=0,
+        max_retries=0,
+    )
+    assert isinstance(city, City) and city.name == "Paris"
 
 
 # --- sampling parity ------------------------------------------------------------------------
