@@ -746,13 +746,13 @@ def test_a_flood_gets_only_200_and_503(make_daemon: Any) -> None:
     does not drift, and /health answers throughout."""
     import psutil
 
-    # every request has the same chat prompt: with 16-token prefill chunks its first
-    # chunk comes from the prefix cache, so the flood waits on the door more than on
-    # this machine's prefill (31 tokens take ~180 ms here; the suite's time is bounded)
-    d = make_daemon(max_queue=16, prefill_chunk=16)
+    # a one-token prompt and one token back: the flood waits on the door, not on this
+    # machine's prefill (a chat prompt's 31 tokens take ~180 ms here; the suite's time
+    # is bounded)
+    d = make_daemon(max_queue=16)
     assert d.proc is not None
     proc = psutil.Process(d.proc.pid)
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    body = {"prompt": "Hi", "max_tokens": 1}
     statuses: list[int] = []
     waiting_seen: list[int] = []
     lock = threading.Lock()
@@ -760,7 +760,7 @@ def test_a_flood_gets_only_200_and_503(make_daemon: Any) -> None:
     def client(n: int) -> None:
         with d.http() as h:
             for _ in range(n):
-                r = h.post("/v1/chat/completions", json=body)
+                r = h.post("/v1/completions", json=body)
                 with lock:
                     statuses.append(r.status_code)
                     if r.status_code == 503:
@@ -771,7 +771,7 @@ def test_a_flood_gets_only_200_and_503(make_daemon: Any) -> None:
 
     with d.http() as h:  # warm: the model loaded, allocators settled
         for _ in range(20):
-            h.post("/v1/chat/completions", json=body)
+            h.post("/v1/completions", json=body)
     before = proc.memory_info().rss
     threads = [
         threading.Thread(target=client, args=(2000 // 32 + (i < 2000 % 32),)) for i in range(32)
