@@ -460,6 +460,10 @@ def test_locking_the_vault_mid_generation_keeps_the_outcome_row(make_daemon: Any
             "stream": True,
             "max_tokens": 3000,
             "ignore_eos": True,
+            # ~2.5 KB a token: the stream outruns the socket's buffers within a few
+            # hundred tokens (plain chunks of ~200 bytes took 1,500, a minute of suite)
+            "logprobs": True,
+            "top_logprobs": 20,
         }
     ).encode()
     s = socket.socket(socket.AF_UNIX)
@@ -472,7 +476,7 @@ def test_locking_the_vault_mid_generation_keeps_the_outcome_row(make_daemon: Any
     request_id = head.split(b"X-Request-Id: ")[1].split(b"\r\n")[0].decode()
     with d.client() as c:
         # the stream has outrun the socket's buffer: the handler is blocked writing
-        wait_for(lambda: any(r["completion_tokens"] > 1500 for r in c.requests()), 120)
+        wait_for(lambda: any(r["completion_tokens"] > 500 for r in c.requests()), 120)
         locked: dict[str, Any] = {}
         t = threading.Thread(target=lambda: locked.update(c.vault_lock()))
         t.start()
