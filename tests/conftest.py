@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -65,6 +66,24 @@ def _toml(value: Any) -> str:
     if isinstance(value, str):
         return f'"{value}"'
     return str(value)
+
+
+def alone_and_beside(
+    ask: Callable[[dict[str, Any]], Any], mine: dict[str, Any], neighbours: list[dict[str, Any]]
+) -> tuple[Any, Any, list[Any]]:
+    """``ask(mine)`` alone, then again while each neighbour is asked at the same time:
+    (alone, beside, the neighbours' answers)."""
+    alone = ask(mine)
+    beside: list[Any] = []
+    others: list[Any] = []
+    threads = [threading.Thread(target=lambda n=n: others.append(ask(n))) for n in neighbours]
+    threads.append(threading.Thread(target=lambda: beside.append(ask(mine))))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(beside) == 1 and len(others) == len(neighbours)
+    return alone, beside[0], others
 
 
 class Daemon:
@@ -148,6 +167,26 @@ class Daemon:
             transport=httpx.HTTPTransport(uds=str(self.socket)),
             base_url="http://edgellm",
             timeout=timeout,
+        )
+
+    def openai(self) -> Any:
+        """The openai SDK pointed at this daemon's socket, as a user would set it up."""
+        import openai
+
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=120)
+        return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
+
+    def langchain(self, **settings: Any) -> Any:
+        """LangChain's ChatOpenAI on this daemon's socket (``settings``: max_tokens…)."""
+        from langchain_openai import ChatOpenAI
+
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=120)
+        return ChatOpenAI(
+            model=MODEL,
+            base_url="http://localhost/v1",
+            api_key="unused",
+            http_client=http,
+            **settings,
         )
 
     def alive(self) -> bool:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
 from conftest import MODEL, Daemon
@@ -18,14 +16,9 @@ from conftest import MODEL, Daemon
 ASK = [{"role": "user", "content": "Name three colours."}]
 
 
-def _sdk(d: Daemon) -> openai.OpenAI:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), timeout=120)
-    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
-
-
 # --- logprobs -------------------------------------------------------------------------------
 def test_chat_logprobs_streamed_and_not(daemon: Daemon) -> None:
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     args: dict[str, Any] = dict(model=MODEL, messages=ASK, max_tokens=24, temperature=0)
     r = sdk.chat.completions.create(logprobs=True, top_logprobs=3, **args)
     choice = r.choices[0]
@@ -55,7 +48,7 @@ def test_chat_logprobs_streamed_and_not(daemon: Daemon) -> None:
 
 
 def test_completion_logprobs_in_the_legacy_shape_and_at_a_stop(daemon: Daemon) -> None:
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     args: dict[str, Any] = dict(model=MODEL, prompt="The sea is", max_tokens=16, temperature=0)
     r = sdk.completions.create(logprobs=2, **args)
     lp = r.choices[0].logprobs
@@ -101,7 +94,7 @@ def test_bad_logprobs_and_n_are_refused_by_name(
 def test_each_of_n_choices_is_what_its_own_request_with_its_seed_gives(daemon: Daemon) -> None:
     """The choices share the prompt's KV (copied from the first choice's slot) and
     choice i draws with seed + i: each is byte-identical to a request of its own."""
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     args: dict[str, Any] = dict(model=MODEL, messages=ASK, max_tokens=20)
     three = sdk.chat.completions.create(n=3, seed=40, **args)
     assert [c.index for c in three.choices] == [0, 1, 2]
@@ -149,7 +142,7 @@ def test_n_choices_each_hold_the_schema_and_n_beyond_the_slots_is_a_400(
 
 # --- the text endpoints ---------------------------------------------------------------------
 def test_tokenize_detokenize_and_apply_template(daemon: Daemon) -> None:
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     with daemon.http() as h:
         text = "Hello, edge <|im_end|> world"
         tokens = h.post("/tokenize", json={"content": text}).json()["tokens"]
@@ -189,5 +182,7 @@ def test_a_model_says_what_it_can_do(daemon: Daemon) -> None:
         assert {"completion", "chat", "json_schema", "logprobs", "tokenize"} <= set(
             m["capabilities"]
         )
-        assert "tools" not in m["capabilities"]  # SmolLM2's template renders no tools
+        # SmolLM2's template renders no tools: they reach it in edgellm's generic format
+        assert "tools" in m["capabilities"] and m["tool_format"] == "generic"
+        assert m["template_tools"] is False
         assert m["context_length"] == 8192 and m["n_ctx"] == 1024  # trained, and per request

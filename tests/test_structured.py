@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from pydantic import BaseModel, Field
 
@@ -25,7 +24,7 @@ from edgellm.errors import InvalidRequest
 from edgellm.runtime.llama import ranges, schema_grammar
 from edgellm.runtime.types import GenerationRequest
 
-from conftest import MODEL, Daemon
+from conftest import MODEL, Daemon, alone_and_beside
 
 ASK = [{"role": "user", "content": "Describe a small order from a shop as JSON."}]
 
@@ -174,13 +173,8 @@ class Order(BaseModel):
     note: str | None = Field(default=None, max_length=16)
 
 
-def _sdk(d: Daemon) -> openai.OpenAI:
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), timeout=120)
-    return openai.OpenAI(base_url="http://localhost/v1", api_key="unused", http_client=http)
-
-
 def test_the_openai_sdks_parse_returns_a_validated_object(daemon: Daemon) -> None:
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     schema = Order.model_json_schema()
     for seed in (1, 2, 3):
         done = sdk.chat.completions.parse(
@@ -194,7 +188,7 @@ def test_the_openai_sdks_parse_returns_a_validated_object(daemon: Daemon) -> Non
 
 
 def test_json_object_and_llama_cpps_schema_shape(daemon: Daemon) -> None:
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     anything = sdk.chat.completions.create(
         model=MODEL, messages=ASK, response_format={"type": "json_object"}, seed=4, max_tokens=300
     )
@@ -437,7 +431,7 @@ def test_every_answer_validates_across_schemas_and_seeds(daemon: Daemon) -> None
 
     def run(chunk: list[tuple[int, bool]]) -> None:
         nonlocal checked
-        sdk = _sdk(daemon)
+        sdk = daemon.openai()
         for i, stream in chunk:
             fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": SCHEMAS[i]}}
             args = dict(model=MODEL, messages=ASK, max_tokens=200, response_format=fmt)
@@ -501,53 +495,35 @@ def test_constrained_greedy_output_is_the_same_alone_and_beside_others(daemon: D
         },
     ]
 
-    def ask(body: dict[str, Any], out: list[str]) -> None:
+    def ask(body: dict[str, Any]) -> str:
         path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
         with daemon.http() as h:
             choice = h.post(path, json=body).json()["choices"][0]
-            out.append(choice.get("text") or choice["message"]["content"])
+            return str(choice.get("text") or choice["message"]["content"])
 
-    alone: list[str] = []
-    ask(mine, alone)
-    together: list[str] = []
-    others: list[str] = []
-    threads = [threading.Thread(target=ask, args=(n, others)) for n in neighbours]
-    threads.append(threading.Thread(target=ask, args=(mine, together)))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert together == alone and len(others) == 3
-    json.loads(alone[0])  # and it is the JSON it was made to be
+    alone, together, _ = alone_and_beside(ask, mine, neighbours)
+    assert together == alone
+    json.loads(alone)  # and it is the JSON it was made to be
 
 
 def test_langchain_and_instructor_get_validated_objects(daemon: Daemon) -> None:
     """Two clients nobody here wrote, as their users call them."""
     import instructor
-    from langchain_openai import ChatOpenAI
 
-    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), timeout=120)
-    chat = ChatOpenAI(
-        model=MODEL,
-        base_url="http://localhost/v1",
-        api_key="unused",
-        http_client=http,
-        max_tokens=400,
-        seed=1,
-    )
+    chat = daemon.langchain(max_tokens=400, seed=1)
     line = chat.with_structured_output(Line, method="json_schema").invoke(
         "One line of a fruit order, as JSON."
     )
     assert isinstance(line, Line) and 1 <= line.quantity <= 12
     # instructor's JSON_SCHEMA mode sends llama.cpp's shape (json_object with a schema)
-    client = instructor.from_openai(_sdk(daemon), mode=instructor.Mode.JSON_SCHEMA)
+    client = instructor.from_openai(daemon.openai(), mode=instructor.Mode.JSON_SCHEMA)
     order = client.chat.completions.create(
         model=MODEL, messages=ASK, response_model=Order, max_tokens=400, seed=2, max_retries=0
     )
     assert isinstance(order, Order) and 1 <= len(order.lines) <= 3
     # JSON mode: instructor puts the schema in the system prompt and asks for
     # json_object; the grammar holds the JSON, the model (greedy) fills in the fields
-    json_mode = instructor.from_openai(_sdk(daemon), mode=instructor.Mode.JSON)
+    json_mode = instructor.from_openai(daemon.openai(), mode=instructor.Mode.JSON)
     paris = "Paris is a city in France. Give the city and its country as JSON."
     city = json_mode.chat.completions.create(
         model=MODEL,
@@ -602,7 +578,7 @@ def test_logit_bias_bans_tokens_and_penalties_change_greedy_output(
 
 
 def test_fields_that_change_nothing_are_taken(daemon: Daemon) -> None:
-    sdk = _sdk(daemon)
+    sdk = daemon.openai()
     r = sdk.chat.completions.create(
         model=MODEL,
         messages=ASK,

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "deadline", "error"]
 
 
 def new_request_id() -> str:
@@ -70,6 +70,18 @@ class Delta:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of a tool call of choice ``choice``: the first of call ``index`` carries
+    its ``id`` and ``name``, the rest fragments of its JSON ``arguments``."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
+    choice: int = 0
+
+
+@dataclass
 class Finished:
     """How a generation ended: ``finish_reason`` for the request as a whole, and, when
     it had several choices, ``reasons`` for each (``reason(i)`` reads either)."""
@@ -99,7 +111,8 @@ class Result:
     seconds: float  # in the engine, batch included
 
 
-Event = Delta | Finished | Failed | Result  # all an engine emits: deltas, then one of the rest
+# all an engine emits: deltas (text, tool calls), then one of the rest
+Event = Delta | ToolCallDelta | Finished | Failed | Result
 Sink = Callable[[Event], None]
 
 
@@ -176,6 +189,26 @@ class Constraint:
     json_object: bool = False
 
 
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: its arguments are a JSON object that validates
+    against ``parameters`` (a JSON Schema)."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object"})
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a request offers, and what it asks of them: ``choice`` is "none",
+    "auto", "required", or a tool's name (that one must be called)."""
+
+    tools: tuple[Tool, ...]
+    choice: str = "auto"
+    parallel: bool = False  # several calls in one answer
+
+
 @dataclass
 class GenerationRequest(Request):
     """One generation: either ``prompt`` (plain completion) or ``messages`` (chat)."""
@@ -186,6 +219,7 @@ class GenerationRequest(Request):
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
     constraint: Constraint | None = None
+    tools: ToolUse | None = None  # its constraint (if any) is the calls' grammar
     n: int = 1  # choices, each in its own slot, sharing the prompt's KV
     logprobs: int | None = None  # None: none; k: each token's, and the k likeliest
 

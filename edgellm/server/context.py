@@ -189,7 +189,7 @@ def capabilities(record: ModelRecord) -> list[str]:
     return [
         "completion",
         *(["chat"] if record.has_chat_template else []),
-        *(["tools"] if record.template_tools else []),
+        *(["tools"] if record.has_chat_template else []),  # the generic format, any template
         "json_schema",
         "grammar",
         "logprobs",
@@ -203,6 +203,9 @@ def model_view(st: State, record: ModelRecord) -> dict[str, Any]:
     view = {**record.as_dict(), "capabilities": capabilities(record)}
     if record.format != "onnx":
         view["n_ctx"] = st.settings.for_model(record.name).context_for(record.context_length)
+        # how tools reach the model: edgellm's generic format (tool_format.py); the
+        # template's own tool syntax (template_tools) is not used yet
+        view["tool_format"] = "generic" if record.has_chat_template else None
     return {
         **view,
         "state": st.runtime.model_state(record.name),

@@ -15,7 +15,16 @@ from typing import Any
 from aiohttp import web
 
 from edgellm.errors import EdgeError, InternalError
-from edgellm.runtime.types import Delta, Failed, Finished, GenerationRequest, TokenLogprob
+from edgellm.runtime.types import (
+    Constraint,
+    Delta,
+    Failed,
+    Finished,
+    GenerationRequest,
+    TokenLogprob,
+    ToolCallDelta,
+    ToolUse,
+)
 from edgellm.server.context import STATE, State, read_json
 from edgellm.server.pipeline import Events, serve
 from edgellm.server.routes import Audit, RouteTable
@@ -42,18 +51,30 @@ def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> No
     )
 
 
-def _hold_constraint(gen: GenerationRequest, texts: list[str], finished: Finished) -> None:
-    """A finished JSON answer that does not validate is never handed back: the grammar
-    should have made that impossible, so it is our bug (500), logged. An answer cut by
-    max_tokens ends with finish_reason "length" and claims nothing."""
+Calls = list[dict[int, dict[str, Any]]]  # per choice: tool calls by index, OpenAI's shape
+
+
+def _hold_constraint(
+    gen: GenerationRequest, texts: list[str], calls: Calls, finished: Finished
+) -> None:
+    """A finished JSON answer or tool call that does not validate is never handed
+    back: the grammar should have made that impossible, so it is our bug (500),
+    logged. An answer cut by max_tokens ends with finish_reason "length" and claims
+    nothing."""
     from edgellm.runtime.llama.schema_grammar import answer_problem
+    from edgellm.runtime.llama.tool_format import call_problem
 
     if gen.constraint is None:
         return
     for i, text in enumerate(texts):
-        if finished.reason(i) != "stop":
-            continue
-        problem = answer_problem(gen.constraint, text)
+        reason = finished.reason(i)
+        problem = None
+        if reason == "stop" and gen.tools is None:
+            problem = answer_problem(gen.constraint, text)
+        elif reason == "tool_calls" and gen.tools is not None:
+            for call in calls[i].values():
+                f = call["function"]
+                problem = problem or call_problem(gen.tools, f["name"], f["arguments"])
         if problem is not None:
             log.error(
                 "event=constraint_broken id=%s model=%s choice=%d problem=%r",
@@ -68,12 +89,22 @@ def _hold_constraint(gen: GenerationRequest, texts: list[str], finished: Finishe
             )
 
 
-async def _held(gen: GenerationRequest, texts: list[str], finished: Finished) -> None:
+async def _held(gen: GenerationRequest, texts: list[str], calls: Calls, finished: Finished) -> None:
     """``_hold_constraint`` off the event loop (validating a long answer is CPU work)."""
     if gen.constraint is not None:
         await asyncio.get_running_loop().run_in_executor(
-            None, _hold_constraint, gen, texts, finished
+            None, _hold_constraint, gen, texts, calls, finished
         )
+
+
+def _add_call(calls: dict[int, dict[str, Any]], part: ToolCallDelta) -> None:
+    if part.id is not None:
+        calls[part.index] = {
+            "id": part.id,
+            "type": "function",
+            "function": {"name": part.name, "arguments": ""},
+        }
+    calls[part.index]["function"]["arguments"] += part.arguments
 
 
 # --- log-probabilities in OpenAI's two shapes -------------------------------------------
@@ -139,8 +170,13 @@ async def _generate(
 ) -> web.StreamResponse:
     state: State = request.app[STATE]
     loop = asyncio.get_running_loop()
+
+    def prepare() -> tuple[ToolUse | None, Constraint | None]:
+        tools = body.tool_use() if chat else None
+        return tools, body.constraint(tools)
+
     # checking and compiling a schema is CPU work (cached afterwards): off the loop
-    constraint = await loop.run_in_executor(None, body.constraint)
+    tools, constraint = await loop.run_in_executor(None, prepare)
     gen = GenerationRequest(
         model=body.model or state.settings.default_model,
         prompt=prompt,
@@ -149,6 +185,7 @@ async def _generate(
         stop=body.stop,
         sampling=body.sampling(),
         constraint=constraint,
+        tools=tools,
         n=body.n,
         logprobs=body.token_logprobs(),
         keep_alive=body.keep_alive,
@@ -172,6 +209,7 @@ async def _collect(
 ) -> web.Response:
     parts: list[list[str]] = [[] for _ in range(gen.n)]
     tokens: list[list[TokenLogprob]] = [[] for _ in range(gen.n)]
+    calls: Calls = [{} for _ in range(gen.n)]
     finished: Finished | None = None
     async for event in events:
         if isinstance(event, Failed):
@@ -179,12 +217,14 @@ async def _collect(
         if isinstance(event, Delta):
             parts[event.index].append(event.text)
             tokens[event.index].extend(event.logprobs)
+        elif isinstance(event, ToolCallDelta):
+            _add_call(calls[event.choice], event)
         elif isinstance(event, Finished):
             finished = event
     assert finished is not None  # the events end with one Finished, or a Failed raised
     _log_done(gen, finished, None)
     texts = ["".join(p) for p in parts]
-    await _held(gen, texts, finished)
+    await _held(gen, texts, calls, finished)
     choices = []
     for i, text in enumerate(texts):
         choice: dict[str, Any] = {"index": i, "finish_reason": finished.reason(i)}
@@ -192,7 +232,10 @@ async def _collect(
         if gen.logprobs is not None:
             logprobs = _chat_logprobs(tokens[i]) if chat else _legacy_logprobs(tokens[i], 0)[0]
         if chat:
-            choice.update(message={"role": "assistant", "content": text}, logprobs=logprobs)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls[i]:
+                message.update(content=None, tool_calls=[calls[i][k] for k in sorted(calls[i])])
+            choice.update(message=message, logprobs=logprobs)
         else:
             choice.update(text=text, logprobs=logprobs)
         choices.append(choice)
@@ -226,6 +269,7 @@ async def _stream(
         finish: str | None = None,
         role: bool = False,
         tokens: tuple[TokenLogprob, ...] = (),
+        call: ToolCallDelta | None = None,
     ) -> bytes:
         logprobs: dict[str, Any] | None = None
         if tokens:
@@ -239,6 +283,14 @@ async def _stream(
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if call is not None:
+                fragment: dict[str, Any] = {"index": call.index}
+                if call.id is not None:
+                    fragment.update(id=call.id, type="function")
+                    fragment["function"] = {"name": call.name, "arguments": call.arguments}
+                else:
+                    fragment["function"] = {"arguments": call.arguments}
+                delta["tool_calls"] = [fragment]
             choice: dict[str, Any] = {
                 "index": index,
                 "delta": delta,
@@ -255,10 +307,14 @@ async def _stream(
             await response.write(chunk(i, "", role=True))
     ttft = time.monotonic() - gen.started
     sent: list[list[str]] = [[] for _ in range(gen.n)]
+    calls: Calls = [{} for _ in range(gen.n)]
     async for event in events:
         if isinstance(event, Delta):
             sent[event.index].append(event.text)
             await response.write(chunk(event.index, event.text, tokens=event.logprobs))
+        elif isinstance(event, ToolCallDelta):
+            _add_call(calls[event.choice], event)
+            await response.write(chunk(event.choice, None, call=event))
         elif isinstance(event, Failed):
             err = event.error
             body_err = (
@@ -268,7 +324,7 @@ async def _stream(
         elif isinstance(event, Finished):
             _log_done(gen, event, ttft)
             try:
-                await _held(gen, ["".join(p) for p in sent], event)
+                await _held(gen, ["".join(p) for p in sent], calls, event)
             except EdgeError as exc:
                 await response.write(_sse(exc.body()))
                 break

@@ -41,6 +41,7 @@ from edgellm.runtime.types import (
     Sink,
     TensorRequest,
     TextRequest,
+    ToolCallDelta,
 )
 from edgellm.server.context import PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_keep_alive
 
@@ -98,13 +99,13 @@ class Events:
             raise TypeError(f"a tensor job gave {type(event).__name__}, not a Result")
         return event
 
-    def __aiter__(self) -> AsyncIterator[Delta | Finished | Failed]:
+    def __aiter__(self) -> AsyncIterator[Delta | ToolCallDelta | Finished | Failed]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[Delta | Finished | Failed]:
+    async def _iterate(self) -> AsyncIterator[Delta | ToolCallDelta | Finished | Failed]:
         while True:
             event, self._held = (self._held, None) if self._held else (await self._next(), None)
-            if isinstance(event, Delta | Finished | Failed):
+            if isinstance(event, Delta | ToolCallDelta | Finished | Failed):
                 yield event
             if isinstance(event, TERMINAL):
                 return

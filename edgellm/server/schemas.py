@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from edgellm.config import parse_duration
 from edgellm.errors import InvalidRequest
-from edgellm.runtime.types import Constraint, Sampling
+from edgellm.runtime.types import Constraint, Sampling, Tool, ToolUse
 
 # seconds, from 300, "300", "30s", "5m", "1h" or -1 (forever); junk is a ValueError
 Duration = Annotated[
@@ -26,18 +26,68 @@ class TextPart(BaseModel):
     text: str
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON, as OpenAI writes it
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
+    # extra ignored: the SDKs send back an answer's message with fields of their own
+    # (refusal, annotations, audio…) that say nothing to the model
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
 
     def flat(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        flat: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            flat["tool_calls"] = [
+                {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            flat["tool_call_id"] = self.tool_call_id
+        return flat
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # edgellm always holds the schema: strict or not
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ChosenFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: ChosenFunction
 
 
 class StreamOptions(BaseModel):
@@ -127,10 +177,23 @@ class _Generation(BaseModel):
             ignore_eos=self.ignore_eos,
         )
 
-    def constraint(self) -> Constraint | None:
+    def constraint(self, tools: ToolUse | None = None) -> Constraint | None:
         """The grammar decoding follows, checked and compiled (a bad schema or a keyword
-        edgellm cannot enforce is a 400 naming it), or None for free text."""
-        from edgellm.runtime.llama import schema_grammar
+        edgellm cannot enforce is a 400 naming it), or None for free text. With tools,
+        the tool calls' grammar."""
+        from edgellm.runtime.llama import schema_grammar, tool_format
+
+        if tools is not None:
+            fmt_given = self.response_format is not None and self.response_format.type != "text"
+            if self.grammar is not None or fmt_given:
+                raise InvalidRequest(
+                    "tools cannot be combined with grammar or a JSON response_format",
+                    param="grammar" if self.grammar is not None else "response_format",
+                )
+            grammar = tool_format.grammar(tools)
+            if grammar is not None and self.ignore_eos:
+                raise InvalidRequest("ignore_eos cannot be combined with tools", param="ignore_eos")
+            return None if grammar is None else Constraint(grammar=grammar)
 
         constrained = self.grammar is not None or (
             self.response_format is not None and self.response_format.type != "text"
@@ -177,6 +240,57 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools offered and what is asked of them; the messages' tool calls and
+        results checked against them."""
+        if not self.tools:
+            if self.tool_choice is not None and self.tool_choice != "none":
+                raise InvalidRequest("tool_choice needs tools", param="tool_choice")
+            for i, m in enumerate(self.messages):
+                if m.tool_calls or m.role == "tool":
+                    raise InvalidRequest(
+                        f"messages[{i}] holds a tool call or result, but the request "
+                        "declares no tools",
+                        param=f"messages[{i}]",
+                    )
+            return None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) < len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise InvalidRequest(f"two tools are named {twice!r}", param="tools")
+        named = self.tool_choice
+        if isinstance(named, NamedToolChoice) and named.function.name not in names:
+            raise InvalidRequest(
+                f"tool_choice names {named.function.name!r}, which is not among the "
+                f"tools ({', '.join(names)})",
+                param="tool_choice.function.name",
+            )
+        choice = named.function.name if isinstance(named, NamedToolChoice) else named or "auto"
+        if self.logprobs:
+            raise InvalidRequest(
+                "logprobs cannot be combined with tools (the tokens would be the tool "
+                "call's envelope, not the answer)",
+                param="logprobs",
+            )
+        tools = []
+        for i, t in enumerate(self.tools):
+            parameters = t.function.parameters or {"type": "object", "properties": {}}
+            if parameters.get("type", "object") != "object":
+                raise InvalidRequest(
+                    "a function's parameters are a JSON Schema of type object",
+                    param=f"tools[{i}].function.parameters.type",
+                )
+            tools.append(Tool(t.function.name, t.function.description or "", parameters))
+        # several calls in one answer only when asked for: small models given the
+        # choice repeat the same call until max_tokens
+        use = ToolUse(tuple(tools), choice, self.parallel_tool_calls is True)
+        from edgellm.runtime.llama import tool_format
+
+        tool_format.prompt_messages([m.flat() for m in self.messages], use)  # checks
+        return use
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

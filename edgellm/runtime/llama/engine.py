@@ -37,9 +37,11 @@ from edgellm.config import ModelSettings
 from edgellm.errors import ContextOverflow, EdgeError, InternalError, InvalidRequest
 from edgellm.runtime import failpoints
 from edgellm.runtime.engine import EngineThread
+from edgellm.runtime.llama import tool_format
 from edgellm.runtime.llama.backend import LlamaBackend
 from edgellm.runtime.llama.slots import Run, Slot, reusable
 from edgellm.runtime.llama.text import StopMatcher
+from edgellm.runtime.llama.tool_format import ToolCallParser
 from edgellm.runtime.source import ModelRecord
 from edgellm.runtime.types import (
     Delta,
@@ -275,7 +277,10 @@ class LlamaEngine(EngineThread):
     def _place(self, request: GenerationRequest) -> None:
         llm = self._llm
         assert llm is not None
-        tokens, template_stops = llm.prompt_tokens(request.prompt, request.messages)
+        messages, use = request.messages, request.tools
+        if use is not None and messages is not None:  # the tools, in the generic format
+            messages = tool_format.prompt_messages(messages, use)
+        tokens, template_stops = llm.prompt_tokens(request.prompt, messages)
         n = len(tokens)
         if n >= self.n_ctx:
             raise ContextOverflow(
@@ -327,6 +332,7 @@ class LlamaEngine(EngineThread):
             slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
             slot.sampler = sampler
             slot.stops = StopMatcher(list(request.stop) + template_stops)
+            slot.tool_calls = ToolCallParser() if use and use.choice != "none" else None
             slot.admitted = now
         request.state, request.prompt_tokens = "running", n
         self.last_progress = time.monotonic()
@@ -455,7 +461,14 @@ class LlamaEngine(EngineThread):
         logprobs: tuple[TokenLogprob, ...] = ()
         if slot.request.logprobs is not None:
             logprobs = slot.let_out(len(text.encode()), stopped, final)
-        if text or logprobs:
+        if slot.tool_calls is not None:  # the answer object, as text and calls
+            for part in slot.tool_calls.feed(text):
+                if isinstance(part, str):
+                    slot.request.emit(Delta(part, slot.choice))
+                else:
+                    part.choice = slot.choice
+                    slot.request.emit(part)
+        elif text or logprobs:
             slot.request.emit(Delta(text, slot.choice, logprobs))
 
     def _end(self, slot: Slot, reason: FinishReason) -> None:
@@ -465,6 +478,8 @@ class LlamaEngine(EngineThread):
             return
         if reason != "stop" and slot.stops is not None:
             self._emit(slot, slot.stops.flush(), final=True)
+        if reason == "stop" and slot.tool_calls is not None and slot.tool_calls.calls:
+            reason = "tool_calls"
         run.reasons[slot.choice] = reason
         self._free(slot, keep_cache=True)
         if run.done:

@@ -286,8 +286,13 @@ def answer_problem(constraint: Constraint, text: str) -> str | None:
     if constraint.json_object:
         return None if isinstance(value, dict) else "it is not a JSON object"
     assert constraint.schema is not None
-    error = best_match(validator(constraint.schema).iter_errors(value))
+    return schema_problem(constraint.schema, value)
+
+
+def schema_problem(schema: dict[str, Any], value: Any, what: str = "answer") -> str | None:
+    """Where and why ``value`` fails ``schema`` (None: it validates)."""
+    error = best_match(validator(schema).iter_errors(value))
     if error is None:
         return None
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-    return f"at answer{where}: {error.message}"
+    return f"at {what}{where}: {error.message}"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgellm.runtime.llama.text import StopMatcher
+from edgellm.runtime.llama.tool_format import ToolCallParser
 from edgellm.runtime.types import FinishReason, GenerationRequest, TokenLogprob
 
 
@@ -27,7 +28,7 @@ class Run:
 
     def overall(self) -> FinishReason:
         """The request's reason: the worst of its choices'."""
-        for worst in ("error", "deadline", "cancelled", "length"):
+        for worst in ("error", "deadline", "cancelled", "length", "tool_calls"):
             if worst in self.reasons:
                 return worst
         return "stop"
@@ -53,6 +54,7 @@ class Slot:
     generated: int = 0
     sampler: Any = None
     stops: StopMatcher | None = None
+    tool_calls: ToolCallParser | None = None  # the answer is a tool-call object
     admitted: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
     # tokens whose text the stop matcher has not all let out yet: (start, end) byte
@@ -68,13 +70,8 @@ class Slot:
     def release(self) -> None:
         if self.sampler is not None:
             self.sampler.close()
-        self.request, self.run, self.state, self.sampler, self.stops = (
-            None,
-            None,
-            "free",
-            None,
-            None,
-        )
+        self.request, self.run, self.state, self.sampler = None, None, "free", None
+        self.stops, self.tool_calls = None, None
         self.held_logprobs, self.bytes_fed, self.bytes_out = [], 0, 0
         self.last_used = time.monotonic()
 
