@@ -1,18 +1,20 @@
 """Constrained decoding against free decoding, and what a schema costs to compile.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/structured.py          # about 4 minutes on 2 cores
+    .venv/bin/python bench/structured.py          # about 7 minutes on 2 cores
 
-One daemon (the default model, 2 threads, 4 slots), the same chat prompts asked two
-ways in alternating rounds: free, and under a medium JSON schema (an order: a name,
-three to five lines of item, quantity and price, a flag). Tokens per second are
-each request's decode rate (first streamed token to last) and the aggregate over
-the round, at 1 and 4 concurrent clients; the free answers run to --max-tokens
-(``ignore_eos``), the constrained ones end where the schema's object does. Ratios
-are constrained over free, in the same run. Then the schema's compile time: cold
-(a new schema each time, so the cache misses: checking, converting, our range
-rules) and cached, and llama.cpp's own parse of the grammar, which every request
-pays when it takes its slot.
+One daemon (the default model, 2 threads, 4 slots), the same chat prompts asked
+three ways in alternating rounds: free; under a medium JSON schema (an order: a
+name, three to five lines of item, quantity and price, a flag); and as a required
+tool call whose arguments are that order. Tokens per second are each request's
+decode rate (first streamed byte to last: text, or a call's arguments) and the
+aggregate over the round, at 1 and 4 concurrent clients; the free answers run to
+--max-tokens (``ignore_eos``), the constrained ones end where their object does.
+Ratios are over free, in the same run; "first byte" is the time to the first text,
+or to a tool call's first argument byte. Then the schema's compile time: cold (a
+new schema each time, so the cache misses: checking, converting, our range rules)
+and cached, and llama.cpp's own parse of the grammar, which every request pays when
+it takes its slot.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ def ask(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Write order number {i} from a hardware shop."}]
 
 
-def one(daemon: EdgeDaemon, i: int, constrained: bool, max_tokens: int) -> dict[str, float]:
+MODES = ("free", "json schema", "tool call")
+ORDER_TOOL = {"type": "function", "function": {"name": "place_order", "parameters": ORDER}}
+
+
+def one(daemon: EdgeDaemon, i: int, mode: str, max_tokens: int) -> dict[str, float]:
     body: dict[str, Any] = {
         "messages": ask(i),
         "max_tokens": max_tokens,
@@ -66,13 +72,15 @@ def one(daemon: EdgeDaemon, i: int, constrained: bool, max_tokens: int) -> dict[
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if not constrained:  # the free answer runs its full length, a steady measure
+    if mode == "free":  # the free answer runs its full length, a steady measure
         body["ignore_eos"] = True
-    else:
+    elif mode == "json schema":
         body["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": "order", "schema": ORDER},
         }
+    else:  # the same object as a tool's arguments
+        body.update(tools=[ORDER_TOOL], tool_choice="required")
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
@@ -87,11 +95,13 @@ def one(daemon: EdgeDaemon, i: int, constrained: bool, max_tokens: int) -> dict[
                 tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):
                 finish = c.get("finish_reason") or finish
-                if c["delta"].get("content"):
+                calls = c["delta"].get("tool_calls") or [{}]
+                piece = c["delta"].get("content") or calls[0].get("function", {}).get("arguments")
+                if piece:  # text, or for a tool call its arguments' first byte on
                     last = time.perf_counter()
                     first = first or last
-                    text.append(c["delta"]["content"])
-    if constrained and finish == "stop":
+                    text.append(piece)
+    if mode != "free" and finish in ("stop", "tool_calls"):
         json.loads("".join(text))  # it parsed (the daemon validated it against ORDER)
     assert first is not None and last is not None and tokens > 1
     return {
@@ -105,29 +115,31 @@ def one(daemon: EdgeDaemon, i: int, constrained: bool, max_tokens: int) -> dict[
 
 
 def throughput(daemon: EdgeDaemon, args: argparse.Namespace) -> list[dict[str, Any]]:
-    runs: dict[tuple[int, bool], list[list[dict[str, float]]]] = {}
+    runs: dict[tuple[int, str], list[list[dict[str, float]]]] = {}
     for r in range(args.rounds):
         for clients in (1, 4):
-            for constrained in (False, True):  # interleaved: drift hits both alike
+            for mode in MODES:  # interleaved: drift hits them alike
                 batch: list[dict[str, float]] = []
                 lock = threading.Lock()
 
-                def client(i: int, c: bool, b: list[Any], lock: threading.Lock = lock) -> None:
-                    result = one(daemon, i, c, args.max_tokens)
+                def client(i: int, m: str, b: list[Any], lock: threading.Lock = lock) -> None:
+                    result = one(daemon, i, m, args.max_tokens)
                     with lock:
                         b.append(result)
 
                 threads = [
-                    threading.Thread(target=client, args=(100 * r + k, constrained, batch))
+                    threading.Thread(target=client, args=(100 * r + k, mode, batch))
                     for k in range(clients)
                 ]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
-                runs.setdefault((clients, constrained), []).append(batch)
+                runs.setdefault((clients, mode), []).append(batch)
     rows = []
-    for (clients, constrained), batches in sorted(runs.items()):
+    for (clients, mode), batches in sorted(
+        runs.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))
+    ):
         flat = [x for b in batches for x in b]
         agg = [
             sum(x["tokens"] for x in b) / (max(x["end"] for x in b) - min(x["start"] for x in b))
@@ -135,7 +147,7 @@ def throughput(daemon: EdgeDaemon, args: argparse.Namespace) -> list[dict[str, A
         ]
         rows.append(
             {
-                "decoding": "json schema" if constrained else "free",
+                "decoding": mode,
                 "clients": clients,
                 "req_rate": mean([x["rate"] for x in flat]),
                 "agg_rate": mean(agg),
@@ -202,7 +214,7 @@ def main() -> None:
     daemon = EdgeDaemon(n_threads=args.threads, n_parallel=4, n_ctx=1024, max_queue=64)
     try:
         with daemon.http() as h:  # load it, and warm the grammar cache
-            one(daemon, 0, True, 16)
+            one(daemon, 0, "json schema", 16)
             h.get("/health")
         rows = throughput(daemon, args)
     finally:
@@ -219,7 +231,7 @@ def main() -> None:
                 ("agg_rate", "agg tok/s"),
                 ("agg_x", "agg ×free"),
                 ("tokens", "tokens/req"),
-                ("ttft_ms", "TTFT p50 ms"),
+                ("ttft_ms", "first byte p50 ms"),
             ],
         )
     )

@@ -286,6 +286,16 @@ def make_daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> I
 
 
 @pytest.fixture(scope="session")
+def wide_daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Daemon]:
+    """Six slots, for the tables that ask n=3 choices at a time: two such requests
+    decode side by side (six sequences a step go further than three on this CPU)."""
+    d = Daemon(tmp_path_factory.mktemp("wide"), model_file, n_parallel=6, max_queue=8).start()
+    yield d
+    if d.alive():
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[Daemon]:
     """One daemon shared by the API tests: n_ctx 1024, the default 4 slots, queue of 4."""
     d = Daemon(tmp_path_factory.mktemp("shared"), model_file).start()
