@@ -178,7 +178,7 @@ def compile_times(samples: int) -> list[dict[str, Any]]:
     cold, cached, parse = [], [], []
     model = llama_cpp.llama_model_load_from_file(
         str(model_file()).encode(),
-        llama_cpp.llama_model_params(vocab_only=True),  # type: ignore[call-arg]
+        llama_cpp.llama_model_params(vocab_only=True),
     )
     vocab = llama_cpp.llama_model_get_vocab(model)
     grammar = schema_grammar.to_grammar(ORDER)

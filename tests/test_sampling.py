@@ -103,8 +103,8 @@ def test_each_of_n_choices_is_what_its_own_request_with_its_seed_gives(daemon: D
     assert [c.message.content for c in three.choices] == alone
     assert len(set(alone)) > 1  # three seeds, not one answer thrice
     assert three.usage is not None and all(r.usage is not None for r in singles)
-    assert three.usage.prompt_tokens == singles[0].usage.prompt_tokens  # type: ignore[union-attr]
-    assert three.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)  # type: ignore[union-attr]
+    assert three.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    assert three.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)
     # streamed, the SDK's chunks reassemble per index to the same choices
     parts: dict[int, list[str]] = {0: [], 1: [], 2: []}
     finish: dict[int, str | None] = {}

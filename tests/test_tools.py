@@ -161,7 +161,7 @@ def test_every_call_names_a_declared_tool_and_validates(wide_daemon: Daemon) -> 
             for c in r.choices:
                 calls = [
                     (t.function.name, t.function.arguments) for t in c.message.tool_calls or []
-                ]  # type: ignore[union-attr]
+                ]
                 problems = [p for n, a in calls if (p := _valid(n, a, {name}))]
                 with lock:
                     checked += 1
@@ -191,7 +191,7 @@ def test_auto_answers_in_text_or_valid_calls_and_a_loop_completes(daemon: Daemon
         c = r.choices[0]
         if c.finish_reason == "tool_calls":
             for t in c.message.tool_calls or []:
-                assert _valid(t.function.name, t.function.arguments, names) is None  # type: ignore[union-attr]
+                assert _valid(t.function.name, t.function.arguments, names) is None
         else:
             assert c.finish_reason in ("stop", "length") and c.message.tool_calls is None
             assert c.message.content
@@ -347,8 +347,8 @@ def test_langchain_instructor_and_pydantic_ai_use_the_tools(daemon: Daemon) -> N
         return "sunny"
 
     message = chat.bind_tools([get_weather], tool_choice="required").invoke("Weather in Oslo?")
-    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"  # type: ignore[attr-defined]
-    assert isinstance(message.tool_calls[0]["args"]["city"], str)  # type: ignore[attr-defined]
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
     booking = chat.with_structured_output(Booking, method="function_calling").invoke(
         "Book room 12 for two guests with breakfast."
     )
