@@ -1,7 +1,7 @@
 """Constrained decoding against free decoding, and what a schema costs to compile.
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/structured.py          # about 7 minutes on 2 cores
+    .venv/bin/python bench/structured.py          # about 4 minutes on 2 cores
 
 One daemon (the default model, 2 threads, 4 slots), the same chat prompts asked
 three ways in alternating rounds: free; under a medium JSON schema (an order: a
