@@ -68,6 +68,27 @@ def _toml(value: Any) -> str:
     return str(value)
 
 
+def in_threads(ask: Callable[[list[int]], None], cases: int, threads: int) -> list[str]:
+    """``ask`` over ``range(cases)`` split among ``threads`` threads (interleaved);
+    what any of them raised, as text (a thread's failure is the test's)."""
+    raised: list[str] = []
+
+    def run(chunk: list[int]) -> None:
+        try:
+            ask(chunk)
+        except Exception as exc:
+            raised.append(repr(exc))
+
+    started = [
+        threading.Thread(target=run, args=(list(range(k, cases, threads)),)) for k in range(threads)
+    ]
+    for t in started:
+        t.start()
+    for t in started:
+        t.join()
+    return raised
+
+
 def alone_and_beside(
     ask: Callable[[dict[str, Any]], Any], mine: dict[str, Any], neighbours: list[dict[str, Any]]
 ) -> tuple[Any, Any, list[Any]]:

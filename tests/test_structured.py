@@ -24,7 +24,7 @@ from edgellm.errors import InvalidRequest
 from edgellm.runtime.llama import ranges, schema_grammar
 from edgellm.runtime.types import GenerationRequest
 
-from conftest import MODEL, Daemon, alone_and_beside
+from conftest import MODEL, Daemon, alone_and_beside, in_threads
 
 ASK = [{"role": "user", "content": "Describe a small order from a shop as JSON."}]
 
@@ -428,13 +428,6 @@ def test_every_answer_validates_across_schemas_and_seeds(wide_daemon: Daemon) ->
     checked = 0
     lock = threading.Lock()
 
-    def run(chunk: list[int]) -> None:
-        try:
-            ask(chunk)
-        except Exception as exc:  # a thread's failure is the test's
-            with lock:
-                failures.append(repr(exc))
-
     def ask(chunk: list[int]) -> None:
         nonlocal checked
         sdk = wide_daemon.openai()
@@ -469,13 +462,7 @@ def test_every_answer_validates_across_schemas_and_seeds(wide_daemon: Daemon) ->
                     if problem:
                         failures.append(f"schema {i} seed {seed}: {problem}: {text!r}")
 
-    threads = [
-        threading.Thread(target=run, args=(list(range(k, len(SCHEMAS), 2)),)) for k in range(2)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    failures += in_threads(ask, len(SCHEMAS), 2)
     assert failures == [] and checked == 3 * len(SCHEMAS)
 
 

@@ -17,7 +17,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from conftest import MODEL, Daemon, alone_and_beside
+from conftest import MODEL, Daemon, alone_and_beside, in_threads
 
 ASK = [{"role": "user", "content": "Plan my day in Oslo: check the weather first."}]
 
@@ -131,13 +131,6 @@ def test_every_call_names_a_declared_tool_and_validates(wide_daemon: Daemon) -> 
     checked = 0
     lock = threading.Lock()
 
-    def run(cases: list[int]) -> None:
-        try:
-            ask(cases)
-        except Exception as exc:  # a thread's failure is the test's
-            with lock:
-                failures.append(repr(exc))
-
     def ask(cases: list[int]) -> None:
         nonlocal checked
         sdk = wide_daemon.openai()
@@ -170,13 +163,7 @@ def test_every_call_names_a_declared_tool_and_validates(wide_daemon: Daemon) -> 
                             f"{name} choice {c.index}: {c.finish_reason} {calls} {problems}"
                         )
 
-    threads = [
-        threading.Thread(target=run, args=(list(range(k, len(TOOLS), 2)),)) for k in range(2)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    failures += in_threads(ask, len(TOOLS), 2)
     assert failures == [] and checked == 3 * len(TOOLS)
 
 
