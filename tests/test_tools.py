@@ -185,7 +185,12 @@ def test_auto_answers_in_text_or_valid_calls_and_a_loop_completes(daemon: Daemon
     # the loop: a call, its result, then the answer
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Oslo?"}]
     first = sdk.chat.completions.create(
-        model=MODEL, messages=messages, tools=weather, tool_choice="required", max_tokens=60
+        model=MODEL,
+        messages=messages,
+        tools=weather,
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,  # the whole conversation seeded: the same loop every run
     )
     call = (first.choices[0].message.tool_calls or [])[0]
     messages += [
