@@ -304,7 +304,7 @@ def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path, tmp_
     error and keeps decoding its neighbour."""
     from edgellm.config import load_settings
     from edgellm.runtime.manager import Runtime
-    from edgellm.runtime.types import Failed, Finished, GenerationRequest
+    from edgellm.runtime.types import Failed, Finished, GenerationRequest, Sampling
     from edgellm.vault.open import open_vault
 
     settings = load_settings(
@@ -329,7 +329,11 @@ def test_the_engine_fails_a_request_it_cannot_start_alone(model_file: Path, tmp_
         rt.load(MODEL)
         rt.submit(
             GenerationRequest(
-                model=MODEL, prompt="Once upon a time", max_tokens=40, sink=sink("good")
+                model=MODEL,
+                prompt="Once upon a time",
+                max_tokens=40,
+                sampling=Sampling(ignore_eos=True),  # unseeded, it could end before 40
+                sink=sink("good"),
             )
         )
         rt.submit(
