@@ -55,6 +55,9 @@ class ModelSettings(BaseModel):
     keep_alive: float | None = None
     # longest a chat template may take to render one request (seconds)
     template_timeout: float | None = Field(default=None, gt=0, le=60)
+    # how tools reach the model: its template's own syntax if edgellm knows it, else
+    # the generic format ("auto"); or one of them by name (tool_format.py)
+    tool_format: Literal["auto", "generic", "hermes"] | None = None
     # ONNX models (onnxruntime)
     providers: list[str] | None = None  # execution providers, in order of preference
     graph_optimization: Literal["disable", "basic", "extended", "all"] | None = None

@@ -261,3 +261,50 @@ def test_the_signed_head_catches_what_the_chain_cannot(tmp_path: Any) -> None:
     assert "altered" in log.verify()["problem"]
     head.unlink()
     assert "missing" in log.verify()["problem"]
+
+
+def test_a_log_from_before_the_tool_columns_verifies_and_the_new_rows_cover_them(
+    tmp_path: Any,
+) -> None:
+    """A log written before tools_offered and tools_called existed gains the columns
+    when opened; its rows verify as they were written, a new row's MAC covers them,
+    and setting or clearing either on any row is detected."""
+    import sqlite3
+
+    from edgellm.vault import audit
+
+    path = tmp_path / "audit.db"
+    old = AuditLog(path, key=b"k" * 32)
+    old._conn.execute("ALTER TABLE audit DROP COLUMN tools_offered")
+    old._conn.execute("ALTER TABLE audit DROP COLUMN tools_called")
+    later, audit.LATER_FIELDS = audit.LATER_FIELDS, ()
+    try:  # as an older edgellm wrote it
+        old.append(action="models.use", decision="allow")
+    finally:
+        audit.LATER_FIELDS = later
+        old._conn.close()
+    log = AuditLog(path, key=b"k" * 32)
+    log.append(action="models.use", decision="outcome", tools_offered="a,b", tools_called="b")
+    log.append(action="models.use", decision="outcome")
+    rows = log.rows()
+    assert [(r["tools_offered"], r["tools_called"]) for r in rows] == [
+        (None, None),
+        ("a,b", "b"),
+        (None, None),
+    ]
+    assert log.verify()["ok"] is True
+    log._conn.close()
+    for seq, column, value in [
+        (2, "tools_called", "a"),
+        (2, "tools_called", None),
+        (1, "tools_offered", "x"),
+    ]:
+        with sqlite3.connect(path) as conn:
+            before = conn.execute(f"SELECT {column} FROM audit WHERE seq = ?", (seq,)).fetchone()[0]
+            conn.execute(f"UPDATE audit SET {column} = ? WHERE seq = ?", (value, seq))
+        check = AuditLog(path, key=b"k" * 32)
+        result = check.verify()
+        check._conn.close()
+        assert result["ok"] is False and result["first_bad"] == seq, (column, value)
+        with sqlite3.connect(path) as conn:
+            conn.execute(f"UPDATE audit SET {column} = ? WHERE seq = ?", (before, seq))

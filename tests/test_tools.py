@@ -8,7 +8,6 @@ pydantic-ai agent."""
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import httpx
@@ -122,49 +121,47 @@ def _valid(call_name: str, arguments: str, allowed: set[str]) -> str | None:
     return None
 
 
+def forced_call_problems(sdk: openai.OpenAI, model: str, i: int, seed: int) -> list[str]:
+    """TOOLS[i] forced, as n=3 choices: odd tools offered with another and named, the
+    answer streamed; even ones alone, "required". What is wrong with each choice's call."""
+    tool = TOOLS[i]
+    name = tool["function"]["name"]
+    named = {"type": "function", "function": {"name": name}}
+    offered, choice = ([TOOLS[i - 1], tool], named) if i % 2 else ([tool], "required")
+    args: dict[str, Any] = dict(
+        model=model, messages=ASK, tools=offered, tool_choice=choice, max_tokens=120, n=3
+    )
+    if i % 2:
+        with sdk.chat.completions.stream(seed=seed, **args) as s:
+            for _ in s:
+                pass
+            r = s.get_final_completion()
+    else:
+        r = sdk.chat.completions.create(seed=seed, **args)
+    assert len(r.choices) == 3
+    problems = []
+    for c in r.choices:
+        calls = [(t.function.name, t.function.arguments) for t in c.message.tool_calls or []]
+        wrong = [p for n, a in calls if (p := _valid(n, a, {name}))]
+        if c.finish_reason != "tool_calls" or len(calls) != 1 or wrong:
+            problems.append(f"{name} choice {c.index}: {c.finish_reason} {calls} {wrong}")
+    return problems
+
+
 def test_every_call_names_a_declared_tool_and_validates(wide_daemon: Daemon) -> None:
     """Fifteen tools, each forced in turn (by name beside another, or "required" alone),
     three seeds each as n=3 choices, every other tool streamed; two requests at a time
     in the daemon's six slots."""
     assert len(TOOLS) >= 15
     failures: list[str] = []
-    checked = 0
-    lock = threading.Lock()
 
     def ask(cases: list[int]) -> None:
-        nonlocal checked
         sdk = wide_daemon.openai()
         for i in cases:
-            tool = TOOLS[i]
-            name = tool["function"]["name"]
-            # odd tools: offered with another, this one named; even: alone, "required"
-            named = {"type": "function", "function": {"name": name}}
-            offered, choice = ([TOOLS[i - 1], tool], named) if i % 2 else ([tool], "required")
-            args: dict[str, Any] = dict(
-                model=MODEL, messages=ASK, tools=offered, tool_choice=choice, max_tokens=120, n=3
-            )
-            if i % 2:
-                with sdk.chat.completions.stream(seed=3 * i, **args) as s:
-                    for _ in s:
-                        pass
-                    r = s.get_final_completion()
-            else:
-                r = sdk.chat.completions.create(seed=3 * i, **args)
-            assert len(r.choices) == 3
-            for c in r.choices:
-                calls = [
-                    (t.function.name, t.function.arguments) for t in c.message.tool_calls or []
-                ]
-                problems = [p for n, a in calls if (p := _valid(n, a, {name}))]
-                with lock:
-                    checked += 1
-                    if c.finish_reason != "tool_calls" or len(calls) != 1 or problems:
-                        failures.append(
-                            f"{name} choice {c.index}: {c.finish_reason} {calls} {problems}"
-                        )
+            failures.extend(forced_call_problems(sdk, MODEL, i, seed=3 * i))
 
     failures += in_threads(ask, len(TOOLS), 2)
-    assert failures == [] and checked == 3 * len(TOOLS)
+    assert failures == []
 
 
 def test_auto_answers_in_text_or_valid_calls_and_a_loop_completes(daemon: Daemon) -> None:
@@ -184,15 +181,26 @@ def test_auto_answers_in_text_or_valid_calls_and_a_loop_completes(daemon: Daemon
             assert c.message.content
     # the loop: a call, its result, then the answer
     messages: list[Any] = [{"role": "user", "content": "What is the weather in Oslo?"}]
-    first = sdk.chat.completions.create(
+    raw = sdk.chat.completions.with_raw_response.create(
         model=MODEL,
         messages=messages,
-        tools=weather,
-        tool_choice="required",
+        tools=[*weather, TOOLS[1]],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=60,
         temperature=0,  # the whole conversation seeded: the same loop every run
     )
+    first = raw.parse()
     call = (first.choices[0].message.tool_calls or [])[0]
+    # the audit rows name the tools offered and called, never their arguments
+    with daemon.http() as h:
+        rid = raw.headers["X-Request-Id"]
+        rows = [r for r in h.get("/api/audit").json()["rows"] if r["request_id"] == rid]
+        assert h.get("/api/audit/verify").json()["ok"] is True
+    assert [(r["decision"], r["tools_offered"], r["tools_called"]) for r in rows] == [
+        ("allow", "get_weather,add", None),
+        ("outcome", "get_weather,add", "get_weather"),
+    ]
+    assert "Oslo" not in str(rows)
     messages += [
         first.choices[0].message,
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"},

@@ -157,6 +157,8 @@ def _audit_line(r: dict[str, Any]) -> str:
     )
     extra = f" status={r['status']}" if r.get("status") is not None else ""
     finish = f" finish={r['finish_reason']}" if r.get("finish_reason") else ""
+    if r.get("tools_offered") is not None:
+        finish += f" tools={r['tools_offered']} called={r.get('tools_called') or '-'}"
     return (
         f"{r['seq']:>6} {r['time']} {r['decision']:<7} {r['action'] or '-':<18} "
         f"{r['resource'] or '-'} user={r['user'] or '-'} uid={r['uid']} pid={r['pid']}"

@@ -252,6 +252,8 @@ def read_gguf_metadata(
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
     n_head_kv = int(get("attention.head_count_kv", n_head) or n_head)
     head_dim = int(get("attention.key_length", 0) or (n_embd // n_head if n_head else 0))
+    from edgellm.runtime.llama.tool_format import template_syntax
+
     file_type = kv.get("general.file_type")
     return {
         "architecture": arch,
@@ -266,6 +268,7 @@ def read_gguf_metadata(
         "has_chat_template": isinstance(template := kv.get("tokenizer.chat_template"), str),
         # a template that renders a ``tools`` variable offers the model its tools
         "template_tools": isinstance(template, str) and "tools" in template,
+        "tool_syntax": template_syntax(template) if isinstance(template, str) else "",
         "general_name": kv.get("general.name", ""),
         "license": kv.get("general.license", ""),
     }

@@ -45,6 +45,7 @@ class ModelRecord:
     n_vocab: int = 0
     has_chat_template: bool = False
     template_tools: bool = False  # the chat template renders tools
+    tool_syntax: str = ""  # the template's own tool-call syntax ("hermes"), if edgellm knows it
     license: str = ""
     source: str = ""
     added: str = ""

@@ -182,11 +182,14 @@ class Request:
 class Constraint:
     """What decoding must follow: a llama.cpp grammar (GBNF), and what the finished text
     is checked against: ``schema`` (a JSON Schema), ``json_object`` (any object), or
-    neither (a plain grammar)."""
+    neither (a plain grammar). With ``trigger``, the grammar is lazy: text is free
+    until the model writes ``trigger``, and the grammar holds from there on (llama.cpp's
+    lazy grammar; a tool call begun in a template's own syntax)."""
 
     grammar: str
     schema: dict[str, Any] | None = None
     json_object: bool = False
+    trigger: str | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,7 @@ class ToolUse:
     tools: tuple[Tool, ...]
     choice: str = "auto"
     parallel: bool = False  # several calls in one answer
+    format: str = "generic"  # how the model is told of them and calls them (tool_format.py)
 
 
 @dataclass

@@ -189,7 +189,7 @@ def capabilities(record: ModelRecord) -> list[str]:
     return [
         "completion",
         *(["chat"] if record.has_chat_template else []),
-        *(["tools"] if record.has_chat_template else []),  # the generic format, any template
+        *(["tools"] if record.has_chat_template else []),  # any template: generic at least
         "json_schema",
         "grammar",
         "logprobs",
@@ -203,14 +203,20 @@ def model_view(st: State, record: ModelRecord) -> dict[str, Any]:
     view = {**record.as_dict(), "capabilities": capabilities(record)}
     if record.format != "onnx":
         view["n_ctx"] = st.settings.for_model(record.name).context_for(record.context_length)
-        # how tools reach the model: edgellm's generic format (tool_format.py); the
-        # template's own tool syntax (template_tools) is not used yet
-        view["tool_format"] = "generic" if record.has_chat_template else None
+        view["tool_format"] = tool_format_of(st, record)
     return {
         **view,
         "state": st.runtime.model_state(record.name),
         "default": record.name == st.settings.default_model,
     }
+
+
+def tool_format_of(st: State, record: ModelRecord) -> str | None:
+    """How tools reach the model (tool_format.py): its setting, else its template's."""
+    from edgellm.runtime.llama.tool_format import format_for
+
+    setting = st.settings.for_model(record.name).tool_format
+    return format_for(setting, record.tool_syntax, record.has_chat_template)
 
 
 def visible_record(request: web.Request, name: str) -> Any:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +26,7 @@ from edgellm.runtime.types import (
     ToolCallDelta,
     ToolUse,
 )
-from edgellm.server.context import STATE, State, read_json
+from edgellm.server.context import STATE, State, read_json, tool_format_of
 from edgellm.server.pipeline import Events, serve
 from edgellm.server.routes import Audit, RouteTable
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
@@ -95,6 +96,15 @@ async def _held(gen: GenerationRequest, texts: list[str], calls: Calls, finished
         await asyncio.get_running_loop().run_in_executor(
             None, _hold_constraint, gen, texts, calls, finished
         )
+
+
+def _tool_format(state: State, model: str) -> str:
+    """The model's tool format; an unknown model's request fails where it is submitted."""
+    try:
+        record = state.store.get(model)
+    except EdgeError:
+        return "generic"
+    return tool_format_of(state, record) or "generic"
 
 
 def _add_call(calls: dict[int, dict[str, Any]], part: ToolCallDelta) -> None:
@@ -171,14 +181,18 @@ async def _generate(
     state: State = request.app[STATE]
     loop = asyncio.get_running_loop()
 
+    model = body.model or state.settings.default_model
+
     def prepare() -> tuple[ToolUse | None, Constraint | None]:
         tools = body.tool_use() if chat else None
+        if tools is not None:
+            tools = replace(tools, format=_tool_format(state, model))
         return tools, body.constraint(tools)
 
     # checking and compiling a schema is CPU work (cached afterwards): off the loop
     tools, constraint = await loop.run_in_executor(None, prepare)
     gen = GenerationRequest(
-        model=body.model or state.settings.default_model,
+        model=model,
         prompt=prompt,
         messages=messages,
         max_tokens=body.limit(),

@@ -59,6 +59,7 @@ class Events:
         self.ended = False  # a terminal event arrived: nothing to cancel
         self.status = 499  # the outcome row's status until the job ends otherwise
         self.finish_reason = "cancelled"
+        self.called: list[str] = []  # the tools called, by name, for the outcome row
 
     def sink_for(self, loop: asyncio.AbstractEventLoop) -> Sink:
         """Where the engine thread puts the job's events: onto this loop."""
@@ -80,6 +81,8 @@ class Events:
             self.ended, self.status, self.finish_reason = True, 200, event.finish_reason
         elif isinstance(event, Result):
             self.ended, self.status, self.finish_reason = True, 200, "stop"
+        elif isinstance(event, ToolCallDelta) and event.name:
+            self.called.append(event.name)
         return event
 
     async def start(self) -> Event:
@@ -109,6 +112,13 @@ class Events:
                 yield event
             if isinstance(event, TERMINAL):
                 return
+
+
+def tools_offered(job: Request) -> str | None:
+    """The audit rows' ``tools_offered``: the tools' names (None: none offered)."""
+    if isinstance(job, GenerationRequest) and job.tools is not None:
+        return ",".join(t.name for t in job.tools.tools)
+    return None
 
 
 def prompt_text(job: Request) -> str | None:
@@ -146,6 +156,7 @@ async def serve(
         resource=job.model,
         decision="allow",
         prompt_hmac=prompt_hmac,
+        tools_offered=tools_offered(job),
     )
     allow = asyncio.ensure_future(st.write_audit(row))
     if not overlap_audit:
@@ -174,6 +185,8 @@ async def serve(
             latency_ms=round((time.monotonic() - job.started) * 1000, 1),
             finish_reason=events.finish_reason,
             prompt_hmac=prompt_hmac,
+            tools_offered=tools_offered(job),
+            tools_called=",".join(events.called) if tools_offered(job) is not None else None,
         )
         try:
             if overlap_audit:  # after the answer, in the next group commit

@@ -190,10 +190,10 @@ class _Generation(BaseModel):
                     "tools cannot be combined with grammar or a JSON response_format",
                     param="grammar" if self.grammar is not None else "response_format",
                 )
-            grammar = tool_format.grammar(tools)
-            if grammar is not None and self.ignore_eos:
+            held = tool_format.constraint(tools)
+            if held is not None and self.ignore_eos:
                 raise InvalidRequest("ignore_eos cannot be combined with tools", param="ignore_eos")
-            return None if grammar is None else Constraint(grammar=grammar)
+            return held
 
         constrained = self.grammar is not None or (
             self.response_format is not None and self.response_format.type != "text"

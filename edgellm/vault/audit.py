@@ -46,6 +46,13 @@ FIELDS = (
     "finish_reason",
     "prompt_hmac",
 )
+# columns added since: a row's MAC covers those it has (not NULL), so rows written
+# before a column existed verify as they were written, and setting or clearing the
+# column on any row breaks its MAC
+LATER_FIELDS = (
+    "tools_offered",  # the tools a generation offered, by name (comma-separated)
+    "tools_called",  # those it called, in order (names only, never arguments)
+)
 GENESIS = b"\x00" * 32
 log = logging.getLogger("edgellm.vault")
 
@@ -83,9 +90,11 @@ def _escaped_bytes(text: str) -> bool:
 
 
 def canonical(row: dict[str, Any]) -> bytes:
-    return json.dumps(
-        [row.get(f) for f in FIELDS], separators=(",", ":"), ensure_ascii=False
-    ).encode()
+    values: list[Any] = [row.get(f) for f in FIELDS]
+    later = {f: row[f] for f in LATER_FIELDS if row.get(f) is not None}
+    if later:
+        values.append(later)
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def chain_mac(key: bytes, previous: bytes, row: dict[str, Any]) -> bytes:
@@ -149,7 +158,7 @@ class AuditLog:
         self._pending_lock = threading.Lock()
         self._pending: list[_Pending] = []  # rows waiting for the next commit
         if "audit" not in self.db.table_names():
-            columns: dict[str, Any] = {f: str for f in FIELDS}
+            columns: dict[str, Any] = {f: str for f in FIELDS + LATER_FIELDS}
             columns.update(
                 seq=int,
                 uid=int,
@@ -161,6 +170,10 @@ class AuditLog:
                 mac=str,
             )
             self.db.table("audit").create(columns, pk="seq")
+        audit = self.db.table("audit")
+        for f in LATER_FIELDS:  # a log from before the column: its rows keep NULL
+            if f not in audit.columns_dict:
+                audit.add_column(f, str)
         if "checkpoint" not in self.db.table_names():
             self.db.table("checkpoint").create(
                 {"id": int, "seq": int, "mac": str, "time": str, "pruned": int, "sig": str}, pk="id"
@@ -318,7 +331,7 @@ class AuditLog:
                 rows, written = [], []
                 for pending in batch:
                     try:  # one row that cannot be made fails alone, never its neighbours
-                        row = {f: clean(pending.fields.get(f)) for f in FIELDS}
+                        row = {f: clean(pending.fields.get(f)) for f in FIELDS + LATER_FIELDS}
                         row.update(seq=seq + 1, time=stamp)
                         mac = chain_mac(key, previous, row)
                     except Exception as exc:

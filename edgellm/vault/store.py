@@ -410,6 +410,7 @@ class VaultStore:
                         "n_vocab",
                         "has_chat_template",
                         "template_tools",
+                        "tool_syntax",
                         "quantization",
                         "license",
                     )

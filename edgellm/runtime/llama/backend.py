@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from edgellm.config import ModelSettings
 from edgellm.errors import InvalidRequest, ModelLoadFailed
 from edgellm.runtime.llama.chat_template import TemplateRenderer
-from edgellm.runtime.llama.grammar_sampler import GrammarSampler
+from edgellm.runtime.llama.grammar_sampler import GrammarSampler, Trigger
 from edgellm.runtime.types import Sampling, TokenLogprob
 
 log = logging.getLogger("edgellm.engine")
@@ -150,7 +151,10 @@ class LlamaBackend:
 
     # --- text ----------------------------------------------------------------------
     def prompt_tokens(
-        self, prompt: str | None, messages: list[dict[str, Any]] | None
+        self,
+        prompt: str | None,
+        messages: list[dict[str, Any]] | None,
+        template_vars: dict[str, Any] | None = None,
     ) -> tuple[list[int], list[str]]:
         if messages is None:
             return self.model.tokenize((prompt or "").encode(), True, True), []
@@ -159,7 +163,7 @@ class LlamaBackend:
             raise InvalidRequest(f"{why}; use /v1/completions", param="model")
         # bounded in time, memory and output, in a worker (chat_template.py); raises
         # InvalidRequest for a template that rejects the messages or overruns
-        prompt = self.render(messages)
+        prompt = self.render(messages, **(template_vars or {}))
         tokens = self.model.tokenize(prompt.encode(), False, True)
         return tokens, [self._eos_text] if self._eos_text else []
 
@@ -197,12 +201,12 @@ class LlamaBackend:
                 param=param,
             )
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt the chat template makes of ``messages``."""
+    def render(self, messages: list[dict[str, Any]], **template_vars: Any) -> str:
+        """The prompt the chat template makes of ``messages`` (and, say, ``tools``)."""
         if self.chat is None:
             why = getattr(self, "_template_problem", "this model has no chat template")
             raise InvalidRequest(why, param="model")
-        return self.chat.render(messages)
+        return self.chat.render(messages, **template_vars)
 
     def is_eog(self, token: int) -> bool:
         return bool(self._c.llama_vocab_is_eog(self.vocab, token))
@@ -236,19 +240,35 @@ class LlamaBackend:
         self._c.llama_set_n_threads(self.ctx.ctx, n, n)
 
     def sampler(
-        self, p: Sampling, seed: int, grammar: str | None = None, penalty_window: int = 64
+        self,
+        p: Sampling,
+        seed: int,
+        grammar: str | None = None,
+        penalty_window: int = 64,
+        trigger: str | None = None,
     ) -> Any:
         """One request's sampler chain: penalties and biases on the logits, then greedy
         or the truncations and a seeded draw; with a grammar, the grammar beside it
-        (grammar_sampler.py), which every token must pass."""
+        (grammar_sampler.py), which every token must pass — with a ``trigger``, every
+        token from the one that completes the trigger's text on."""
         from llama_cpp._internals import LlamaSampler
 
         self.check_tokens(p.logit_bias, "logit_bias")
         bias = {t: float("-inf") if b <= -100 else b for t, b in p.logit_bias.items()}
-        g = None
+        g, lazy = None, None
         if grammar is not None:
             _errors.clear()
-            g = self._c.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if trigger is None:
+                g = self._c.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            else:
+                lazy = Trigger(trigger, lambda t: self._piece(t, special=True))
+                # the pattern is matched against all the text so far (^…$ in either
+                # llama.cpp's old or new reading); the grammar starts at the group
+                pattern = f"^[\\s\\S]*?({re.escape(trigger)})[\\s\\S]*$".encode()
+                patterns = (ctypes.c_char_p * 1)(pattern)
+                g = self._c.llama_sampler_init_grammar_lazy_patterns(
+                    self.vocab, grammar.encode(), b"root", patterns, 1, None, 0
+                )
             if not g:
                 raise InvalidRequest(
                     f"the grammar does not compile: {_reason('llama.cpp refused it')}",
@@ -260,7 +280,7 @@ class LlamaBackend:
             return chain
         transform, select = LlamaSampler(), LlamaSampler()
         self._add_samplers(p, seed, bias, penalty_window, transform, select)
-        return GrammarSampler(self._c, transform, select, g, self.n_vocab)
+        return GrammarSampler(self._c, transform, select, g, self.n_vocab, lazy)
 
     def _add_samplers(
         self,

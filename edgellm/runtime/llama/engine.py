@@ -41,7 +41,6 @@ from edgellm.runtime.llama import tool_format
 from edgellm.runtime.llama.backend import LlamaBackend
 from edgellm.runtime.llama.slots import Run, Slot, reusable
 from edgellm.runtime.llama.text import StopMatcher
-from edgellm.runtime.llama.tool_format import ToolCallParser
 from edgellm.runtime.source import ModelRecord
 from edgellm.runtime.types import (
     Delta,
@@ -52,6 +51,7 @@ from edgellm.runtime.types import (
     Result,
     TextRequest,
     TokenLogprob,
+    ToolCallDelta,
     Usage,
 )
 
@@ -278,9 +278,10 @@ class LlamaEngine(EngineThread):
         llm = self._llm
         assert llm is not None
         messages, use = request.messages, request.tools
-        if use is not None and messages is not None:  # the tools, in the generic format
-            messages = tool_format.prompt_messages(messages, use)
-        tokens, template_stops = llm.prompt_tokens(request.prompt, messages)
+        template_vars: dict[str, Any] = {}
+        if use is not None and messages is not None:  # the tools, in the model's format
+            messages, template_vars = tool_format.prompt(messages, use)
+        tokens, template_stops = llm.prompt_tokens(request.prompt, messages, template_vars)
         n = len(tokens)
         if n >= self.n_ctx:
             raise ContextOverflow(
@@ -301,12 +302,14 @@ class LlamaEngine(EngineThread):
         chosen = [lead, *[s for s in free if s is not lead][: request.n - 1]]
         p = request.sampling
         seed = p.seed if p.seed is not None else random.getrandbits(32)
-        grammar = request.constraint.grammar if request.constraint is not None else None
+        constraint = request.constraint
+        grammar = constraint.grammar if constraint is not None else None
+        trigger = constraint.trigger if constraint is not None else None
         # before any slot changes: a bad grammar or token id fails here
         samplers = []
         try:
             for choice in range(request.n):  # choice i draws with seed + i
-                samplers.append(llm.sampler(p, seed + choice, grammar, penalty_window=self.n_ctx))
+                samplers.append(llm.sampler(p, seed + choice, grammar, self.n_ctx, trigger=trigger))
         except Exception:
             for made in samplers:
                 made.close()
@@ -332,7 +335,7 @@ class LlamaEngine(EngineThread):
             slot.max_tokens = room if request.max_tokens is None else min(request.max_tokens, room)
             slot.sampler = sampler
             slot.stops = StopMatcher(list(request.stop) + template_stops)
-            slot.tool_calls = ToolCallParser() if use and use.choice != "none" else None
+            slot.tool_calls = tool_format.parser(use) if use is not None else None
             slot.admitted = now
         request.state, request.prompt_tokens = "running", n
         self.last_progress = time.monotonic()
@@ -463,13 +466,17 @@ class LlamaEngine(EngineThread):
             logprobs = slot.let_out(len(text.encode()), stopped, final)
         if slot.tool_calls is not None:  # the answer object, as text and calls
             for part in slot.tool_calls.feed(text):
-                if isinstance(part, str):
-                    slot.request.emit(Delta(part, slot.choice))
-                else:
-                    part.choice = slot.choice
-                    slot.request.emit(part)
+                self._deliver(slot, part)
         elif text or logprobs:
             slot.request.emit(Delta(text, slot.choice, logprobs))
+
+    def _deliver(self, slot: Slot, part: str | ToolCallDelta) -> None:
+        assert slot.request is not None
+        if isinstance(part, str):
+            slot.request.emit(Delta(part, slot.choice))
+        else:
+            part.choice = slot.choice
+            slot.request.emit(part)
 
     def _end(self, slot: Slot, reason: FinishReason) -> None:
         """One choice ended; the request ends with its last choice."""
@@ -478,6 +485,9 @@ class LlamaEngine(EngineThread):
             return
         if reason != "stop" and slot.stops is not None:
             self._emit(slot, slot.stops.flush(), final=True)
+        if slot.tool_calls is not None:  # text it held in case a call began there
+            for part in slot.tool_calls.flush():
+                self._deliver(slot, part)
         if reason == "stop" and slot.tool_calls is not None and slot.tool_calls.calls:
             reason = "tool_calls"
         run.reasons[slot.choice] = reason

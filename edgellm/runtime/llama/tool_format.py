@@ -27,9 +27,9 @@ from typing import Any
 
 from edgellm.errors import InvalidRequest
 from edgellm.runtime.llama import schema_grammar
-from edgellm.runtime.types import ToolCallDelta, ToolUse
+from edgellm.runtime.types import Constraint, ToolCallDelta, ToolUse
 
-FORMAT = "generic"
+FORMATS = ("generic", "hermes")  # hermes: tool_hermes.py
 
 
 def _rebased(node: Any, prefix: str) -> Any:
@@ -64,12 +64,20 @@ def _call_schema(tool: Any, n: int, defs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def answer_schema(use: ToolUse) -> dict[str, Any]:
-    """The JSON Schema of the answer the model must give."""
+def call_schema(use: ToolUse) -> dict[str, Any]:
+    """The JSON Schema of one call, ``{"name": …, "arguments": …}``, of a tool the
+    request lets the model call; the tools' definitions in its ``$defs``."""
     tools = [t for t in use.tools if use.choice in ("auto", "required", t.name)]
     defs: dict[str, Any] = {}
     each = [_call_schema(t, n, defs) for n, t in enumerate(tools)]
-    items = each[0] if len(each) == 1 else {"anyOf": each}
+    one = each[0] if len(each) == 1 else {"anyOf": each}
+    return {**one, "$defs": defs} if defs else one
+
+
+def answer_schema(use: ToolUse) -> dict[str, Any]:
+    """The JSON Schema of the answer the model must give."""
+    items = call_schema(use)
+    defs = items.pop("$defs", None)
     calls: dict[str, Any] = {"type": "array", "items": items, "minItems": 1}
     if not use.parallel or use.choice not in ("auto", "required"):  # a named tool: once
         calls["maxItems"] = 1
@@ -90,12 +98,16 @@ def answer_schema(use: ToolUse) -> dict[str, Any]:
     return {"anyOf": [envelope, response], **({"$defs": defs} if defs else {})}
 
 
-def grammar(use: ToolUse) -> str | None:
-    """The grammar the answer follows (None for ``tool_choice: "none"``): each tool's
-    parameters are checked first, so a keyword edgellm cannot hold is a 400 naming
+def check_parameters(use: ToolUse) -> None:
+    """Each tool's parameters, checked: a keyword edgellm cannot hold is a 400 naming
     the tool's field (``tools[1].function.parameters.properties.x.not``)."""
     for i, tool in enumerate(use.tools):
         schema_grammar.check(tool.parameters, f"tools[{i}].function.parameters")
+
+
+def grammar(use: ToolUse) -> str | None:
+    """The grammar the answer follows (None for ``tool_choice: "none"``)."""
+    check_parameters(use)
     if use.choice == "none":
         return None
     return schema_grammar.to_grammar(answer_schema(use), "tools")
@@ -133,46 +145,62 @@ def _instructions(use: ToolUse) -> str:
     return head + f"Call {which} now, answering with one JSON object: {call}"
 
 
-def prompt_messages(messages: list[dict[str, Any]], use: ToolUse) -> list[dict[str, Any]]:
-    """The conversation as the model's template sees it: the tools described in the
-    system message, earlier calls and their results written in the format."""
+def checked_history(
+    messages: list[dict[str, Any]], use: ToolUse
+) -> list[tuple[dict[str, Any], list[tuple[str, str, Any]], str | None]]:
+    """Each message with its tool calls read — (id, name, arguments) — and, for a
+    ``tool`` message, the name of the tool it answers; InvalidRequest naming the
+    field where a call names an undeclared tool, its arguments are not JSON, or a
+    result answers no earlier call. Every format writes the history from this."""
     names = {t.name for t in use.tools}
     called: dict[str, str] = {}  # tool_call_id -> the tool's name
-    out: list[dict[str, Any]] = []
+    out: list[tuple[dict[str, Any], list[tuple[str, str, Any]], str | None]] = []
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") or []
         if calls and m["role"] != "assistant":
             raise InvalidRequest(
                 "only assistant messages carry tool_calls", param=f"messages[{i}].tool_calls"
             )
-        if calls:
-            written = []
-            for j, call in enumerate(calls):
-                name = call["name"]
-                if name not in names:
-                    raise InvalidRequest(
-                        f"messages[{i}] calls {name!r}, which is not among the request's tools",
-                        param=f"messages[{i}].tool_calls[{j}].function.name",
-                    )
-                try:
-                    arguments = json.loads(call["arguments"] or "{}")
-                except ValueError:
-                    raise InvalidRequest(
-                        f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
-                        param=f"messages[{i}].tool_calls[{j}].function.arguments",
-                    ) from None
-                called[call["id"]] = name
-                written.append({"name": name, "arguments": arguments})
-            out.append({"role": "assistant", "content": json.dumps({"tool_calls": written})})
-        elif m["role"] == "tool":
-            name = called.get(m.get("tool_call_id") or "")
-            if name is None:
+        read = []
+        for j, call in enumerate(calls):
+            name = call["name"]
+            if name not in names:
+                raise InvalidRequest(
+                    f"messages[{i}] calls {name!r}, which is not among the request's tools",
+                    param=f"messages[{i}].tool_calls[{j}].function.name",
+                )
+            try:
+                arguments = json.loads(call["arguments"] or "{}")
+            except ValueError:
+                raise InvalidRequest(
+                    f"messages[{i}].tool_calls[{j}].function.arguments is not JSON",
+                    param=f"messages[{i}].tool_calls[{j}].function.arguments",
+                ) from None
+            called[call["id"]] = name
+            read.append((call["id"], name, arguments))
+        answers = None
+        if m["role"] == "tool":
+            answers = called.get(m.get("tool_call_id") or "")
+            if answers is None:
                 raise InvalidRequest(
                     f"messages[{i}] answers tool call {m.get('tool_call_id')!r}, which no "
                     "earlier assistant message made",
                     param=f"messages[{i}].tool_call_id",
                 )
-            response = {"tool_response": {"name": name, "content": m["content"]}}
+        out.append((m, read, answers))
+    return out
+
+
+def prompt_messages(messages: list[dict[str, Any]], use: ToolUse) -> list[dict[str, Any]]:
+    """The conversation as the model's template sees it: the tools described in the
+    system message, earlier calls and their results written in the format."""
+    out: list[dict[str, Any]] = []
+    for m, calls, answers in checked_history(messages, use):
+        if calls:
+            written = [{"name": name, "arguments": arguments} for _, name, arguments in calls]
+            out.append({"role": "assistant", "content": json.dumps({"tool_calls": written})})
+        elif answers is not None:
+            response = {"tool_response": {"name": answers, "content": m["content"]}}
             out.append({"role": "user", "content": json.dumps(response)})
         else:
             out.append({"role": m["role"], "content": m["content"]})
@@ -211,7 +239,11 @@ class ToolCallParser:
     """The answer object, fed as it is decoded, out as text and ``ToolCallDelta``s.
 
     The grammar fixes its shape (name before arguments, at most one space between
-    tokens), so a cursor and two patterns follow it."""
+    tokens), so a cursor and two patterns follow it: ``opener`` up to a call's
+    arguments, ``closer`` after them (a format's own syntax swaps them)."""
+
+    opener = _CALL
+    closer = _CLOSE
 
     def __init__(self) -> None:
         self.buffer = ""
@@ -236,6 +268,10 @@ class ToolCallParser:
         else:
             self._tool_calls(out)
         return out
+
+    def flush(self) -> list[str | ToolCallDelta]:
+        """What is held at the end of the answer (nothing: the grammar ended it)."""
+        return []
 
     def _response(self, out: list[str | ToolCallDelta]) -> None:
         """The response string's text, unescaped, as far as complete escapes go."""
@@ -264,12 +300,12 @@ class ToolCallParser:
     def _tool_calls(self, out: list[str | ToolCallDelta]) -> None:
         while True:
             if self._await_close:  # the call's own object closes after its arguments
-                close = _CLOSE.match(self.buffer, self.pos)
+                close = self.closer.match(self.buffer, self.pos)
                 if close is None:
                     return
                 self.pos, self._await_close = close.end(), False
             if not self._in_arguments:
-                call = _CALL.match(self.buffer, self.pos)
+                call = self.opener.match(self.buffer, self.pos)
                 if call is None:
                     return
                 self.pos = call.end()
@@ -310,3 +346,54 @@ class ToolCallParser:
                     self._in_arguments = False
                     return i
         return i
+
+
+# --- the formats, by name --------------------------------------------------------------
+def template_syntax(template: str) -> str:
+    """The tool syntax a chat template speaks ("hermes"), or "" for none edgellm
+    knows: a template that renders ``tools`` and writes calls in ``<tool_call>``."""
+    return "hermes" if "tools" in template and "<tool_call>" in template else ""
+
+
+def format_for(setting: str | None, syntax: str, has_template: bool) -> str | None:
+    """The format a model's tool calls take: the per-model ``tool_format`` setting
+    unless it is "auto"; else its template's own syntax, else the generic format
+    (None: a model without a chat template takes no tools)."""
+    if not has_template:
+        return None
+    if setting and setting != "auto":
+        return setting
+    return syntax or "generic"
+
+
+def constraint(use: ToolUse) -> Constraint | None:
+    """The grammar the answer follows in the request's format, checked and compiled
+    (None for ``tool_choice: "none"``, where nothing is called)."""
+    if use.format == "hermes":
+        from edgellm.runtime.llama import tool_hermes
+
+        return tool_hermes.constraint(use)
+    compiled = grammar(use)
+    return None if compiled is None else Constraint(grammar=compiled)
+
+
+def prompt(
+    messages: list[dict[str, Any]], use: ToolUse
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages the chat template renders, and the variables it gets beside them."""
+    if use.format == "hermes":
+        from edgellm.runtime.llama import tool_hermes
+
+        return tool_hermes.prompt(messages, use)
+    return prompt_messages(messages, use), {}
+
+
+def parser(use: ToolUse) -> ToolCallParser | None:
+    """What reads the answer back into text and calls (None: nothing is called)."""
+    if use.choice == "none":
+        return None
+    if use.format == "hermes":
+        from edgellm.runtime.llama import tool_hermes
+
+        return tool_hermes.HermesParser()
+    return ToolCallParser()
