@@ -205,3 +205,36 @@ def test_a_token_that_would_overrun_the_trigger_is_never_chosen(model_file: Path
         sampler.close()
     finally:
         llm.close()
+
+
+def test_the_parser_reads_text_then_calls_however_the_text_is_cut() -> None:
+    """Text before the tag passes on (but for what may begin the tag), then each call's
+    id and name, then its arguments, as the generic format's; one character at a time
+    or all at once alike. And parallel calls compile into one grammar."""
+    from edgellm.runtime.llama.tool_hermes import HermesParser, constraint
+    from edgellm.runtime.types import Tool, ToolCallDelta, ToolUse
+
+    answer = (
+        'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": {"x": "}"}}}\n'
+        "</tool_call>"
+    )
+    for step in (1, 3, len(answer)):
+        parser = HermesParser()
+        parts = [p for i in range(0, len(answer), step) for p in parser.feed(answer[i : i + step])]
+        parts += parser.flush()
+        text = "".join(p for p in parts if isinstance(p, str))
+        calls: dict[int, list[str]] = {}
+        for p in parts:
+            if isinstance(p, ToolCallDelta):
+                calls.setdefault(p.index, []).append(p.name or p.arguments)
+        assert text == "Let me check. "
+        assert {i: (c[0], "".join(c[1:])) for i, c in calls.items()} == {
+            0: ("get_weather", '{"city": "Oslo"}'),
+            1: ("add", '{"a": 1, "b": {"x": "}"}}'),
+        }
+    plain = HermesParser()
+    assert plain.feed("No call <tool") == ["No call "] and plain.flush() == ["<tool"]
+    two = ToolUse((Tool("a"), Tool("b")), "required", parallel=True)
+    held = constraint(two)
+    assert held is not None and "(tool-call-ws tool-call)*" in held.grammar
