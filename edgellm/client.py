@@ -1,4 +1,6 @@
-"""The Python client of the edgellm socket.
+"""The Python client of the edgellm daemon: on its Unix socket, or at a URL with a
+token (``Client(url="https://device:8443", token="edg_…", ca_file=…)``, or
+``EDGELLM_URL`` / ``EDGELLM_TOKEN``).
 
     from edgellm.client import Client
     with Client() as c:
@@ -35,7 +37,12 @@ def resolve_socket(socket: str | os.PathLike[str] | None = None) -> Path:
     return load_settings().socket
 
 
-def _unavailable(sock: Path, exc: Exception) -> EdgeError:
+def _unavailable(sock: Path, exc: Exception, url: str | None = None) -> EdgeError:
+    if url is not None:
+        return DaemonUnavailable(
+            f"cannot reach the edgellm daemon at {url}: {exc or type(exc).__name__} "
+            "(is it listening there, with TLS if the URL is https?)"
+        )
     cause: Any = exc
     while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
@@ -88,14 +95,47 @@ def _gen_body(
 
 class Client:
     def __init__(
-        self, socket: str | os.PathLike[str] | None = None, timeout: float | None = 600.0
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        timeout: float | None = 600.0,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
+        """The socket, unless a URL is given (or, with no socket given, EDGELLM_URL);
+        ``token`` (or EDGELLM_TOKEN) is sent as the bearer token; ``ca_file`` verifies
+        a TLS daemon whose certificate no system CA signed."""
+        url = url or (None if socket else os.environ.get("EDGELLM_URL")) or None
+        token = token or os.environ.get("EDGELLM_TOKEN") or None
+        ca_file = ca_file or os.environ.get("EDGELLM_CA_FILE") or None
+        self._made: dict[str, Any] = {
+            "socket": socket,
+            "url": url,
+            "token": token,
+            "ca_file": ca_file,
+        }
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        timeouts = httpx.Timeout(timeout, connect=5.0)
+        self.url = url.rstrip("/") if url else None
+        if self.url is not None:
+            self.socket = Path(self.url)  # named in errors, as the socket would be
+            verify: Any = str(ca_file) if ca_file else True
+            self._http = httpx.Client(
+                base_url=self.url, headers=headers, timeout=timeouts, verify=verify
+            )
+            return
         self.socket = resolve_socket(socket)
         self._http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.socket)),
             base_url=BASE_URL,
-            timeout=httpx.Timeout(timeout, connect=5.0),
+            headers=headers,
+            timeout=timeouts,
         )
+
+    def like(self, timeout: float | None) -> Client:
+        """Another client to the same daemon, as this one reaches it, with ``timeout``."""
+        return Client(timeout=timeout, **self._made)
 
     def __enter__(self) -> Client:
         return self
@@ -110,7 +150,7 @@ class Client:
         try:
             response = self._http.request(method, path, **kw)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise _unavailable(self.socket, exc) from None
+            raise _unavailable(self.socket, exc, self.url) from None
         _raise_for(response)
         return response
 
@@ -250,8 +290,17 @@ class Client:
         }
         return self._json("POST", "/api/audit/prune", json=body)
 
-    def create_token(self, name: str) -> dict[str, str]:
-        return self._json("POST", "/api/access/tokens", json={"name": name})
+    def create_token(self, name: str, expires_in: float | str | None = None) -> dict[str, str]:
+        body: dict[str, Any] = {"name": name}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        return self._json("POST", "/api/access/tokens", json=body)
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/access/tokens")["tokens"]
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/api/access/tokens/{name}")
 
     # --- the vault -------------------------------------------------------------------
     def vault_status(self) -> dict[str, Any]:
@@ -307,7 +356,7 @@ class Client:
                     _raise_for(response)
                 yield from response.iter_bytes(1 << 20)
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise _unavailable(self.socket, exc) from None
+            raise _unavailable(self.socket, exc, self.url) from None
 
     def data_remove(self, name: str) -> dict[str, Any]:
         return self._json("DELETE", f"/api/data/{name}")
@@ -383,7 +432,7 @@ class ChatStream:
                     if text:
                         yield text
         except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
-            raise _unavailable(c.socket, exc) from None
+            raise _unavailable(c.socket, exc, c.url) from None
 
     def close(self) -> None:
         """Stop early: closing the connection makes the daemon cancel the generation."""

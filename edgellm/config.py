@@ -5,6 +5,7 @@ Unknown keys and bad values stop start-up with a message naming them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -12,18 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edgellm.errors import ConfigError
 
 APP = "edgellm"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from 300, "300", "30s", "5m", "1h" or "-1" (negative = forever)."""
+    """Seconds from 300, "300", "30s", "5m", "1h", "7d" or "-1" (negative = forever)."""
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, int | float):
@@ -32,7 +40,7 @@ def parse_duration(value: Any) -> float:
     if not match:
         raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '5m', '1h')")
     number, unit = float(match.group(1)), match.group(2) or "s"
-    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 
 
 class ModelSettings(BaseModel):
@@ -126,6 +134,36 @@ class GovernorSettings(BaseModel):
     )(lambda v: parse_duration(v))
 
 
+class Limits(BaseModel):
+    """What one principal holding a role may ask: requests at once, and requests in
+    any minute (0: no limit). Beyond either, 429 with Retry-After."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_in_flight: int = Field(default=0, ge=0)
+    per_minute: int = Field(default=0, ge=0)
+
+
+def listen_address(value: str) -> tuple[str, int]:
+    """``tcp://HOST:PORT`` (an IPv6 host in brackets) as (host, port)."""
+    if not value.startswith("tcp://"):
+        raise ValueError(f"{value!r} is not tcp://HOST:PORT (the Unix socket is `socket`)")
+    host, sep, port = value[6:].rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not tcp://HOST:PORT with a port from 1 to 65535")
+    return host, int(port)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
 def default_socket_path() -> Path:
     if os.environ.get("RUNTIME_DIRECTORY"):  # set by systemd's RuntimeDirectory=
         return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "edgellm.sock"
@@ -176,6 +214,19 @@ class Settings(BaseModel):
     idle_timeout: float = Field(default=60.0, gt=0)
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+
+    # the network (off unless listen names an address): every request needs a bearer
+    # token, or a client certificate under mutual TLS (tls_client_ca_file)
+    listen: list[str] = Field(default_factory=list)  # tcp://HOST:PORT, beside the socket
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # a non-loopback address without TLS is refused unless this says so plainly
+    allow_plaintext_network: bool = False
+    auth_failures_per_minute: int = Field(default=10, ge=1)  # from one address; then 429
+    # per principal, by role ("default": a principal none of whose roles is listed);
+    # a principal holding several roles gets the most generous of their limits
+    limits: dict[str, Limits] = Field(default_factory=dict)
 
     # the runtime
     max_queue: int = Field(default=16, ge=0)
@@ -238,6 +289,46 @@ class Settings(BaseModel):
     def _duration(cls, v: Any) -> Any:
         return parse_duration(v)
 
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, v: Any) -> Any:
+        items = [x for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+        if isinstance(items, list):
+            for item in items:
+                listen_address(str(item).strip())
+            return [str(x).strip() for x in items]
+        return v
+
+    @field_validator("limits")
+    @classmethod
+    def _limit_roles(cls, v: dict[str, Limits]) -> dict[str, Limits]:
+        from edgellm.vault.access import ROLES
+
+        for role in v:
+            if role != "default" and role not in ROLES:
+                raise ValueError(
+                    f"no role {role!r}: limits take {', '.join(sorted(ROLES))} or default"
+                )
+        return v
+
+    @model_validator(mode="after")
+    def _network(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.tls_cert_file is None and not self.allow_plaintext_network:
+            for item in self.listen:
+                host, _ = listen_address(item)
+                if not _loopback(host):
+                    raise ValueError(
+                        f"{item} is reachable from the network, and without TLS its tokens "
+                        "and prompts would cross it in the clear: set tls_cert_file and "
+                        "tls_key_file, listen on 127.0.0.1, or set "
+                        "allow_plaintext_network = true to accept that"
+                    )
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -265,7 +356,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name in ("config", "governor_trace", "failpoints"):
+        if name in ("config", "governor_trace", "failpoints", "url", "token", "ca_file"):
             continue  # read by their own components
         if name not in fields:
             raise ConfigError(f"unknown setting in environment: {key}")
@@ -301,6 +392,8 @@ def load_settings(
         return Settings(**merged)
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a rule across settings: its message names them
+            raise ConfigError(str(first["msg"]).removeprefix("Value error, ")) from None
         loc = ".".join(str(p) for p in first["loc"])
         where = source.get(str(first["loc"][0]), "settings")
         if first["type"] == "extra_forbidden":

@@ -65,6 +65,19 @@ class ContextOverflow(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class Unauthorized(EdgeError):
+    """No credentials this listener accepts: a network request without a valid bearer
+    token or client certificate (OpenAI's shape for a bad API key)."""
+
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class TooManyRequests(EdgeError):
+    """A principal over its limits, or an address after too many failed logins."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
 class PermissionDenied(EdgeError):
     status, type, code = 403, "permission_error", "permission_denied"
 

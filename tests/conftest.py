@@ -64,7 +64,11 @@ def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -143,6 +147,7 @@ class Daemon:
             lines += [f"{k} = {_toml(v)}" for k, v in overrides.items()]
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.url: str | None = None  # where its TCP listener is, when it has one
 
     @property
     def env(self) -> dict[str, str]:

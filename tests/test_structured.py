@@ -614,7 +614,9 @@ def test_greedy_under_a_grammar_is_greedy_over_what_the_grammar_allows(
 
     monkeypatch.setattr(grammar_sampler.GrammarSampler, "close", counted)
 
-    def plain(self: Any, p: Sampling, seed: int, grammar: str | None = None, **kw: Any) -> Any:
+    def plain(
+        self: Any, p: Sampling, seed: int, grammar: str | None = None, *_: Any, **kw: Any
+    ) -> Any:
         chain = LlamaSampler()
         g = self._c.llama_sampler_init_grammar(self.vocab, (grammar or "").encode(), b"root")
         self._c.llama_sampler_chain_add(chain.sampler, g)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import click
@@ -128,14 +129,52 @@ def access_whoami(socket: str | None, as_json: bool) -> None:
 
 @access.command("token")
 @click.argument("name")
+@click.option("--expires", help="Stop working after this long (e.g. 30d, 12h); default never.")
 @socket_option
 @friendly
-def access_token(name: str, socket: str | None) -> None:
-    """Create a bearer token NAME (shown once); grant roles to token:NAME."""
+def access_token(name: str, expires: str | None, socket: str | None) -> None:
+    """Create a bearer token NAME (shown once; replaces one of that name); grant roles
+    to token:NAME."""
     with client(socket) as c:
-        t = c.create_token(name)
+        t = c.create_token(name, expires)
     click.echo(t["token"])
     click.echo(f"grant it roles as {t['subject']}; send it as 'Authorization: Bearer …'", err=True)
+
+
+@access.command("tokens")
+@socket_option
+@json_option
+@friendly
+def access_tokens(socket: str | None, as_json: bool) -> None:
+    """The bearer tokens: names, when made, when they expire (never the tokens)."""
+    with client(socket) as c:
+        tokens = c.tokens()
+
+    def stamp(t: float | None) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"
+
+    emit(
+        tokens,
+        as_json,
+        lambda rows: table(
+            [
+                [r["name"], stamp(r["created"]), stamp(r["expires"]) if r["expires"] else "never"]
+                for r in rows
+            ],
+            ["NAME", "CREATED (UTC)", "EXPIRES (UTC)"],
+        ),
+    )
+
+
+@access.command("revoke-token")
+@click.argument("name")
+@socket_option
+@friendly
+def access_revoke_token(name: str, socket: str | None) -> None:
+    """Revoke the bearer token NAME: it stops working at once."""
+    with client(socket) as c:
+        c.revoke_token(name)
+    click.echo(f"revoked token {name}")
 
 
 # --- audit ------------------------------------------------------------------------------------

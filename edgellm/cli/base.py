@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -110,8 +111,27 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="edgellm")
-def main() -> None:
-    """edgellm: a self-contained LLM appliance, served over a Unix socket."""
+@click.option(
+    "--url",
+    envvar="EDGELLM_URL",
+    help="Reach the daemon at http(s)://HOST:PORT instead of its socket [env EDGELLM_URL].",
+)
+@click.option(
+    "--token", envvar="EDGELLM_TOKEN", help="The bearer token to send [env EDGELLM_TOKEN]."
+)
+@click.option(
+    "--ca-file",
+    envvar="EDGELLM_CA_FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A CA certificate (PEM) that verifies an https daemon [env EDGELLM_CA_FILE].",
+)
+def main(url: str | None, token: str | None, ca_file: str | None) -> None:
+    """edgellm: a self-contained LLM appliance, served over a Unix socket (and, opted
+    into, over TCP with TLS and tokens)."""
+    # every client this command makes (the TUI's too) reaches the daemon this way
+    for name, value in (("URL", url), ("TOKEN", token), ("CA_FILE", ca_file)):
+        if value:
+            os.environ[f"EDGELLM_{name}"] = value
 
 
 def ask_passphrase(prompt: str = "vault passphrase", new: bool = False) -> str:

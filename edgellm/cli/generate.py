@@ -45,6 +45,12 @@ from edgellm.cli.base import (
 )
 @click.option("--no-pull", is_flag=True, help="Do not fetch the default model if missing.")
 @click.option(
+    "--listen",
+    multiple=True,
+    help="Also listen on tcp://HOST:PORT (repeatable; callers need a bearer token, "
+    "and a non-loopback address needs TLS) [setting listen].",
+)
+@click.option(
     "--governor-trace",
     type=click.Path(exists=True, dir_okay=False),
     envvar="EDGELLM_GOVERNOR_TRACE",
@@ -59,6 +65,7 @@ def serve(
     default_model: str | None,
     log_level: str | None,
     no_pull: bool,
+    listen: tuple[str, ...],
     governor_trace: str | None,
 ) -> None:
     """Run the daemon in the foreground (Ctrl-C stops it cleanly)."""
@@ -77,6 +84,7 @@ def serve(
         "state_dir": state_dir,
         "default_model": default_model,
         "log_level": log_level.upper() if log_level else None,
+        "listen": list(listen) or None,
     }
     config = Path(config_file) if config_file else None
     settings = load_settings(config, flags)

@@ -18,10 +18,13 @@ from edgellm.errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    TooManyRequests,
+    Unauthorized,
 )
 from edgellm.server import native_routes, onnx_routes, openai_routes, text_routes, vault_routes
 from edgellm.server.context import METRICS, PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_text
 from edgellm.server.metrics import Metrics
+from edgellm.server.network import is_network
 from edgellm.server.peer import connection_peer
 from edgellm.server.routes import POLICIES, Audit, Policies, Policy
 from edgellm.vault.access import Principal, resolve
@@ -38,39 +41,54 @@ def error_response(exc: EdgeError, request_id: str | None = None) -> web.Respons
         headers["X-Request-Id"] = request_id
     if exc.retryable is False:  # the openai SDK retries 409 and 5xx unless told not to
         headers["x-should-retry"] = "false"
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer realm=edgellm"
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
-async def _record_denial(request: web.Request, exc: PermissionDenied) -> None:
+async def _record_denial(request: web.Request, exc: PermissionDenied | Unauthorized) -> None:
     try:
         await _state(request).record(
             request,
-            action=exc.param or "",
+            action=exc.param if isinstance(exc, PermissionDenied) else "authenticate",
             decision="deny",
-            status=403,
+            status=exc.status,
             resource=request.match_info.get("name") or request.path,
         )
     except EdgeError:
         log.error("event=audit_failed decision=deny path=%s", request.path)
 
 
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if not auth.startswith("Bearer "):
+        return None
+    token = auth[7:].strip()
+    if not token.isascii():  # aiohttp hands undecodable bytes on as surrogates
+        raise InvalidRequest(
+            "the Authorization header's bearer token is not ASCII; "
+            "tokens are edg_ followed by URL-safe characters",
+            param="Authorization",
+        )
+    return token
+
+
 def _identify(request: web.Request) -> Principal:
+    st = _state(request)
+    if is_network(request.transport):  # no kernel to ask: a token or a certificate
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        request[PRINCIPAL] = {"address": str(peer[0]) if isinstance(peer, tuple) else None}
+        principal = st.door.principal(request.transport, _bearer(request), st.access)
+        request[WHO] = principal
+        return principal
     creds = connection_peer(request.transport)
     request[PRINCIPAL] = creds
     principal = resolve(creds)
     request[WHO] = principal
-    auth = request.headers.get("Authorization", "")
-    policy = _state(request).access
-    if auth.startswith("Bearer ") and policy is not None:
-        token = auth[7:].strip()
-        if not token.isascii():  # aiohttp hands undecodable bytes on as surrogates
-            raise InvalidRequest(
-                "the Authorization header's bearer token is not ASCII; "
-                "tokens are edg_ followed by URL-safe characters",
-                param="Authorization",
-            )
-        # an unknown token adds nothing (the openai SDK always sends one)
-        principal.token = policy.token_name(token)
+    token = _bearer(request)
+    if token is not None and st.access is not None:
+        # on the socket an unknown token adds nothing (the openai SDK always sends one)
+        principal.token = st.access.token_name(token)
     return principal
 
 
@@ -87,6 +105,34 @@ def route_policy(request: web.Request) -> Policy | None:
         log.error("event=route_without_policy route=%r", where)
         raise PermissionDenied(f"{where} has no declared access policy; refused", param="policy")
     return policy
+
+
+async def _serve(
+    request: web.Request, handler: Handler, principal: Principal, policy: Policy | None, route: str
+) -> web.StreamResponse:
+    """The route's declared policy applied, then the route."""
+    st = _state(request)
+    if policy is not None and policy.permission is not None and st.access is not None:
+        resource = request.match_info.get(policy.scope) if policy.scope else None
+        st.access.require(principal, policy.permission, resource)
+    if policy is not None and policy.audit is Audit.BEFORE:
+        # recorded before it happens: no row, no action
+        await st.record(
+            request,
+            action=policy.permission or f"{request.method} {route}",
+            resource=request.match_info.get("name") or request.match_info.get("id") or route,
+            decision="allow",
+        )
+    response = await handler(request)
+    if policy is not None and policy.audit is Audit.PIPELINE and REQUEST_ID not in request:
+        # declared as a model's use, answered without the pipeline: no rows were
+        # written for it, so the answer is withheld (a bug of ours, never a 200)
+        log.error("event=route_skipped_pipeline route=%s", route)
+        if response.status < 400 and not response.prepared:
+            raise InternalError(f"{request.path} answered outside the request pipeline")
+    if REQUEST_ID in request and not response.prepared:  # every model use names its id
+        response.headers.setdefault("X-Request-Id", request[REQUEST_ID])
+    return response
 
 
 @web.middleware
@@ -106,26 +152,15 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         check_text({k: v for k, v in request.query.items()}, "query")
         policy = route_policy(request)
         st = _state(request)
-        if policy is not None and policy.permission is not None and st.access is not None:
-            resource = request.match_info.get(policy.scope) if policy.scope else None
-            st.access.require(principal, policy.permission, resource)
-        if policy is not None and policy.audit is Audit.BEFORE:
-            # recorded before it happens: no row, no action
-            await st.record(
-                request,
-                action=policy.permission or f"{request.method} {route}",
-                resource=request.match_info.get("name") or request.match_info.get("id") or route,
-                decision="allow",
-            )
-        response = await handler(request)
-        if policy is not None and policy.audit is Audit.PIPELINE and REQUEST_ID not in request:
-            # declared as a model's use, answered without the pipeline: no rows were
-            # written for it, so the answer is withheld (a bug of ours, never a 200)
-            log.error("event=route_skipped_pipeline route=%s", route)
-            if response.status < 400 and not response.prepared:
-                raise InternalError(f"{request.path} answered outside the request pipeline")
-        if REQUEST_ID in request and not response.prepared:  # every model use names its id
-            response.headers.setdefault("X-Request-Id", request[REQUEST_ID])
+        with st.limits.hold(principal):
+            response = await _serve(request, handler, principal, policy, route)
+    except Unauthorized as exc:
+        await _record_denial(request, exc)
+        response = error_response(exc)
+    except TooManyRequests as exc:
+        reason = "auth_failures" if exc.param == "Authorization" else exc.param or "limits"
+        metrics.refused.labels(reason).inc()
+        response = error_response(exc)
     except PermissionDenied as exc:
         await _record_denial(request, exc)
         response = error_response(exc, request.get(REQUEST_ID))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from edgellm.errors import (
 )
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelRecord
+from edgellm.server.limits import PrincipalLimits
 from edgellm.server.metrics import Metrics
+from edgellm.server.network import NetworkDoor
 from edgellm.vault.access import AccessPolicy, Principal
 from edgellm.vault.audit import AuditLog
 from edgellm.vault.store import VaultStore
@@ -53,6 +56,13 @@ class State:
     _unwritten: set[asyncio.Future[None]] = field(default_factory=set)
     _open: int = 0  # audited requests between their allow row and their outcome row
     _settled: asyncio.Event = field(default_factory=asyncio.Event)
+    door: NetworkDoor = field(init=False)  # who a network caller is (network.py)
+    limits: PrincipalLimits = field(init=False)  # per-principal limits (limits.py)
+    tls: ssl.SSLContext | None = None  # the network listeners' TLS, reloaded on SIGHUP
+
+    def __post_init__(self) -> None:
+        self.door = NetworkDoor(self.settings.auth_failures_per_minute)
+        self.limits = PrincipalLimits(self.settings.limits, self.store.access)
 
     def opened(self) -> None:
         self._open += 1
@@ -99,11 +109,14 @@ class State:
             raise VaultLocked()
         creds, who = request.get(PRINCIPAL, {}), request.get(WHO)
         user = (who.user if who else "") + (f"+token:{who.token}" if who and who.token else "")
+        if who and who.cert:
+            user += f"+cert:{who.cert}"
         return dict(
             uid=creds.get("uid"),
             pid=creds.get("pid"),
             user=user,
             exe=creds.get("exe", ""),
+            address=creds.get("address"),
             **fields,
         )
 

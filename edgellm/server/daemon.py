@@ -22,6 +22,7 @@ from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelStore
 from edgellm.server.app import build_app
 from edgellm.server.context import State
+from edgellm.server.limits import PrincipalLimits
 from edgellm.server.listener import (
     BadHttpLines,
     ConnectionGuard,
@@ -29,6 +30,7 @@ from edgellm.server.listener import (
     quiet_exhaustion,
     raise_file_limit,
 )
+from edgellm.server.network import bind_tcp, load_certificate, tls_context
 from edgellm.server.systemd import Notifier, Watchdog, listen_socket, watchdog_interval
 from edgellm.server.unix import bind_unix_socket, remove_socket
 from edgellm.vault.store import VaultStore
@@ -93,6 +95,9 @@ RESTART_ONLY = (
     "max_connections_per_peer",
     "header_timeout",
     "idle_timeout",
+    "listen",
+    "tls_client_ca_file",
+    "allow_plaintext_network",
 )
 
 
@@ -118,6 +123,7 @@ async def _serve(
     else:
         sock = bind_unix_socket(settings.socket, settings.socket_mode)
         inode = os.lstat(settings.socket).st_ino
+    network_sockets = [bind_tcp(address) for address in settings.listen]
     runtime = Runtime(settings, store)
     state = State(settings=settings, runtime=runtime, store=store)
     state.governor = start_governor(state)
@@ -137,17 +143,22 @@ async def _serve(
             log.warning('event=preload_skipped model=%s reason="the vault is locked"', name)
             continue
         await loop.run_in_executor(None, runtime.load, name, -1.0)
-    site = GuardedSockSite(
-        runner,
-        sock,
-        lambda server: ConnectionGuard(
+
+    def guard(server: web.Server) -> ConnectionGuard:
+        return ConnectionGuard(
             server,
             settings.max_connections,
             settings.max_connections_per_peer,
             settings.header_timeout,
-        ),
-    )
-    await site.start()
+        )
+
+    sites = [GuardedSockSite(runner, sock, guard)]
+    state.tls = tls_context(settings)
+    for address, tcp in zip(settings.listen, network_sockets, strict=True):
+        sites.append(GuardedSockSite(runner, tcp, guard, state.tls, settings.header_timeout))
+        log.info("event=listening address=%s tls=%s", address, state.tls is not None)
+    for site in sites:
+        await site.start()
 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -182,7 +193,8 @@ async def _serve(
     state.draining = True
     for task in tasks:
         task.cancel()
-    await site.stop()  # no new connections; open ones finish their requests
+    for site in sites:
+        await site.stop()  # no new connections; open ones finish their requests
     if state.governor is not None:
         state.governor.stop()
     await loop.run_in_executor(None, runtime.close, state.settings.shutdown_grace)
@@ -285,6 +297,14 @@ def _reload(state: State, reload: Callable[[], Settings], notifier: Notifier) ->
     for key in needs_restart:
         setattr(new, key, getattr(old, key))
     state.settings = state.runtime.settings = new
+    state.limits = PrincipalLimits(new.limits, state.access)
+    state.door.failures_per_minute = new.auth_failures_per_minute
+    if state.tls is not None:  # a renewed certificate, for new connections
+        try:
+            load_certificate(state.tls, new)
+            log.info("event=tls_certificate_reloaded file=%s", new.tls_cert_file)
+        except EdgeError as exc:
+            log.error("event=tls_reload_failed error=%s", exc.message)
     if state.governor is not None:  # new thresholds, at the next poll
         state.governor.settings = new.governor
         state.governor.policy.hold = new.governor.hold

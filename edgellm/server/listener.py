@@ -195,10 +195,16 @@ class GuardedSockSite(web.SockSite):
     """aiohttp's SockSite, serving through a ConnectionGuard."""
 
     def __init__(
-        self, runner: web.BaseRunner, sock: Any, guard: Callable[[web.Server], ConnectionGuard]
+        self,
+        runner: web.BaseRunner,
+        sock: Any,
+        guard: Callable[[web.Server], ConnectionGuard],
+        ssl_context: Any = None,
+        handshake_timeout: float | None = None,
     ) -> None:
-        super().__init__(runner, sock)
+        super().__init__(runner, sock, ssl_context=ssl_context)
         self._make_guard = guard
+        self._handshake_timeout = handshake_timeout if ssl_context is not None else None
         self.guard: ConnectionGuard | None = None
 
     async def start(self) -> None:
@@ -207,7 +213,11 @@ class GuardedSockSite(web.SockSite):
         assert server is not None
         self.guard = self._make_guard(server)
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard, sock=self._sock, backlog=self._backlog
+            self.guard,
+            sock=self._sock,
+            backlog=self._backlog,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout,
         )
 
 

@@ -133,6 +133,13 @@ class Metrics:
             ["route", "status"],
             registry=self.registry,
         )
+        self.refused = Counter(
+            "edgellm_rate_limited",
+            "Requests answered 429: a principal over max_in_flight or per_minute, or an "
+            "address after too many failed authentications.",
+            ["reason"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from edgellm.config import parse_duration
 from edgellm.errors import InvalidRequest, NotFound, VaultKeyError
 from edgellm.server.context import STATE, WHO, State, body_chunks, read_json
 from edgellm.server.routes import Audit, RouteTable
@@ -213,15 +214,42 @@ async def whoami(request: web.Request) -> web.Response:
 
 @route.post("/api/access/tokens", permission="access.manage")
 async def create_token(request: web.Request) -> web.Response:
-    """A bearer token for a service that shares a uid with others; shown once."""
+    """A bearer token (a service that shares a uid with others, or a caller on the
+    network); shown once. ``expires_in`` (seconds, or "30d"): when it stops working."""
     body = await read_json(request)
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequest('send {"name": …}: the token\'s name', param="name")
-    token = _state(request).access.create_token(name.strip())
+    unknown = set(body) - {"name", "expires_in"}
+    if unknown:
+        raise InvalidRequest(f"unknown field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
+    expires_in = None
+    if body.get("expires_in") is not None:
+        try:
+            expires_in = parse_duration(body["expires_in"])
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="expires_in") from None
+        if expires_in <= 0:
+            raise InvalidRequest("expires_in must be a positive duration", param="expires_in")
+    token = _state(request).access.create_token(name.strip(), expires_in)
     return web.json_response(
         {"name": name.strip(), "subject": f"token:{name.strip()}", "token": token}, status=201
     )
+
+
+@route.get("/api/access/tokens", permission="access.manage")
+async def list_tokens(request: web.Request) -> web.Response:
+    """The tokens by name, when made and until when (never the tokens themselves)."""
+    return web.json_response({"tokens": _state(request).access.tokens()})
+
+
+@route.delete("/api/access/tokens/{name}", permission="access.manage")
+async def revoke_token(request: web.Request) -> web.Response:
+    """The token stops working at once (its grants to token:NAME stay, for a new one)."""
+    name = request.match_info["name"]
+    if not _state(request).access.revoke_token(name):
+        raise NotFound(f"no token named {name!r}", param="name")
+    return web.json_response({"name": name, "revoked": True})
 
 
 @route.get("/api/access/grants", permission="access.manage")

@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Input, Select, Static
 
-from edgellm.client import ChatStream, Client
+from edgellm.client import ChatStream
 from edgellm.tui.data import problem
 from edgellm.tui.widgets import Pane
 
@@ -68,11 +68,10 @@ class Playground(Pane):
 
     @work(thread=True, exclusive=True, group="playground")
     def generate(self, prompt: str, model: str | None) -> None:
-        socket = self.edge.socket
         t0, first, pieces = time.monotonic(), None, 0
         self.edge.deliver(self._stats, "generating…")
         try:
-            with Client(socket, timeout=600) as client:
+            with self.edge.client.like(timeout=600) as client:
                 self.stream = client.chat(
                     [{"role": "user", "content": prompt}], model=model, stream=True
                 )

@@ -2,8 +2,10 @@
 
 A principal is what SO_PEERCRED says about the peer (uid, gid, pid), resolved to a
 user name and its groups; an optional bearer token adds a named identity for
-services that share a uid. Grants bind a subject (``user:NAME``, ``group:NAME``,
-``uid:N`` or ``token:NAME``) to a role within a scope: client grants to a model (or
+services that share a uid. On the network there is no uid: a bearer token, or the
+common name of a verified client certificate (``cert:NAME``), is the identity.
+Grants bind a subject (``user:NAME``, ``group:NAME``, ``uid:N``, ``token:NAME`` or
+``cert:NAME``) to a role within a scope: client grants to a model (or
 ``*``), data grants to a data object, or to a prefix of names when the scope ends in
 ``/`` or ``*`` (``docs/`` covers ``docs/a.txt``). root and the daemon's own user are
 admins; nobody else has anything until granted.
@@ -48,13 +50,14 @@ ROLES: dict[str, set[str]] = {
         "vault.verify",
     },
     "client": {"models.use", "models.list", "health.read"},
+    "scraper": {"metrics.read", "health.read"},  # a Prometheus: metrics and nothing else
     "data-reader": {"data.read", "health.read"},
     "data-writer": {"data.read", "data.write", "health.read"},
 }
 # permissions that hold only within the grant's scope (which model, which data)
 SCOPED = {"models.use", "data.read", "data.write"}
 SCOPED_ROLES = {"client", "data-reader", "data-writer"}
-SUBJECT_KINDS = ("user", "group", "uid", "token")
+SUBJECT_KINDS = ("user", "group", "uid", "token", "cert")
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Principal:
     user: str = ""
     groups: list[str] = field(default_factory=list)
     token: str | None = None  # the name of a valid bearer token, if one was presented
+    cert: str | None = None  # a verified client certificate's common name (mutual TLS)
+    address: str | None = None  # the network peer's address (None on the Unix socket)
 
     def subjects(self) -> list[str]:
         out = [f"uid:{self.uid}"] if self.uid is not None else []
@@ -73,7 +78,17 @@ class Principal:
         out += [f"group:{g}" for g in self.groups]
         if self.token:
             out.append(f"token:{self.token}")
+        if self.cert:
+            out.append(f"cert:{self.cert}")
         return out
+
+    def key(self) -> str:
+        """Whose limits a request counts against: its token, certificate, or user."""
+        if self.token:
+            return f"token:{self.token}"
+        if self.cert:
+            return f"cert:{self.cert}"
+        return f"user:{self.user}" if self.user else f"uid:{self.uid}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -83,6 +98,8 @@ class Principal:
             "user": self.user,
             "groups": self.groups,
             "token": self.token,
+            "cert": self.cert,
+            "address": self.address,
         }
 
 
@@ -148,6 +165,10 @@ class AccessPolicy:
                 db.table("grants").transform(rename={"model": "scope"})
             if "tokens" not in db.table_names():
                 db.table("tokens").create({"name": str, "hash": str}, pk="name")
+            tokens = db.table("tokens")
+            for column, kind in (("created", float), ("expires", float)):
+                if column not in tokens.columns_dict:  # from before expiry
+                    tokens.add_column(column, kind)
         self.daemon_uid = os.getuid()
 
     # --- grants ----------------------------------------------------------------------
@@ -179,19 +200,54 @@ class AccessPolicy:
             return list(self.db.table("grants").rows_where(order_by="subject, role, scope"))
 
     # --- tokens ------------------------------------------------------------------------
-    def create_token(self, name: str) -> str:
+    def create_token(self, name: str, expires_in: float | None = None) -> str:
+        """A new bearer token NAME (replacing any of that name), valid for
+        ``expires_in`` seconds (None: until revoked); only its hash is kept."""
         token = "edg_" + secrets.token_urlsafe(32)
+        now = time.time()
+        row = {
+            "name": name,
+            "hash": _hash(token),
+            "created": now,
+            "expires": None if expires_in is None else now + expires_in,
+        }
         with self._lock:
-            self.db.table("tokens").upsert({"name": name, "hash": _hash(token)}, pk="name")
+            self.db.table("tokens").upsert(row, pk="name")
         return token
 
-    def token_name(self, token: str | None) -> str | None:
+    def revoke_token(self, name: str) -> bool:
+        with self._lock:
+            found = self.db.table("tokens").count_where("name = ?", [name])
+            self.db.table("tokens").delete_where("name = ?", [name])
+        return bool(found)
+
+    def tokens(self) -> list[dict[str, Any]]:
+        """The tokens by name, when made and until when (never their hashes)."""
+        with self._lock:
+            rows = self.db.conn.execute(
+                "SELECT name, created, expires FROM tokens ORDER BY name"
+            ).fetchall()
+        return [{"name": n, "created": c, "expires": e} for n, c, e in rows]
+
+    def find_token(self, token: str | None) -> tuple[str | None, bool]:
+        """The name of the token presented and whether it has expired; (None, False)
+        for a token that is not (or no longer) one of ours. Every stored hash is
+        compared, in constant time, so the answer's timing tells nothing."""
         if not token:
-            return None
+            return None, False
         digest = _hash(token)
         with self._lock:
-            rows = self.db.conn.execute("SELECT name, hash FROM tokens").fetchall()
-        return next((name for name, h in rows if hmac.compare_digest(h, digest)), None)
+            rows = self.db.conn.execute("SELECT name, hash, expires FROM tokens").fetchall()
+        found = None
+        for name, h, expires in rows:
+            if hmac.compare_digest(h, digest):
+                found = (name, expires is not None and expires <= time.time())
+        return found or (None, False)
+
+    def token_name(self, token: str | None) -> str | None:
+        """The name of a valid (known, unexpired) token, else None."""
+        name, expired = self.find_token(token)
+        return None if expired else name
 
     # --- decisions -----------------------------------------------------------------------
     def roles(self, p: Principal) -> dict[str, set[str]]:

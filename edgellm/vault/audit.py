@@ -52,6 +52,7 @@ FIELDS = (
 LATER_FIELDS = (
     "tools_offered",  # the tools a generation offered, by name (comma-separated)
     "tools_called",  # those it called, in order (names only, never arguments)
+    "address",  # a network caller's address (none on the Unix socket)
 )
 GENESIS = b"\x00" * 32
 log = logging.getLogger("edgellm.vault")
