@@ -290,10 +290,14 @@ class Client:
         }
         return self._json("POST", "/api/audit/prune", json=body)
 
-    def create_token(self, name: str, expires_in: float | str | None = None) -> dict[str, str]:
+    def create_token(
+        self, name: str, expires_in: float | str | None = None, token: str | None = None
+    ) -> dict[str, str]:
         body: dict[str, Any] = {"name": name}
         if expires_in is not None:
             body["expires_in"] = expires_in
+        if token is not None:
+            body["token"] = token
         return self._json("POST", "/api/access/tokens", json=body)
 
     def tokens(self) -> list[dict[str, Any]]:

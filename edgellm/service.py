@@ -82,7 +82,13 @@ def default_exec() -> Path | None:
 
 
 def install_steps(
-    root: Path, exec_path: Path | None, prefix: Path, key_file: Path | None, gpu: bool, model: str
+    root: Path,
+    exec_path: Path | None,
+    prefix: Path,
+    key_file: Path | None,
+    gpu: bool,
+    model: str,
+    tcp: str | None = None,
 ) -> list[Step]:
     live = root == Path("/")
     steps: list[Step] = []
@@ -119,6 +125,22 @@ def install_steps(
                 ),
             )
         )
+    if tcp is not None:  # systemd binds it; the service keeps PrivateNetwork=yes
+        socket_unit = (templates / "edgellm-tcp.socket").read_text().replace("@ADDRESS@", tcp)
+        steps += [
+            Step(
+                f"write /{UNIT_DIR}/edgellm-tcp.socket (TCP on {tcp})",
+                _writer(root / UNIT_DIR / "edgellm-tcp.socket", socket_unit, 0o644),
+            ),
+            Step(
+                f"write /{UNIT_DIR}/edgellm.service.d/tcp.conf (the service takes it)",
+                _writer(
+                    root / UNIT_DIR / "edgellm.service.d/tcp.conf",
+                    (templates / "tcp.conf").read_text(),
+                    0o644,
+                ),
+            ),
+        ]
     steps.append(
         Step(
             "create the user edgellm and the group edgellm-clients (systemd-sysusers)",
@@ -285,17 +307,27 @@ def _ids(root: Path, user: str) -> tuple[int, int]:
     raise ServiceError(f"user {user} was not created in {root}/etc/passwd")
 
 
+TCP_UNIT = f"{UNIT_DIR}/edgellm-tcp.socket"
+
+
 def uninstall_steps(root: Path, purge: bool) -> list[Step]:
     live = root == Path("/")
     steps: list[Step] = []
     if live and systemd_running():
         steps.append(
             Step(
-                "stop and disable edgellm.service and edgellm.socket",
-                lambda: _run("systemctl", "disable", "--now", "edgellm.service", "edgellm.socket"),
+                "stop and disable edgellm.service and its sockets",
+                lambda: _run(
+                    "systemctl",
+                    "disable",
+                    "--now",
+                    "edgellm.service",
+                    "edgellm.socket",
+                    *(["edgellm-tcp.socket"] if (root / TCP_UNIT).exists() else []),
+                ),
             )
         )
-    targets = [*FILES.values(), f"{UNIT_DIR}/edgellm.service.d"]
+    targets = [*FILES.values(), TCP_UNIT, f"{UNIT_DIR}/edgellm.service.d"]
     for target in targets:
         if (root / target).exists():
             steps.append(Step(f"remove /{target}", _remover(root / target)))

@@ -5,6 +5,7 @@ openai SDK (plain and TLS) and Simon Willison's `llm` CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def prometheus(config: Path) -> Iterator[Callable[[str], list[Any]]]:
+    """A real Prometheus (Debian's) on ``config``, on a free loopback port, its data
+    beside the config; yields a query function (the result vector, [] until there)."""
+    port = free_port()
+    with open(config.with_suffix(".log"), "wb") as log:
+        prom = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={config.parent / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+    def query(expression: str) -> list[Any]:
+        try:
+            r = httpx.get(
+                f"http://127.0.0.1:{port}/api/v1/query", params={"query": expression}, timeout=2
+            )
+        except httpx.HTTPError:
+            return []
+        return list(r.json()["data"]["result"]) if r.is_success else []
+
+    try:
+        yield query
+    finally:
+        prom.terminate()
+        prom.wait(10)
 
 
 # --- certificates, made here -------------------------------------------------------------
@@ -332,3 +366,76 @@ def test_llm_cli_answers_through_the_listener(tcp: Daemon, tmp_path: Path) -> No
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_prometheus_scrapes_metrics_with_a_scraper_token(tcp: Daemon, tmp_path: Path) -> None:
+    """A real Prometheus (Debian's) scrapes /metrics over TCP with a token of the
+    metrics-only role; its HTTP API then has the daemon's generated-token counter."""
+    url = tcp.url
+    assert url is not None
+    token = _grant_token(tcp, "prometheus", role="scraper")
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n"
+        "scrape_configs:\n"
+        "  - job_name: edgellm\n"
+        "    authorization:\n"
+        f"      credentials_file: {tmp_path / 'token'}\n"
+        "    static_configs:\n"
+        f"      - targets: ['{url.removeprefix('http://')}']\n"
+    )
+    client = _grant_token(tcp, "before-scrape")
+    _sdk(url, client).chat.completions.create(model=MODEL, **CHAT)  # something to count
+    with prometheus(tmp_path / "prometheus.yml") as query:
+        counted = wait_for(lambda: query("llamacpp:tokens_predicted_total"), timeout=60)
+        assert float(counted[0]["value"][1]) > 0
+        assert query("up")[0]["value"][1] == "1"
+
+
+def test_a_tcp_socket_passed_in_serves_a_daemon_with_no_network(
+    tmp_path: Path, model_file: Path
+) -> None:
+    """As edgellm-tcp.socket does under systemd, with systemd's own
+    systemd-socket-activate: it binds the Unix socket and a TCP port, then the daemon
+    starts in a network namespace of its own (unshare --net, what PrivateNetwork=yes
+    makes), with no network but the sockets it was handed. A request over TCP, with a
+    token, is served."""
+    port = free_port()
+    d = Daemon(tmp_path, model_file)
+    command = [
+        "systemd-socket-activate",
+        "-l",
+        str(d.socket),
+        "-l",
+        f"127.0.0.1:{port}",
+        # its child gets only what it is given, as a service does
+        *[f"--setenv={k}" for k in d.env if k.startswith("EDGELLM_") or k in ("PATH", "HOME")],
+        "unshare",
+        "--net",
+        sys.executable,
+        "-m",
+        "edgellm",
+        "serve",
+        "--no-pull",
+    ]
+    d.socket.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.log, "ab") as log:
+        d.proc = subprocess.Popen(command, env=d.env, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: d.socket.exists() and _healthy(d), timeout=60, interval=0.2)
+        own = os.readlink(f"/proc/{d.proc.pid}/ns/net")
+        assert own != os.readlink("/proc/self/ns/net")  # a network namespace of its own
+        token = _grant_token(d, "activated")
+        r = _sdk(f"http://127.0.0.1:{port}", token).chat.completions.create(model=MODEL, **CHAT)
+        assert r.choices
+        assert "event=listening address=tcp://127.0.0.1:" in d.log_text()
+    finally:
+        d.stop()
+
+
+def _healthy(d: Daemon) -> bool:
+    try:
+        with d.client() as c:
+            return bool(c.health())
+    except Exception:
+        return False

@@ -302,11 +302,19 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
     dry = cli("install", "--root", str(root), "--exec", str(EDGELLM), "--dry-run")
     assert dry.returncode == 0 and "would write /etc/systemd/system/edgellm.service" in dry.stdout
     assert list(root.iterdir()) == []  # a dry run changes nothing
-    done = cli("install", "--root", str(root), "--exec", str(EDGELLM), "--gpu")
+    done = cli(
+        "install", "--root", str(root), "--exec", str(EDGELLM), "--gpu", "--tcp", "0.0.0.0:8443"
+    )
     assert done.returncode == 0, done.stderr
     unit = (root / "etc/systemd/system/edgellm.service").read_text()
     assert f"ExecStart={EDGELLM} serve" in unit
     assert (root / "etc/systemd/system/edgellm.service.d/gpu.conf").exists()
+    tcp = (root / "etc/systemd/system/edgellm-tcp.socket").read_text()
+    assert "ListenStream=0.0.0.0:8443" in tcp and "Service=edgellm.service" in tcp
+    assert (
+        "Sockets=edgellm.socket edgellm-tcp.socket"
+        in (root / "etc/systemd/system/edgellm.service.d/tcp.conf").read_text()
+    )
     assert "edgellm:" in (root / "etc/passwd").read_text()
     assert "edgellm-clients:" in (root / "etc/group").read_text()
     key = root / "etc/edgellm/vault.key"
@@ -337,6 +345,7 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
     assert "keep the existing vault key" in again.stdout and key.read_bytes()
     kept = cli("uninstall", "--root", str(root))
     assert kept.returncode == 0 and not (root / "etc/systemd/system/edgellm.service").exists()
+    assert not (root / "etc/systemd/system/edgellm-tcp.socket").exists()
     assert key.exists() and blobs.exists()
     purged = cli("uninstall", "--root", str(root), "--purge")
     assert purged.returncode == 0 and not key.exists() and not blobs.exists()

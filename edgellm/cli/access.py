@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -130,13 +131,21 @@ def access_whoami(socket: str | None, as_json: bool) -> None:
 @access.command("token")
 @click.argument("name")
 @click.option("--expires", help="Stop working after this long (e.g. 30d, 12h); default never.")
+@click.option(
+    "--value-from-stdin",
+    is_flag=True,
+    help="Take the token's value from stdin (the same token on every device of a fleet).",
+)
 @socket_option
 @friendly
-def access_token(name: str, expires: str | None, socket: str | None) -> None:
+def access_token(
+    name: str, expires: str | None, value_from_stdin: bool, socket: str | None
+) -> None:
     """Create a bearer token NAME (shown once; replaces one of that name); grant roles
     to token:NAME."""
+    value = sys.stdin.readline().strip() if value_from_stdin else None
     with client(socket) as c:
-        t = c.create_token(name, expires)
+        t = c.create_token(name, expires, value)
     click.echo(t["token"])
     click.echo(f"grant it roles as {t['subject']}; send it as 'Authorization: Bearer …'", err=True)
 

@@ -55,6 +55,12 @@ def _need_root(dry_run: bool) -> None:
 )
 @click.option("--gpu", is_flag=True, help="Let the service reach /dev/nvidia* and /dev/dri.")
 @click.option(
+    "--tcp",
+    metavar="ADDRESS",
+    help="Also serve on TCP (e.g. 0.0.0.0:8443) through edgellm-tcp.socket; callers need "
+    "tokens, and an address off loopback needs TLS in edgellm.toml.",
+)
+@click.option(
     "--model",
     default="smollm2-135m-instruct",
     show_default=True,
@@ -68,6 +74,7 @@ def service_install(
     prefix: str,
     key_file: str | None,
     gpu: bool,
+    tcp: str | None,
     model: str,
     dry_run: bool,
 ) -> None:
@@ -82,6 +89,7 @@ def service_install(
         Path(key_file) if key_file else None,
         gpu,
         model,
+        tcp,
     )
     run_steps(steps, dry_run, click.echo)
     if dry_run:
@@ -90,6 +98,7 @@ def service_install(
         click.echo(
             "systemd is not running here; once it is: systemctl daemon-reload && "
             "systemctl enable --now edgellm.socket edgellm.service"
+            + (" edgellm-tcp.socket" if tcp else "")
         )
     click.echo("clients must be in the edgellm-clients group: usermod -aG edgellm-clients USER")
 

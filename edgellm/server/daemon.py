@@ -30,8 +30,8 @@ from edgellm.server.listener import (
     quiet_exhaustion,
     raise_file_limit,
 )
-from edgellm.server.network import bind_tcp, load_certificate, tls_context
-from edgellm.server.systemd import Notifier, Watchdog, listen_socket, watchdog_interval
+from edgellm.server.network import activated_address, bind_tcp, load_certificate, tls_context
+from edgellm.server.systemd import Notifier, Watchdog, listen_sockets, watchdog_interval
 from edgellm.server.unix import bind_unix_socket, remove_socket
 from edgellm.vault.store import VaultStore
 
@@ -116,14 +116,15 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     notifier = Notifier()
-    activated = listen_socket()
+    activated, activated_tcp = listen_sockets()
     if activated is not None:
         sock, inode = activated, None  # systemd owns the socket file
         log.info("event=socket_activation socket=%s", sock.getsockname())
     else:
         sock = bind_unix_socket(settings.socket, settings.socket_mode)
         inode = os.lstat(settings.socket).st_ino
-    network_sockets = [bind_tcp(address) for address in settings.listen]
+    network = [(address, bind_tcp(address)) for address in settings.listen]
+    network += [(activated_address(s, settings), s) for s in activated_tcp]
     runtime = Runtime(settings, store)
     state = State(settings=settings, runtime=runtime, store=store)
     state.governor = start_governor(state)
@@ -154,7 +155,7 @@ async def _serve(
 
     sites = [GuardedSockSite(runner, sock, guard)]
     state.tls = tls_context(settings)
-    for address, tcp in zip(settings.listen, network_sockets, strict=True):
+    for address, tcp in network:
         sites.append(GuardedSockSite(runner, tcp, guard, state.tls, settings.header_timeout))
         log.info("event=listening address=%s tls=%s", address, state.tls is not None)
     for site in sites:

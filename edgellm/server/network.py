@@ -12,6 +12,7 @@ each failure is audited.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -36,6 +37,21 @@ def bind_tcp(address: str) -> socket.socket:
         raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
+
+def activated_address(sock: socket.socket, settings: Settings) -> str:
+    """A TCP socket systemd passed in, as tcp://HOST:PORT; ConfigError if it is off
+    loopback and would serve without TLS (the same rule as ``listen``)."""
+    host, port = sock.getsockname()[:2]
+    address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    plaintext = settings.tls_cert_file is None and not settings.allow_plaintext_network
+    if plaintext and not ipaddress.ip_address(host).is_loopback:
+        raise ConfigError(
+            f"systemd passed a TCP socket on {address}, reachable from the network, "
+            "and without TLS its tokens and prompts would cross it in the clear: set "
+            "tls_cert_file and tls_key_file, or allow_plaintext_network = true"
+        )
+    return address
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

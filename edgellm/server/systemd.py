@@ -20,26 +20,38 @@ log = logging.getLogger("edgellm.systemd")
 SD_LISTEN_FDS_START = 3
 
 
-def listen_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
-    """The socket systemd passed us, or None. Consumes the variables, as
+def listen_sockets(
+    environ: dict[str, str] | None = None,
+) -> tuple[socket.socket | None, list[socket.socket]]:
+    """The sockets systemd passed us: the Unix socket (or None) and any TCP ones (an
+    edgellm-tcp.socket beside edgellm.socket; they reach a service that has no network
+    of its own, PrivateNetwork=yes). Consumes the variables, as
     sd_listen_fds(unset_environment=1) does, so children do not inherit them."""
     env = os.environ if environ is None else environ
     try:
         pid, count = int(env.get("LISTEN_PID", "0")), int(env.get("LISTEN_FDS", "0"))
     except ValueError:
-        return None
+        return None, []
     if pid != os.getpid() or count < 1:
-        return None
+        return None, []
     for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         env.pop(key, None)
-    if count > 1:
-        log.warning("event=socket_activation fds=%d using=first", count)
-    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise OSError("the socket systemd passed (fd 3) is not a Unix stream socket")
-    os.set_inheritable(sock.fileno(), False)
-    sock.setblocking(False)
-    return sock
+    unix, tcp = None, []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        sock.setblocking(False)
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(f"the socket systemd passed as fd {fd} is not a stream socket")
+        if sock.family == socket.AF_UNIX and unix is None:
+            unix = sock
+        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            tcp.append(sock)
+        else:
+            raise OSError(
+                f"the socket systemd passed as fd {fd} is neither TCP nor the one Unix socket"
+            )
+    return unix, tcp
 
 
 class Notifier:

@@ -220,7 +220,7 @@ async def create_token(request: web.Request) -> web.Response:
     name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name.strip():
         raise InvalidRequest('send {"name": …}: the token\'s name', param="name")
-    unknown = set(body) - {"name", "expires_in"}
+    unknown = set(body) - {"name", "expires_in", "token"}
     if unknown:
         raise InvalidRequest(f"unknown field {sorted(unknown)[0]!r}", param=sorted(unknown)[0])
     expires_in = None
@@ -231,7 +231,10 @@ async def create_token(request: web.Request) -> web.Response:
             raise InvalidRequest(str(exc), param="expires_in") from None
         if expires_in <= 0:
             raise InvalidRequest("expires_in must be a positive duration", param="expires_in")
-    token = _state(request).access.create_token(name.strip(), expires_in)
+    given = body.get("token")
+    if given is not None and not isinstance(given, str):
+        raise InvalidRequest("token is a string (edg_…)", param="token")
+    token = _state(request).access.create_token(name.strip(), expires_in, given)
     return web.json_response(
         {"name": name.strip(), "subject": f"token:{name.strip()}", "token": token}, status=201
     )

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import pwd
+import re
 import secrets
 import threading
 import time
@@ -58,6 +59,7 @@ ROLES: dict[str, set[str]] = {
 SCOPED = {"models.use", "data.read", "data.write"}
 SCOPED_ROLES = {"client", "data-reader", "data-writer"}
 SUBJECT_KINDS = ("user", "group", "uid", "token", "cert")
+TOKEN_SHAPE = re.compile(r"edg_[A-Za-z0-9_-]{32,256}")
 
 
 @dataclass
@@ -200,10 +202,21 @@ class AccessPolicy:
             return list(self.db.table("grants").rows_where(order_by="subject, role, scope"))
 
     # --- tokens ------------------------------------------------------------------------
-    def create_token(self, name: str, expires_in: float | None = None) -> str:
+    def create_token(
+        self, name: str, expires_in: float | None = None, token: str | None = None
+    ) -> str:
         """A new bearer token NAME (replacing any of that name), valid for
-        ``expires_in`` seconds (None: until revoked); only its hash is kept."""
-        token = "edg_" + secrets.token_urlsafe(32)
+        ``expires_in`` seconds (None: until revoked); only its hash is kept. ``token``
+        sets its value (the same token on every device of a fleet): ``edg_`` and at
+        least 32 URL-safe characters, as edgellm makes them."""
+        if token is None:
+            token = "edg_" + secrets.token_urlsafe(32)
+        elif not TOKEN_SHAPE.fullmatch(token):
+            raise InvalidRequest(
+                "a token is edg_ followed by at least 32 URL-safe characters "
+                "(letters, digits, - and _); make one with `edgellm access token`",
+                param="token",
+            )
         now = time.time()
         row = {
             "name": name,
