@@ -105,8 +105,12 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
         worker = threading.Thread(target=generate)
         worker.start()
         await pilot.press("3")
-        running = await until(pilot, lambda: rows(app, "#requests-table"))
-        assert running[0][2] == MODEL and running[0][3] == "running"
+        # (it may show as queued for a moment before a slot takes it)
+        running = await until(
+            pilot,
+            lambda: (r := rows(app, "#requests-table")) and r[0][3] == "running" and r,
+        )
+        assert running[0][2] == MODEL
         await pilot.press("c")
         worker.join(30)
         assert long_job["reply"]["choices"][0]["finish_reason"] == "cancelled"

@@ -226,6 +226,7 @@ class GenerationRequest(Request):
     tools: ToolUse | None = None  # its constraint (if any) is the calls' grammar
     n: int = 1  # choices, each in its own slot, sharing the prompt's KV
     logprobs: int | None = None  # None: none; k: each token's, and the k likeliest
+    n_ctx: int | None = None  # a smaller context than the model's, for this request
 
 
 @dataclass

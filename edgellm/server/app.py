@@ -21,7 +21,15 @@ from edgellm.errors import (
     TooManyRequests,
     Unauthorized,
 )
-from edgellm.server import native_routes, onnx_routes, openai_routes, text_routes, vault_routes
+from edgellm.server import (
+    native_routes,
+    ollama_models,
+    ollama_routes,
+    onnx_routes,
+    openai_routes,
+    text_routes,
+    vault_routes,
+)
 from edgellm.server.context import METRICS, PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_text
 from edgellm.server.metrics import Metrics
 from edgellm.server.network import is_network
@@ -33,7 +41,9 @@ log = logging.getLogger("edgellm.server")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: EdgeError, request_id: str | None = None) -> web.Response:
+def _error_response(
+    exc: EdgeError, request_id: str | None = None, ollama: bool = False
+) -> web.Response:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after)))
@@ -43,7 +53,12 @@ def error_response(exc: EdgeError, request_id: str | None = None) -> web.Respons
         headers["x-should-retry"] = "false"
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer realm=edgellm"
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+    # Ollama's clients read {"error": "…"}: the same message, in their dialect's shape
+    body = {"error": exc.message} if ollama else exc.body()
+    return web.json_response(body, status=exc.status, headers=headers)
+
+
+error_response = _error_response  # as other modules answer errors (OpenAI's shape)
 
 
 async def _record_denial(request: web.Request, exc: PermissionDenied | Unauthorized) -> None:
@@ -144,6 +159,13 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         else "unmatched"
     )
     t0 = time.monotonic()
+    ollama = request.path == ollama_routes.PREFIX or request.path.startswith(
+        ollama_routes.PREFIX + "/"
+    )
+
+    def error_response(exc: EdgeError, request_id: str | None = None) -> web.Response:
+        return _error_response(exc, request_id, ollama)
+
     try:
         principal = _identify(request)
         # a path or query that is not Unicode text (percent-encoded stray bytes or lone
@@ -223,6 +245,8 @@ ROUTE_TABLES = [
     text_routes.route,
     vault_routes.route,
     onnx_routes.route,
+    ollama_routes.route,
+    ollama_models.route,
 ]
 
 

@@ -232,6 +232,16 @@ def tool_format_of(st: State, record: ModelRecord) -> str | None:
     return format_for(setting, record.tool_syntax, record.has_chat_template)
 
 
+def tool_format_for(st: State, model: str) -> str:
+    """A model's tool format by name; an unknown model's request fails where it is
+    submitted, so it gets the generic format here."""
+    try:
+        record = st.store.get(model)
+    except EdgeError:
+        return "generic"
+    return tool_format_of(st, record) or "generic"
+
+
 def visible_record(request: web.Request, name: str) -> Any:
     """A model's record, or ModelNotFound (the same answer) when the caller may not see it."""
     if not may_see(request, name):

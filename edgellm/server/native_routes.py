@@ -143,8 +143,14 @@ async def import_model(request: web.Request) -> web.Response:
 
 @route.delete("/api/models/{name}", permission="models.manage")
 async def remove_model(request: web.Request) -> web.Response:
-    st = _state(request)
     name = request.match_info["name"]
+    await remove(request, name)
+    return web.json_response({"name": name, "removed": True})
+
+
+async def remove(request: web.Request, name: str) -> None:
+    """Unload (unless it is serving) and remove a model from the vault."""
+    st = _state(request)
     st.store.get(name)
     if st.runtime.model_state(name) != "available":
         status = st.runtime.status(name)
@@ -152,7 +158,6 @@ async def remove_model(request: web.Request) -> web.Response:
             raise Conflict(f"model {name} is serving requests; cancel them first")
         await asyncio.get_running_loop().run_in_executor(None, st.runtime.unload, name)
     st.store.remove(name)
-    return web.json_response({"name": name, "removed": True})
 
 
 def _sees_all_requests(request: web.Request, permission: str) -> bool:

@@ -80,6 +80,24 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run) -> Resul
         return await events.result()
 
 
+def embedding_record(st: State, name: str, dimensions: int | None) -> ModelRecord:
+    """An embedding model's record, or a 400 naming why it cannot embed as asked."""
+    record = _onnx_record(st, name)
+    if "embedding" not in record.extra:
+        raise InvalidRequest(
+            f"{name} is not an embedding model (its bundle has no tokenizer "
+            f"and embedding config); run it with /api/onnx/{name}/infer",
+            param="model",
+        )
+    if dimensions is not None and dimensions != record.n_embd:
+        raise InvalidRequest(
+            f"{name} gives {record.n_embd} dimensions and cannot shorten "
+            f"them; leave out dimensions or ask for {record.n_embd}",
+            param="dimensions",
+        )
+    return record
+
+
 @route.post("/v1/embeddings", permission="models.use", audit=Audit.PIPELINE)
 async def embeddings(request: web.Request) -> web.Response:
     st = _state(request)
@@ -90,19 +108,7 @@ async def embeddings(request: web.Request) -> web.Response:
     if any(not t for t in texts):
         raise InvalidRequest("input must not hold empty strings", param="input")
     name = body.model or st.settings.default_embedding_model
-    record = _onnx_record(st, name)
-    if "embedding" not in record.extra:
-        raise InvalidRequest(
-            f"{name} is not an embedding model (its bundle has no tokenizer "
-            f"and embedding config); run it with /api/onnx/{name}/infer",
-            param="model",
-        )
-    if body.dimensions is not None and body.dimensions != record.n_embd:
-        raise InvalidRequest(
-            f"{name} gives {record.n_embd} dimensions and cannot shorten "
-            f"them; leave out dimensions or ask for {record.n_embd}",
-            param="dimensions",
-        )
+    embedding_record(st, name, body.dimensions)
     tensor = TensorRequest(model=name, texts=texts)
     result = await _run(request, tensor, body)
     vectors = result.outputs["embeddings"]

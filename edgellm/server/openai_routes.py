@@ -26,7 +26,7 @@ from edgellm.runtime.types import (
     ToolCallDelta,
     ToolUse,
 )
-from edgellm.server.context import STATE, State, read_json, tool_format_of
+from edgellm.server.context import STATE, State, read_json, tool_format_for
 from edgellm.server.pipeline import Events, serve
 from edgellm.server.routes import Audit, RouteTable
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
@@ -90,7 +90,9 @@ def _hold_constraint(
             )
 
 
-async def _held(gen: GenerationRequest, texts: list[str], calls: Calls, finished: Finished) -> None:
+async def held_to_constraint(
+    gen: GenerationRequest, texts: list[str], calls: Calls, finished: Finished
+) -> None:
     """``_hold_constraint`` off the event loop (validating a long answer is CPU work)."""
     if gen.constraint is not None:
         await asyncio.get_running_loop().run_in_executor(
@@ -98,16 +100,7 @@ async def _held(gen: GenerationRequest, texts: list[str], calls: Calls, finished
         )
 
 
-def _tool_format(state: State, model: str) -> str:
-    """The model's tool format; an unknown model's request fails where it is submitted."""
-    try:
-        record = state.store.get(model)
-    except EdgeError:
-        return "generic"
-    return tool_format_of(state, record) or "generic"
-
-
-def _add_call(calls: dict[int, dict[str, Any]], part: ToolCallDelta) -> None:
+def add_call(calls: dict[int, dict[str, Any]], part: ToolCallDelta) -> None:
     if part.id is not None:
         calls[part.index] = {
             "id": part.id,
@@ -186,7 +179,7 @@ async def _generate(
     def prepare() -> tuple[ToolUse | None, Constraint | None]:
         tools = body.tool_use() if chat else None
         if tools is not None:
-            tools = replace(tools, format=_tool_format(state, model))
+            tools = replace(tools, format=tool_format_for(state, model))
         return tools, body.constraint(tools)
 
     # checking and compiling a schema is CPU work (cached afterwards): off the loop
@@ -232,13 +225,13 @@ async def _collect(
             parts[event.index].append(event.text)
             tokens[event.index].extend(event.logprobs)
         elif isinstance(event, ToolCallDelta):
-            _add_call(calls[event.choice], event)
+            add_call(calls[event.choice], event)
         elif isinstance(event, Finished):
             finished = event
     assert finished is not None  # the events end with one Finished, or a Failed raised
     _log_done(gen, finished, None)
     texts = ["".join(p) for p in parts]
-    await _held(gen, texts, calls, finished)
+    await held_to_constraint(gen, texts, calls, finished)
     choices = []
     for i, text in enumerate(texts):
         choice: dict[str, Any] = {"index": i, "finish_reason": finished.reason(i)}
@@ -327,7 +320,7 @@ async def _stream(
             sent[event.index].append(event.text)
             await response.write(chunk(event.index, event.text, tokens=event.logprobs))
         elif isinstance(event, ToolCallDelta):
-            _add_call(calls[event.choice], event)
+            add_call(calls[event.choice], event)
             await response.write(chunk(event.choice, None, call=event))
         elif isinstance(event, Failed):
             err = event.error
@@ -338,7 +331,7 @@ async def _stream(
         elif isinstance(event, Finished):
             _log_done(gen, event, ttft)
             try:
-                await _held(gen, ["".join(p) for p in sent], calls, event)
+                await held_to_constraint(gen, ["".join(p) for p in sent], calls, event)
             except EdgeError as exc:
                 await response.write(_sse(exc.body()))
                 break

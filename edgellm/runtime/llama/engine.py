@@ -283,10 +283,13 @@ class LlamaEngine(EngineThread):
             messages, template_vars = tool_format.prompt(messages, use)
         tokens, template_stops = llm.prompt_tokens(request.prompt, messages, template_vars)
         n = len(tokens)
-        if n >= self.n_ctx:
+        n_ctx = min(self.n_ctx, request.n_ctx or self.n_ctx)  # a request may ask for less
+        if n >= n_ctx:
             raise ContextOverflow(
-                f"the prompt is {n} tokens but {self.name}'s context is {self.n_ctx} tokens "
-                f"per request; shorten it (or raise n_ctx)",
+                f"the prompt is {n} tokens but {self.name}'s context is {n_ctx} tokens "
+                "per request"
+                + ("" if n_ctx == self.n_ctx else " (as this request asked)")
+                + "; shorten it (or raise n_ctx)",
                 param="messages" if request.messages is not None else "prompt",
             )
         free = sorted(  # the caches least worth keeping first: shortest, then oldest
@@ -322,7 +325,7 @@ class LlamaEngine(EngineThread):
             llm.seq_copy_prefix(source.index, lead.index, keep)
         lead.cached = tokens[:keep]
         run = Run(request, n, [None] * request.n)
-        room = self.n_ctx - n
+        room = n_ctx - n
         now = time.monotonic()
         for choice, (slot, sampler) in enumerate(zip(chosen, samplers, strict=True)):
             if slot is not lead:  # its cells come from the lead when its prompt is done

@@ -1,0 +1,225 @@
+"""Ollama's model routes, under ``/ollama`` beside its generation routes
+(ollama_routes.py): the running check, version, tags, ps, show, pull from edgellm's
+catalog into the vault, delete; copy is refused by name (a model's name is given
+when it enters the vault)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from edgellm import __version__
+from edgellm.catalog import Catalog, prepare
+from edgellm.errors import EdgeError, InvalidRequest, ModelNotFound
+from edgellm.runtime.source import ModelRecord
+from edgellm.server.context import STATE, State, capabilities, may_see, read_json
+from edgellm.server.ollama_routes import PREFIX, resolve_name, tagged
+from edgellm.server.ollama_schemas import ModelBody, PullBody
+from edgellm.server.routes import RouteTable
+from edgellm.server.schemas import parse
+
+API_VERSION = "0.12.0"  # the Ollama API these routes follow
+route = RouteTable()
+
+
+def _state(request: web.Request) -> State:
+    return request.app[STATE]
+
+
+def _details(record: ModelRecord) -> dict[str, Any]:
+    return {
+        "parent_model": "",
+        "format": record.format,
+        "family": record.architecture,
+        "families": [record.architecture] if record.architecture else None,
+        "parameter_size": "",
+        "quantization_level": record.quantization,
+    }
+
+
+@route.get(PREFIX, permission="health.read")
+@route.get(PREFIX + "/", permission="health.read")
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Ollama is running (edgellm)")
+
+
+@route.get(PREFIX + "/api/version", permission="health.read")
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": API_VERSION, "edgellm": __version__})
+
+
+@route.get(PREFIX + "/api/tags", permission="models.list")
+async def tags(request: web.Request) -> web.Response:
+    st = _state(request)
+    models = [
+        {
+            "name": tagged(r.name),
+            "model": tagged(r.name),
+            "modified_at": r.added,
+            "size": r.size,
+            "digest": r.sha256,
+            "details": _details(r),
+        }
+        for r in st.store.list()
+        if may_see(request, r.name)
+    ]
+    return web.json_response({"models": models})
+
+
+@route.get(PREFIX + "/api/ps", permission="models.list")
+async def ps(request: web.Request) -> web.Response:
+    st = _state(request)
+    out = []
+    for status in st.runtime.loaded():
+        if not may_see(request, status.name):
+            continue
+        record = st.store.get(status.name)
+        left = status.expires_in_seconds
+        expires = (  # pinned or busy: no time set, as Ollama writes it
+            "0001-01-01T00:00:00Z"
+            if left is None
+            else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + left))
+        )
+        size = int(status.memory_mb * 2**20)
+        out.append(
+            {
+                "name": tagged(status.name),
+                "model": tagged(status.name),
+                "size": size,
+                "digest": record.sha256,
+                "details": _details(record),
+                "expires_at": expires,
+                "size_vram": size if status.device == "gpu" else 0,
+                "context_length": status.n_ctx,
+            }
+        )
+    return web.json_response({"models": out})
+
+
+@route.post(PREFIX + "/api/show", permission="models.list")
+async def show(request: web.Request) -> web.Response:
+    st = _state(request)
+    body = parse(ModelBody, await read_json(request))
+    record = st.store.get(resolve_name(request, body.which()))
+    info: dict[str, Any] = {"general.architecture": record.architecture}
+    if record.architecture:
+        prefix = record.architecture
+        info.update(
+            {
+                f"{prefix}.context_length": record.context_length,
+                f"{prefix}.embedding_length": record.n_embd,
+                f"{prefix}.block_count": record.n_layer,
+                f"{prefix}.attention.head_count": record.n_head,
+                f"{prefix}.attention.head_count_kv": record.n_head_kv,
+            }
+        )
+    return web.json_response(
+        {
+            "license": record.license,
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": _details(record),
+            "model_info": info,
+            "capabilities": capabilities(record),
+            "modified_at": record.added,
+        }
+    )
+
+
+@route.post(PREFIX + "/api/pull", permission="models.manage")
+async def pull(request: web.Request) -> web.StreamResponse:
+    """From edgellm's catalog (the names `edgellm models catalog` lists), into the vault.
+    Progress as Ollama streams it; the file comes whole (pip fetches it), so the
+    download reports once at its start and once at its end."""
+    st = _state(request)
+    body = parse(PullBody, await read_json(request))
+    name = body.which().removesuffix(":latest")
+    manifest = Catalog(st.settings.catalog_dir).get(name)
+    loop = asyncio.get_running_loop()
+    steps: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+
+    async def work(emit: Any) -> None:
+        try:
+            st.store.get(name)
+            await emit({"status": "success"})
+            return
+        except ModelNotFound:
+            pass
+        digest = f"sha256:{manifest.sha256}"
+        await emit(
+            {
+                "status": f"pulling {digest[7:19]}",
+                "digest": digest,
+                "total": manifest.size,
+                "completed": 0,
+            }
+        )
+        path = await loop.run_in_executor(None, prepare, manifest, st.settings.cache_dir)
+        await emit(
+            {
+                "status": f"pulling {digest[7:19]}",
+                "digest": digest,
+                "total": manifest.size,
+                "completed": manifest.size,
+            }
+        )
+        await emit({"status": "verifying sha256 digest"})
+        await loop.run_in_executor(
+            None,
+            lambda: st.store.add_file(
+                path,
+                name,
+                expected_sha256=None if manifest.convert else manifest.sha256,
+                info={
+                    "source": manifest.describe_source(),
+                    "license": manifest.license,
+                    "quantization": manifest.quantization,
+                },
+            ),
+        )
+        await emit({"status": "writing manifest"})
+        await emit({"status": "success"})
+
+    if not body.stream:
+
+        async def keep(step: dict[str, Any]) -> None:
+            steps.append(step)
+
+        await work(keep)
+        return web.json_response(steps[-1])
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+
+    async def send(step: dict[str, Any]) -> None:
+        await response.write(json.dumps(step).encode() + b"\n")
+
+    await send(steps[0])
+    try:
+        await work(send)
+    except EdgeError as exc:
+        await send({"error": exc.message})
+    await response.write_eof()
+    return response
+
+
+@route.delete(PREFIX + "/api/delete", permission="models.manage")
+async def delete(request: web.Request) -> web.Response:
+    from edgellm.server.native_routes import remove
+
+    body = parse(ModelBody, await read_json(request))
+    await remove(request, resolve_name(request, body.which()))
+    return web.json_response({})
+
+
+@route.post(PREFIX + "/api/copy", permission="models.manage")
+async def copy(request: web.Request) -> web.Response:
+    raise InvalidRequest(
+        "copy is not supported: a model's name is given when it enters the vault "
+        "(edgellm models add FILE --name NAME)",
+        param="destination",
+    )
