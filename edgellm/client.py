@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import ssl
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -102,18 +103,26 @@ class Client:
         url: str | None = None,
         token: str | None = None,
         ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         """The socket, unless a URL is given (or, with no socket given, EDGELLM_URL);
         ``token`` (or EDGELLM_TOKEN) is sent as the bearer token; ``ca_file`` verifies
-        a TLS daemon whose certificate no system CA signed."""
+        a TLS daemon whose certificate no system CA signed; ``cert_file`` and
+        ``key_file`` are a client certificate for a daemon that asks for one (mutual
+        TLS). Each has its EDGELLM_* variable."""
         url = url or (None if socket else os.environ.get("EDGELLM_URL")) or None
         token = token or os.environ.get("EDGELLM_TOKEN") or None
         ca_file = ca_file or os.environ.get("EDGELLM_CA_FILE") or None
+        cert_file = cert_file or os.environ.get("EDGELLM_CERT_FILE") or None
+        key_file = key_file or os.environ.get("EDGELLM_CERT_KEY_FILE") or None
         self._made: dict[str, Any] = {
             "socket": socket,
             "url": url,
             "token": token,
             "ca_file": ca_file,
+            "cert_file": cert_file,
+            "key_file": key_file,
         }
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         timeouts = httpx.Timeout(timeout, connect=5.0)
@@ -121,6 +130,9 @@ class Client:
         if self.url is not None:
             self.socket = Path(self.url)  # named in errors, as the socket would be
             verify: Any = str(ca_file) if ca_file else True
+            if cert_file:
+                verify = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+                verify.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
             self._http = httpx.Client(
                 base_url=self.url, headers=headers, timeout=timeouts, verify=verify
             )

@@ -349,6 +349,10 @@ class Settings(BaseModel):
 ENV_PREFIX = "EDGELLM_"
 
 
+# read by the client (client.py), not settings of the daemon
+CLIENT_VARIABLES = ("url", "token", "ca_file", "cert_file", "cert_key_file")
+
+
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fields = set(Settings.model_fields) - {"models"}
@@ -356,7 +360,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name in ("config", "governor_trace", "failpoints", "url", "token", "ca_file"):
+        if name in CLIENT_VARIABLES or name in ("config", "governor_trace", "failpoints"):
             continue  # read by their own components
         if name not in fields:
             raise ConfigError(f"unknown setting in environment: {key}")

@@ -136,8 +136,9 @@ class CA:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("pki")
-    ca, other = CA("edgellm test CA"), CA("someone else's CA")
+    ca, other, renewal = CA("edgellm test CA"), CA("someone else's CA"), CA("renewal CA")
     server, server_key = ca.issue("localhost", server=True)
+    renewed, renewed_key = renewal.issue("localhost", server=True)
     robot, robot_key = ca.issue("robot-7", server=False)
     stranger, stranger_key = other.issue("robot-7", server=False)
     return {
@@ -145,6 +146,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "server": _write(d / "server.pem", server, server_key),
         "robot": _write(d / "robot.pem", robot, robot_key),
         "stranger": _write(d / "stranger.pem", stranger, stranger_key),
+        "renewal-ca": _write(d / "renewal-ca.pem", renewal.cert),
+        "renewed": _write(d / "renewed.pem", renewed, renewed_key),
     }
 
 
@@ -165,7 +168,7 @@ def tcp(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterator[
         model_file,
         listen=[f"tcp://127.0.0.1:{port}"],
         auth_failures_per_minute=5,
-        limits={"client": {"max_in_flight": 1, "per_minute": 40}},
+        limits={"client": {"max_in_flight": 1, "per_minute": 40}, "auditor": {"per_minute": 3}},
     ).start()
     d.url = f"http://127.0.0.1:{port}"
     yield d
@@ -293,8 +296,18 @@ def test_a_principal_over_its_limits_gets_429(tcp: Daemon) -> None:
     t.join()
     assert done == ["length"]
     assert "in flight" in str(refused.value) and refused.value.response.headers["Retry-After"]
+    # per_minute (3 for auditors here): the fourth request within the minute
+    auditor = _grant_token(tcp, "auditor-app", role="auditor")
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {auditor}"}) as h:
+        statuses = [h.get("/health").status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429], statuses
+        late = h.get("/health")
+        assert "within a minute" in late.json()["error"]["message"]
+        assert 1 <= int(late.headers["Retry-After"]) <= 60
     with tcp.client() as c:  # root on the socket: an admin, unlimited
-        assert 'edgellm_rate_limited_total{reason="max_in_flight"}' in c.metrics()
+        metrics = c.metrics()
+    assert 'edgellm_rate_limited_total{reason="max_in_flight"}' in metrics
+    assert 'edgellm_rate_limited_total{reason="per_minute"}' in metrics
 
 
 def test_tls_with_a_token_or_a_client_certificate(tls: Daemon, pki: dict[str, Path]) -> None:
@@ -328,9 +341,32 @@ def test_tls_with_a_token_or_a_client_certificate(tls: Daemon, pki: dict[str, Pa
         me = h.get("/api/access/whoami").json()
         assert me["cert"] == "robot-7" and me["uid"] is None and me["address"] == "127.0.0.1"
         assert h.get("/health").status_code == 200
+    # a renewed certificate, read again on SIGHUP: new connections get it
+    for suffix in (".pem", ".key"):
+        pki["server"].with_suffix(suffix).write_bytes(
+            pki["renewed"].with_suffix(suffix).read_bytes()
+        )
+    assert tls.proc is not None
+    tls.proc.send_signal(signal.SIGHUP)
+    renewed = ssl.create_default_context(cafile=str(pki["renewal-ca"]))
+    renewed.load_cert_chain(*robot)
+
+    def serves_renewed() -> bool:
+        try:
+            return httpx.get(f"{url}/health", verify=renewed, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(serves_renewed, timeout=10, interval=0.2)
+    assert "event=tls_certificate_reloaded" in tls.log_text()
     # the edgellm CLI itself, at the URL with the CA
-    out = tls.cli("--url", url, "--ca-file", ca, "--token", token, "ask", "Hi", "--max-tokens", "3")
-    assert out.returncode == 0, out.stderr
+    reach = ["--url", url, "--ca-file", str(pki["renewal-ca"]), "--token", token]
+    refused = tls.cli(*reach, "ask", "Hi", "--max-tokens", "3")  # no client certificate
+    assert refused.returncode == 1 and "cannot reach the edgellm daemon at" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    mine = ["--cert-file", robot[0], "--cert-key-file", robot[1]]
+    out = tls.cli(*reach, *mine, "ask", "Hi", "--max-tokens", "3")
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
 
 
 def test_a_network_address_without_tls_is_refused_at_start(

@@ -167,6 +167,11 @@ def test_list_show_ps_pull_embed_delete(served: Daemon) -> None:
     )
     c.generate(model=MODEL, prompt="Hi", options={"num_predict": 1})
     assert f"{MODEL}:latest" in [m.model for m in c.ps().models]
+    # Ollama's way to load (and, with keep_alive 0, unload) a model: an empty prompt
+    assert c.generate(model=MODEL).done_reason == "load"
+    assert c.generate(model=MODEL, keep_alive=0).done_reason == "unload"
+    assert c.ps().models == []
+    assert c.chat(model=MODEL, messages=[]).done_reason == "load"
     # pull from edgellm's catalog, with progress
     steps = list(c.pull(EMBEDDER, stream=True))
     assert steps[0].status == "pulling manifest" and steps[-1].status == "success"

@@ -91,8 +91,18 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def chosen_socket(socket: str | None) -> str | None:
+    """The socket to use, or None where a URL is to be used instead: --url (or
+    EDGELLM_URL) wins over EDGELLM_SOCKET, but not over a --socket on the command line."""
+    ctx = click.get_current_context(silent=True)
+    if not os.environ.get("EDGELLM_URL") or ctx is None:
+        return socket
+    explicit = ctx.get_parameter_source("socket") == click.core.ParameterSource.COMMANDLINE
+    return socket if explicit else None
+
+
 def client(socket: str | None) -> Client:
-    return Client(socket)
+    return Client(chosen_socket(socket))
 
 
 def emit(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
@@ -125,11 +135,37 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
     type=click.Path(exists=True, dir_okay=False),
     help="A CA certificate (PEM) that verifies an https daemon [env EDGELLM_CA_FILE].",
 )
-def main(url: str | None, token: str | None, ca_file: str | None) -> None:
+@click.option(
+    "--cert-file",
+    envvar="EDGELLM_CERT_FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A client certificate (PEM) for a daemon that asks for one [env EDGELLM_CERT_FILE].",
+)
+@click.option(
+    "--cert-key-file",
+    "client_key_file",
+    envvar="EDGELLM_CERT_KEY_FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="The client certificate's key, if not in its file [env EDGELLM_CERT_KEY_FILE].",
+)
+def main(
+    url: str | None,
+    token: str | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    client_key_file: str | None,
+) -> None:
     """edgellm: a self-contained LLM appliance, served over a Unix socket (and, opted
     into, over TCP with TLS and tokens)."""
     # every client this command makes (the TUI's too) reaches the daemon this way
-    for name, value in (("URL", url), ("TOKEN", token), ("CA_FILE", ca_file)):
+    given = (
+        ("URL", url),
+        ("TOKEN", token),
+        ("CA_FILE", ca_file),
+        ("CERT_FILE", cert_file),
+        ("CERT_KEY_FILE", client_key_file),
+    )
+    for name, value in given:
         if value:
             os.environ[f"EDGELLM_{name}"] = value
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgellm.cli.base import friendly, main, socket_option
+from edgellm.cli.base import chosen_socket, friendly, main, socket_option
 
 
 @main.command()
@@ -13,4 +13,4 @@ def tui(socket: str | None) -> None:
     access. Keys: 1-6 switch tabs, ? lists every key, q quits."""
     from edgellm.tui.app import run
 
-    run(socket)
+    run(chosen_socket(socket))

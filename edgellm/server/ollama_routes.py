@@ -29,6 +29,7 @@ from edgellm.runtime.types import (
     Finished,
     GenerationRequest,
     TensorRequest,
+    TextRequest,
     TokenLogprob,
     ToolCallDelta,
     ToolUse,
@@ -219,8 +220,8 @@ async def _answer(
         return web.json_response({**line, **_done(gen, finished)}, headers=_ids(gen))
 
 
-def _ids(gen: GenerationRequest) -> dict[str, str]:
-    return {"X-Request-Id": gen.id}
+def _ids(job: GenerationRequest | TextRequest) -> dict[str, str]:
+    return {"X-Request-Id": job.id}
 
 
 def _line(
@@ -370,13 +371,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 async def _load_only(request: web.Request, gen: GenerationRequest, chat: bool) -> web.Response:
     """An empty prompt loads the model (keep_alive as given; 0 unloads it), as Ollama
-    does; audited as the model's use."""
+    does: a text job on the model (nothing generated), so access and the audit rows
+    are a model use's."""
     st = _state(request)
-    gen.max_tokens, gen.messages, gen.prompt = 1, None, ""
-    gen.sampling = replace(gen.sampling, temperature=0.0)
-    async with serve(request, gen) as events:  # access, keep-alive limit, audit rows
-        await events.start()
-        await _gather(events)
+    job = TextRequest(model=gen.model, op="tokenize", text="")
+    job.keep_alive = gen.keep_alive
+    async with serve(request, job) as events:
+        await events.result()
     line: dict[str, Any] = {"model": tagged(gen.model), "created_at": _now()}
     if chat:
         line["message"] = {"role": "assistant", "content": ""}
@@ -386,7 +387,7 @@ async def _load_only(request: web.Request, gen: GenerationRequest, chat: bool) -
     if gen.keep_alive == 0:
         await asyncio.get_running_loop().run_in_executor(None, st.runtime.unload, gen.model)
         reason = "unload"
-    return web.json_response({**line, "done": True, "done_reason": reason}, headers=_ids(gen))
+    return web.json_response({**line, "done": True, "done_reason": reason}, headers=_ids(job))
 
 
 # --- embeddings -----------------------------------------------------------------------------
