@@ -35,7 +35,10 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"not a duration: {value} seconds is beyond any clock") from None
     match = _DURATION.match(str(value))
     if not match:
         raise ValueError(f"not a duration: {value!r} (use seconds, or e.g. '30s', '5m', '1h')")

@@ -151,3 +151,6 @@ def test_prometheus_scrapes_the_fleet_with_its_config(
             return len(values) == len(alive) and set(values) == {"1"}
 
         wait_for(all_up, timeout=60, interval=0.5)
+        # what the devices did, as Prometheus scraped it with the scraper token
+        counted = query('sum(llamacpp:tokens_predicted_total{job="edgellm"})')
+        assert counted and float(counted[0]["value"][1]) > 0

@@ -404,30 +404,6 @@ def test_llm_cli_answers_through_the_listener(tcp: Daemon, tmp_path: Path) -> No
     assert out.stdout.strip()
 
 
-def test_prometheus_scrapes_metrics_with_a_scraper_token(tcp: Daemon, tmp_path: Path) -> None:
-    """A real Prometheus (Debian's) scrapes /metrics over TCP with a token of the
-    metrics-only role; its HTTP API then has the daemon's generated-token counter."""
-    url = tcp.url
-    assert url is not None
-    token = _grant_token(tcp, "prometheus", role="scraper")
-    (tmp_path / "token").write_text(token)
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n"
-        "scrape_configs:\n"
-        "  - job_name: edgellm\n"
-        "    authorization:\n"
-        f"      credentials_file: {tmp_path / 'token'}\n"
-        "    static_configs:\n"
-        f"      - targets: ['{url.removeprefix('http://')}']\n"
-    )
-    client = _grant_token(tcp, "before-scrape")
-    _sdk(url, client).chat.completions.create(model=MODEL, **CHAT)  # something to count
-    with prometheus(tmp_path / "prometheus.yml") as query:
-        counted = wait_for(lambda: query("llamacpp:tokens_predicted_total"), timeout=60)
-        assert float(counted[0]["value"][1]) > 0
-        assert query("up")[0]["value"][1] == "1"
-
-
 def test_a_tcp_socket_passed_in_serves_a_daemon_with_no_network(
     tmp_path: Path, model_file: Path
 ) -> None:
@@ -475,3 +451,27 @@ def _healthy(d: Daemon) -> bool:
             return bool(c.health())
     except Exception:
         return False
+
+
+def test_the_tui_reaches_a_daemon_over_the_network(
+    tcp: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's TUI at a URL with a token (EDGELLM_URL, EDGELLM_TOKEN: what
+    `edgellm --url … --token … tui` sets): the dashboard shows the daemon, and who
+    it sees (the token, as an operator)."""
+    from test_tui import Recording, drive, text, until
+
+    url = tcp.url
+    assert url is not None
+    monkeypatch.setenv("EDGELLM_URL", url)
+    monkeypatch.setenv("EDGELLM_TOKEN", _grant_token(tcp, "tui-operator", role="operator"))
+    app = Recording(None)
+
+    async def scenario(pilot: Any) -> None:
+        health = await until(
+            pilot, lambda: "governor" in text(app, "#health") and text(app, "#health")
+        )
+        assert "ready" in health and "operator" in health
+
+    drive(app, scenario)
+    assert app.client.url == url

@@ -27,6 +27,7 @@ from edgellm.server import (
     ollama_routes,
     onnx_routes,
     openai_routes,
+    responses_routes,
     text_routes,
     vault_routes,
 )
@@ -247,6 +248,7 @@ ROUTE_TABLES = [
     onnx_routes.route,
     ollama_routes.route,
     ollama_models.route,
+    responses_routes.route,
 ]
 
 

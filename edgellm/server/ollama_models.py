@@ -30,6 +30,16 @@ def _state(request: web.Request) -> State:
     return request.app[STATE]
 
 
+def _expiry(left: float | None) -> str:
+    """When a loaded model goes, as Ollama writes it (pinned or busy: no time)."""
+    if left is None:
+        return "0001-01-01T00:00:00Z"
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + left))
+    except (OverflowError, OSError, ValueError):  # a keep_alive beyond the calendar
+        return "9999-12-31T23:59:59Z"
+
+
 def _details(record: ModelRecord) -> dict[str, Any]:
     return {
         "parent_model": "",
@@ -78,12 +88,7 @@ async def ps(request: web.Request) -> web.Response:
         if not may_see(request, status.name):
             continue
         record = st.store.get(status.name)
-        left = status.expires_in_seconds
-        expires = (  # pinned or busy: no time set, as Ollama writes it
-            "0001-01-01T00:00:00Z"
-            if left is None
-            else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + left))
-        )
+        expires = _expiry(status.expires_in_seconds)
         size = int(status.memory_mb * 2**20)
         out.append(
             {

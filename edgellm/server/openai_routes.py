@@ -146,6 +146,19 @@ def _legacy_logprobs(tokens: list[TokenLogprob], offset: int) -> tuple[dict[str,
     return shape, offset
 
 
+async def sse_response(request: web.Request, request_id: str) -> web.StreamResponse:
+    """A server-sent-events answer, started (its events follow as they come)."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Request-Id": request_id,
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
 def _sse(payload: Any) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
@@ -259,14 +272,7 @@ async def _stream(
     chat: bool,
     kind: str,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Request-Id": gen.id,
-        }
-    )
-    await response.prepare(request)
+    response = await sse_response(request, gen.id)
     obj = f"{kind}.chunk" if chat else kind
     offsets = [0] * gen.n  # the legacy shape's text_offset, per choice
 
