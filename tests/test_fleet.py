@@ -79,7 +79,7 @@ def test_the_balancer_spreads_work_and_outlives_a_device(
             ["haproxy", "-db", "-f", str(DEPLOY / "haproxy.cfg")], env=env, stdout=log, stderr=log
         )
     sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=TOKEN, max_retries=0)
-    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 30, "temperature": 0}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0}
     try:
         wait_for(lambda: _through(port), timeout=30, interval=0.2)
         # six at a time: least connections sends them to both devices
@@ -100,7 +100,7 @@ def test_the_balancer_spreads_work_and_outlives_a_device(
         # one device goes away mid-run: requests go on, to the other
         outcomes: list[str] = []
         devices[0].proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        for _ in range(8):
+        for _ in range(5):
             try:
                 sdk.chat.completions.create(model=MODEL, **chat)
                 outcomes.append("200")
@@ -108,7 +108,7 @@ def test_the_balancer_spreads_work_and_outlives_a_device(
                 assert exc.status_code == 503 and exc.response.headers.get("Retry-After")
                 outcomes.append("503")
         devices[0].proc.wait(30)  # type: ignore[union-attr]
-        assert outcomes.count("200") >= 6, outcomes
+        assert outcomes.count("200") >= 4, outcomes
         before = _served(devices[1])
         sdk.chat.completions.create(model=MODEL, **chat)
         assert _served(devices[1]) == before + 1

@@ -18,7 +18,7 @@ from conftest import MODEL, Daemon, as_user, public_socket, unix_users
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 FUZZER = "edgt-fuzzer"
-SECONDS = 9  # per principal
+SECONDS = 7  # per principal
 
 
 @pytest.fixture(scope="module")

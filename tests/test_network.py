@@ -279,7 +279,7 @@ def test_a_principal_over_its_limits_gets_429(tcp: Daemon) -> None:
         s = sdk.chat.completions.create(
             model=MODEL,
             messages=CHAT["messages"],
-            max_tokens=200,
+            max_tokens=80,
             stream=True,
             extra_body={"ignore_eos": True},
         )

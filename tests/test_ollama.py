@@ -92,7 +92,7 @@ class Colour(BaseModel):
 def test_format_with_a_pydantic_schema_returns_json_that_validates(served: Daemon) -> None:
     c = client(served)
     schema = Colour.model_json_schema()
-    for seed in range(3):
+    for seed in range(2):
         r = c.chat(
             model=MODEL, messages=ASK, format=schema, options={"seed": seed, "num_predict": 60}
         )
@@ -136,6 +136,8 @@ def test_a_tool_call_and_its_result(served: Daemon) -> None:
             assert call.function.name == "get_weather"
             assert isinstance(call.function.arguments.get("city"), str)
             called = called or r.message
+        if called is not None:
+            break
     assert called is not None, "no seed called the tool"
     call = (called.tool_calls or [])[0]
     messages += [

@@ -61,15 +61,14 @@ class Colour(BaseModel):
 
 def test_parse_with_a_json_schema_text_format(daemon: Daemon) -> None:
     sdk = daemon.openai()
-    for seed in range(2):
-        r = sdk.responses.parse(
-            model=MODEL,
-            input="Describe a colour as JSON.",
-            text_format=Colour,
-            max_output_tokens=80,
-            extra_body={"temperature": 0.7 + seed / 10},
-        )
-        assert isinstance(r.output_parsed, Colour)
+    r = sdk.responses.parse(
+        model=MODEL,
+        input="Describe a colour as JSON.",
+        text_format=Colour,
+        max_output_tokens=80,
+        extra_body={"temperature": 0.7, "seed": 1},
+    )
+    assert isinstance(r.output_parsed, Colour)
 
 
 def test_a_function_tool_call_and_its_output(daemon: Daemon) -> None:
