@@ -99,7 +99,9 @@ def test_the_balancer_spreads_work_and_outlives_a_device(
         assert _served(devices[0]) >= 1 and _served(devices[1]) >= 1
         # one device goes away mid-run: requests go on, to the other
         outcomes: list[str] = []
-        devices[0].proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        stopped = devices[0].proc
+        assert stopped is not None
+        stopped.send_signal(signal.SIGTERM)
         for _ in range(5):
             try:
                 sdk.chat.completions.create(model=MODEL, **chat)
@@ -107,7 +109,7 @@ def test_the_balancer_spreads_work_and_outlives_a_device(
             except openai.APIStatusError as exc:  # a clear refusal, never a hang or a drop
                 assert exc.status_code == 503 and exc.response.headers.get("Retry-After")
                 outcomes.append("503")
-        devices[0].proc.wait(30)  # type: ignore[union-attr]
+        stopped.wait(30)
         assert outcomes.count("200") >= 4, outcomes
         before = _served(devices[1])
         sdk.chat.completions.create(model=MODEL, **chat)

@@ -76,7 +76,7 @@ def test_a_function_tool_call_and_its_output(daemon: Daemon) -> None:
     r = sdk.responses.create(
         model=MODEL,
         input="What is the weather in Oslo?",
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
         tool_choice="required",
         temperature=0,
         max_output_tokens=60,
@@ -88,7 +88,7 @@ def test_a_function_tool_call_and_its_output(daemon: Daemon) -> None:
     with sdk.responses.stream(
         model=MODEL,
         input="What is the weather in Oslo?",
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
         tool_choice={"type": "function", "name": "get_weather"},
         temperature=0,
         max_output_tokens=60,
@@ -110,7 +110,7 @@ def test_a_function_tool_call_and_its_output(daemon: Daemon) -> None:
             },
             {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 21 C"},
         ],
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
         temperature=0,
         max_output_tokens=60,
     )
