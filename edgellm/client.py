@@ -23,16 +23,27 @@ from typing import Any
 
 import httpx
 
-from edgellm.errors import DaemonUnavailable, EdgeError, from_body, parse_retry_after
+from edgellm.errors import (
+    DaemonUnavailable,
+    EdgeError,
+    InvalidRequest,
+    from_body,
+    parse_retry_after,
+)
+from edgellm.progress import Report, counted, ignore
 
 BASE_URL = "http://edgellm"
 
 
 def resolve_socket(socket: str | os.PathLike[str] | None = None) -> Path:
-    if socket:
-        return Path(socket)
-    if os.environ.get("EDGELLM_SOCKET"):
-        return Path(os.environ["EDGELLM_SOCKET"])
+    given = socket or os.environ.get("EDGELLM_SOCKET")
+    if given:
+        if "://" in str(given):  # a URL where a path belongs: say so, not "no daemon"
+            raise InvalidRequest(
+                "the socket (--socket or EDGELLM_SOCKET) is the path of a Unix socket, not a URL "
+                f"({str(given)!r}); give a daemon on the network with --url or EDGELLM_URL"
+            )
+        return Path(given)
     from edgellm.config import load_settings
 
     return load_settings().socket
@@ -197,9 +208,11 @@ class Client:
         path: str | os.PathLike[str],
         sha256: str | None = None,
         source: str | None = None,
+        report: Report = ignore,
     ) -> dict[str, Any]:
         """Send a model to the vault: a GGUF file, an .onnx file, an ONNX bundle, or a
-        directory holding model.onnx (and tokenizer.json, edgellm.json), bundled here."""
+        directory holding model.onnx (and tokenizer.json, edgellm.json), bundled here.
+        ``report`` hears the bytes sent (the daemon lists the import under /api/jobs)."""
         headers = {"Content-Type": "application/octet-stream"}
         if sha256:
             headers["X-Content-Sha256"] = sha256
@@ -209,10 +222,20 @@ class Client:
             from edgellm.runtime.onnx import bundle
 
             packed = bundle.pack(bundle.from_directory(Path(path)))
+            report("upload", len(packed), len(packed))
             return self._json("PUT", f"/api/models/{name}", content=packed, headers=headers)
+        return self._upload(f"/api/models/{name}", path, report, headers=headers)
+
+    def _upload(
+        self, url: str, path: str | os.PathLike[str], report: Report, **kw: Any
+    ) -> dict[str, Any]:
+        """A file as a request body, in pieces, with its length (so the daemon knows how
+        far along it is)."""
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            kw["headers"] = {**kw.get("headers", {}), "Content-Length": str(size)}
             return self._json(
-                "PUT", f"/api/models/{name}", content=_file_chunks(f), headers=headers
+                "PUT", url, content=counted(_file_chunks(f), report, "upload", size), **kw
             )
 
     def quantize(
@@ -341,27 +364,36 @@ class Client:
         body = {} if passphrase is None else {"passphrase": passphrase}
         return self._json("POST", "/api/vault/rotate", json=body)
 
-    def vault_verify(self) -> dict[str, Any]:
-        return self._json("GET", "/api/vault/verify")
+    def vault_verify(self, model: str | None = None) -> dict[str, Any]:
+        """Authenticate the vault's objects (or one model's): ``{"ok", "bad": […]}``."""
+        return self._json("GET", "/api/vault/verify", params={"model": model} if model else None)
 
     # --- data objects ------------------------------------------------------------------
     def data(self, prefix: str = "") -> list[dict[str, Any]]:
         return self._json("GET", "/api/data", params={"prefix": prefix})["data"]
 
     def data_put(
-        self, name: str, path: str | os.PathLike[str], *, replace: bool = True
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        replace: bool = True,
+        report: Report = ignore,
     ) -> dict[str, Any]:
-        with open(path, "rb") as f:
-            return self._json(
-                "PUT",
-                f"/api/data/{name}",
-                content=_file_chunks(f),
-                params={"replace": "1" if replace else "0"},
-                headers={
-                    "Content-Type": "application/octet-stream",
-                    "X-Data-Source": f"file:{Path(path).name}",
-                },
-            )
+        return self._upload(
+            f"/api/data/{name}",
+            path,
+            report,
+            params={"replace": "1" if replace else "0"},
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Data-Source": f"file:{Path(path).name}",
+            },
+        )
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Long work the daemon is doing (imports, pulls, uploads, key rotations)."""
+        return self._json("GET", "/api/jobs")["jobs"]
 
     def data_get(self, name: str) -> Iterator[bytes]:
         """The object's bytes, in pieces (the daemon authenticated all of them first)."""
@@ -418,6 +450,7 @@ class ChatStream:
         self.id: str | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
+        self.timings: dict[str, float] | None = None  # the daemon's, as llama-server's
 
     def _take(self, payload: dict[str, Any]) -> str | None:
         if "error" in payload:
@@ -425,6 +458,8 @@ class ChatStream:
         self.id = payload.get("id", self.id)
         if payload.get("usage"):
             self.usage = payload["usage"]
+        if payload.get("timings"):
+            self.timings = payload["timings"]
         for choice in payload.get("choices", []):
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
@@ -454,6 +489,22 @@ class ChatStream:
         """Stop early: closing the connection makes the daemon cancel the generation."""
         if self._response is not None:
             self._response.close()
+
+
+# the sampling options a person sets in a chat (``/set`` in ``edgellm chat`` and the
+# TUI's Playground), by the type each parses as; the daemon checks their ranges
+SAMPLING_OPTIONS: dict[str, Any] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "repeat_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+    "max_tokens": int,
+    "seed": int,
+    "stop": str,
+}
 
 
 def _embed_body(texts: str | list[str], model: str | None) -> dict[str, Any]:

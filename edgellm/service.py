@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edgellm import progress
 from edgellm.errors import ServiceError
 
 UNIT_DIR = "etc/systemd/system"
@@ -266,7 +267,7 @@ def _writer(path: Path, content: str | bytes, mode: int) -> Callable[[], None]:
 
 
 def _pull(root: Path, model: str, key: bytes) -> None:
-    from edgellm.catalog import Catalog, fetch
+    from edgellm.catalog import Catalog, fetch, store_pulled
     from edgellm.config import load_settings
     from edgellm.errors import ModelNotFound
     from edgellm.vault.keys import MasterKey
@@ -281,17 +282,9 @@ def _pull(root: Path, model: str, key: bytes) -> None:
     try:
         store.get(model)
     except ModelNotFound:
-        path = fetch(manifest, load_settings(environ={}).cache_dir)
-        store.add_file(
-            path,
-            model,
-            expected_sha256=manifest.sha256,
-            info={
-                "source": manifest.describe_source(),
-                "license": manifest.license,
-                "quantization": manifest.quantization,
-            },
-        )
+        with progress.shown(f"pulling {model}") as report:
+            path = fetch(manifest, load_settings(environ={}).cache_dir, report)
+            store_pulled(store, manifest, path, report)
     uid, gid = _ids(root, "edgellm")
     for dirpath, _, files in os.walk(root / STATE):
         os.chown(dirpath, uid, gid)

@@ -93,9 +93,12 @@ def test_client_grants_bind_users_to_models(shared: Daemon) -> None:
 
 
 def test_operators_manage_but_do_not_query(shared: Daemon) -> None:
+    status, body = as_user(CAROL, call(shared, "GET", "/api/jobs"))  # no role yet
+    assert status == 403 and "metrics.read" in body["error"]["message"]
     with shared.client() as root:
         root.grant(f"user:{CAROL}", "operator")
         try:
+            assert as_user(CAROL, call(shared, "GET", "/api/jobs")) == [200, {"jobs": []}]
             assert as_user(CAROL, call(shared, "POST", f"/api/models/{MODEL}/load"))[0] == 200
             assert as_user(CAROL, call(shared, "POST", f"/api/models/{MODEL}/unload"))[0] == 200
             assert as_user(CAROL, call(shared, "GET", "/metrics"))[0] == 200

@@ -159,3 +159,97 @@ def test_interactive_chat_keeps_history_and_ctrl_c_cancels(daemon: Daemon) -> No
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "[cancelled]" in err and "Traceback" not in err
+
+
+def test_ask_verbose_prints_the_figures(daemon: Daemon) -> None:
+    r = daemon.cli("ask", "Name a colour.", "--max-tokens", "8", "--seed", "1", "--verbose")
+    assert r.returncode == 0, r.stderr
+    figures = dict(line.split(":", 1) for line in r.stderr.splitlines() if line.count(":") == 1)
+    assert int(figures["generated tokens"]) == 8
+    assert int(figures["prompt tokens"]) > 5
+    assert figures["first token after"].strip().endswith(" ms")
+    assert figures["generation rate"].strip().endswith(" tokens/s")
+
+
+def test_chat_commands_steer_it_and_an_unknown_one_is_never_sent(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    saved = tmp_path / "talk.json"
+    script = "\n".join(
+        [
+            "/help",
+            "/set temperature 0",
+            "/set max_tokens 6",
+            "/set bogus 1",
+            "/set top_k many",
+            "/system You answer in one word.",
+            "/model no-such-model",
+            "/describe the weather",  # a typo of a command: refused, not a prompt
+            "Name a colour.",
+            "/stats",
+            "/set",
+            f"/save {saved}",
+            "/clear",
+            "/save " + str(tmp_path / "empty.json"),
+            "/bye",
+            "this line is never read",
+        ]
+    )
+    with daemon.client() as c:
+        before = len(c.audit(action="models.use", decision="allow", limit=10000))
+    r = daemon.cli("chat", input=script + "\n")
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    assert "/set NAME VALUE" in err and "/save FILE" in err and "/exit" in err  # /help
+    assert "temperature = 0.0" in err and "max_tokens = 6" in err
+    assert "error: no option 'bogus' to set" in err
+    assert "error: top_k takes a number (int), not 'many'" in err
+    assert "error: model 'no-such-model' not found" in err
+    assert "error: unknown command /describe; /help lists them" in err
+    assert "generated tokens:  6" in err  # /stats, after the one answer
+    assert "  temperature: 0.0" in err  # /set alone lists them
+    assert "Traceback" not in err
+    talk = json.loads(saved.read_text())
+    assert [m["role"] for m in talk["messages"]] == ["system", "user", "assistant"]
+    assert talk["messages"][0]["content"] == "You answer in one word."
+    assert talk["options"] == {"temperature": 0.0, "max_tokens": 6}
+    cleared = json.loads((tmp_path / "empty.json").read_text())
+    assert [m["role"] for m in cleared["messages"]] == ["system"]  # /clear keeps it
+    with daemon.client() as c:  # exactly one turn reached the model
+        assert len(c.audit(action="models.use", decision="allow", limit=10000)) == before + 1
+
+
+def test_a_refused_turn_leaves_the_chat_as_it_was(daemon: Daemon) -> None:
+    script = "/set temperature 5\nHello\n/set temperature default\n/set max_tokens 3\nHi\n/stats\n"
+    r = daemon.cli("chat", input=script)
+    assert r.returncode == 0, r.stderr
+    assert "error: invalid value for 'temperature'" in r.stderr  # the daemon's 400
+    assert "generated tokens:  3" in r.stderr  # the next turn went through
+
+
+def test_small_consistencies(daemon: Daemon) -> None:
+    # embed names the kind a GGUF model is
+    r = daemon.cli("embed", "-m", MODEL, "hello")
+    assert r.returncode == 1
+    assert f"{MODEL} is a GGUF model, which generates text" in r.stderr
+    assert "embedding model" in r.stderr
+    # a URL in EDGELLM_SOCKET is named as such, not taken for a path
+    env = {**daemon.env, "EDGELLM_SOCKET": "http://device:8080"}
+    wrong = subprocess.run(
+        [sys.executable, "-m", "edgellm", "status"], env=env, capture_output=True, text=True
+    )
+    assert wrong.returncode == 1
+    assert "is the path of a Unix socket, not a URL ('http://device:8080')" in wrong.stderr
+    assert "--url or EDGELLM_URL" in wrong.stderr
+    # audit search -n: the newest N matching rows
+    daemon.cli("ask", "Hi", "--max-tokens", "1")
+    rows = daemon.cli("audit", "search", "--action", "models.use", "-n", "2", "--json")
+    assert rows.returncode == 0, rows.stderr
+    found = json.loads(rows.stdout)
+    assert len(found) == 2 and found[0]["seq"] < found[1]["seq"]
+    everything = json.loads(
+        daemon.cli("audit", "search", "--action", "models.use", "--json").stdout
+    )
+    assert [r["seq"] for r in found] == [r["seq"] for r in everything][-2:]
+    # the socket the commands use, for curl
+    assert daemon.cli("socket").stdout.strip() == str(daemon.socket)

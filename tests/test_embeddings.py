@@ -47,7 +47,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, model_file: Path) -> Iterat
     d = Daemon(tmp_path_factory.mktemp("embeddings"), model_file).start()
     pulled = d.cli("models", "pull", NAME, timeout=600)
     assert pulled.returncode == 0, pulled.stderr
-    assert "building it (bert-sentence-embedding, int8)" in pulled.stderr
+    assert f"pulled {NAME}" in pulled.stdout
+    assert f"{NAME}: upload" in pulled.stderr  # progress, as lines: not a terminal
+    # a built model pulled again is checked against its recipe and authenticated
+    again = d.cli("models", "pull", NAME)
+    assert again.returncode == 0 and f"{NAME} is up to date" in again.stdout, again.stderr
     yield d
     d.stop()
 

@@ -17,14 +17,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx_models
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static, TabbedContent
+from textual.worker import WorkerFailed
 
 from edgellm.client import Client
 from edgellm.tui.activity import parse_filters
 from edgellm.tui.app import EdgeApp
 from edgellm.tui.data import problem
+from edgellm.tui.playground import Playground
 from edgellm.tui.widgets import spark
 
 from conftest import MODEL, Daemon, as_user, public_socket, unix_users, wait_for
@@ -110,7 +113,7 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
             pilot,
             lambda: (r := rows(app, "#requests-table")) and r[0][3] == "running" and r,
         )
-        assert running[0][2] == MODEL
+        assert running[0][2] == MODEL and running[0][1] == "root"  # a name, not a uid
         await pilot.press("c")
         worker.join(30)
         assert long_job["reply"]["choices"][0]["finish_reason"] == "cancelled"
@@ -119,6 +122,8 @@ def test_every_tab_shows_the_daemon_and_its_actions_work(make_daemon: Any) -> No
         await pilot.press("4")
         audit = await until(pilot, lambda: rows(app, "#audit-table"))
         assert any(r[3] == "models.load" and r[4] == MODEL for r in audit), audit
+        seqs = [int(r[0]) for r in audit]
+        assert seqs == sorted(seqs, reverse=True) and seqs[-1] > 0  # newest on top, as is
         await pilot.press("v")
         await until(pilot, lambda: "chain verified" in text(app, "#audit-verify"))
         # playground: a streamed answer with its speed and finish reason
@@ -371,10 +376,12 @@ def tmux() -> Iterator[str]:
     subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
-def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
+def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str, tmp_path: Path) -> None:
     d: Daemon = make_daemon()
     Client(d.socket).load(MODEL)
-    command = f"{sys.executable} -m edgellm tui --socket {d.socket}"
+    _tiny_embedder(d, tmp_path)  # an ONNX model loaded too: every tab copes with one
+    status = tmp_path / "status"
+    command = f"{sys.executable} -m edgellm tui --socket {d.socket}; echo $? > {status}"
     subprocess.run(
         ["tmux", "new-session", "-d", "-s", tmux, "-x", "80", "-y", "24", command], check=True
     )
@@ -392,7 +399,7 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
         return check
 
     dashboard = wait_for(showing(MODEL, "NORMAL"), timeout=30)
-    assert "Dashboard" in dashboard and "busy slots 0/4" in dashboard
+    assert "Dashboard" in dashboard and "busy slots 0/36" in dashboard  # 4 + the ONNX's 32
     subprocess.run(["tmux", "send-keys", "-t", tmux, "2"], check=True)
     # the table shows the loaded model once its poll is back (by outcome, not time)
     row = f"{MODEL} *  gguf    93.8     Q4_1   loaded"
@@ -400,6 +407,10 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
         wait_for(showing(row, "l Load"), timeout=15)
     except AssertionError:
         raise AssertionError(f"the Models tab never showed {row!r}:\n{screen()}") from None
+    for key in "345612":
+        subprocess.run(["tmux", "send-keys", "-t", tmux, "Escape", key], check=True)
+        time.sleep(1.2)
+        assert "Traceback" not in screen()
     subprocess.run(["tmux", "send-keys", "-t", tmux, "q"], check=True)
     wait_for(
         lambda: (
@@ -407,6 +418,7 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str) -> None:
         ),
         timeout=10,
     )
+    assert status.read_text().strip() == "0"  # quit is a clean exit
 
 
 def test_the_help_is_built_from_the_key_bindings() -> None:
@@ -418,3 +430,163 @@ def test_the_help_is_built_from_the_key_bindings() -> None:
         for binding in pane.BINDINGS:
             assert (binding.tooltip or binding.description.lower()) in shown, binding
     assert "1-6 Dashboard, Models" in shown and "? help" in shown
+
+
+def _tiny_embedder(d: Daemon, tmp_path: Path) -> str:
+    """An ONNX embedding model in the daemon's vault, loaded (as an embedding request
+    leaves it)."""
+    folder = tmp_path / "tiny-embed"
+    folder.mkdir()
+    for name, data in onnx_models.tiny_embed_files().items():
+        (folder / name).write_bytes(data)
+    with d.client() as c:
+        c.import_model("tiny-embed", folder)
+        assert len(c.embed(["hello there"], "tiny-embed")) == 1
+    return "tiny-embed"
+
+
+def test_an_onnx_model_loaded_shows_on_every_tab(make_daemon: Any, tmp_path: Path) -> None:
+    d: Daemon = make_daemon()
+    embedder = _tiny_embedder(d, tmp_path)
+    Client(d.socket).load(MODEL)
+    app = Recording(d.socket)
+
+    async def scenario(pilot: Pilot) -> None:
+        loaded = await until(pilot, lambda: len(rows(app, "#loaded")) == 2 and rows(app, "#loaded"))
+        by_name = {r[0]: r for r in loaded}
+        assert by_name[embedder][3].endswith("rows/s") and by_name[MODEL][3].endswith("tok/s")
+        for key in "234561":
+            await pilot.press("escape", key)
+            await until(pilot, lambda: app.polls_shown > 0)
+            await pilot.pause(1.2)  # a poll of each tab, with both models loaded
+        await pilot.press("2")
+        models = await until(pilot, lambda: rows(app, "#models-table"))
+        assert {r[0].rstrip(" *"): r[4] for r in models} == {MODEL: "loaded", embedder: "loaded"}
+        await pilot.press("5")  # the playground offers what can chat
+        await until(pilot, lambda: app.query_one("#play-model").is_mounted)
+        assert app.main.query_one(Playground).models == [MODEL]
+
+    drive(app, scenario)
+    assert app.return_code in (None, 0) and app.down is None
+
+
+def test_an_internal_error_ends_with_status_1_and_one_line(
+    make_daemon: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: Any
+) -> None:
+    from edgellm.tui.dashboard import Dashboard
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def broken(self: Any, snapshot: Any) -> None:
+        raise KeyError("tokens_per_second")
+
+    monkeypatch.setattr(Dashboard, "on_snapshot", broken)
+    d: Daemon = make_daemon()
+    app = EdgeApp(d.socket)
+
+    async def main() -> None:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(3)
+
+    with pytest.raises(WorkerFailed):  # run_test hands the error to the test framework
+        asyncio.run(main())
+    assert app.return_code == 1
+    said = capfd.readouterr().err  # what the terminal gets once the screen is gone
+    assert "error: edgellm tui stopped on an internal error (KeyError: 'tokens_per_second')" in (
+        " ".join(said.split())
+    )
+    assert "Traceback" not in said
+    crash = tmp_path / "cache" / "edgellm" / "tui-crash.log"
+    assert crash.exists() and "Traceback" in crash.read_text()
+
+
+def test_the_cli_exits_with_the_tuis_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from edgellm.cli import main
+
+    monkeypatch.setattr("edgellm.tui.app.run", lambda socket: 1)
+    assert CliRunner().invoke(main, ["tui"]).exit_code == 1
+
+
+def test_the_playground_is_a_conversation_and_esc_stops_cleanly(make_daemon: Any) -> None:
+    d: Daemon = make_daemon()
+    app = Recording(d.socket)
+    play: dict[str, Any] = {}
+
+    async def turn(pilot: Pilot, words: str) -> str:
+        before = app.main.query_one(Playground).history[:]
+        await pilot.press(*words, "enter")
+        return str(
+            await until(
+                pilot,
+                lambda: (
+                    app.main.query_one(Playground).history != before
+                    and "context" in text(app, "#play-stats")
+                    and text(app, "#play-stats")
+                ),
+                timeout=90,
+            )
+        )
+
+    async def scenario(pilot: Pilot) -> None:
+        await pilot.press("5")
+        pane = app.main.query_one(Playground)
+        for command in ("/set temperature 0", "/set max_tokens 24", "/set colour blue"):
+            await pilot.press(*command, "enter")
+        assert "no option 'colour' to set" in text(app, "#play-stats")  # not sent
+        assert pane.options == {"temperature": 0.0, "max_tokens": 24} and not pane.history
+        first = await turn(pilot, "My name is Ada.")
+        second = await turn(pilot, "What is my name?")
+        play["contexts"] = [int(s.split("context ")[1].split()[0]) for s in (first, second)]
+        assert [m["role"] for m in pane.history] == ["user", "assistant"] * 2
+        # Esc mid-answer: a stop, kept as a turn, never an error
+        await pilot.press(*"/set max_tokens 600", "enter")
+        shown = len(pane.transcript)
+        await pilot.press(*"Tell me a very long story about a dragon.", "enter")
+        await until(
+            pilot, lambda: pane.stream is not None and len(pane.transcript) > shown + 120, 60
+        )
+        await pilot.press("escape")
+        stats = await until(
+            pilot, lambda: "stopped" in text(app, "#play-stats") and text(app, "#play-stats")
+        )
+        assert "error" not in stats
+        assert len(pane.history) == 6
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: pane.history == [] and "cleared" in text(app, "#play-stats"))
+        assert text(app, "#play-output") == ""
+
+    drive(app, scenario)
+    first, second = play["contexts"]
+    assert second > first  # the second turn carried the first
+
+
+def test_a_pull_from_the_models_tab_shows_its_progress(make_daemon: Any) -> None:
+    d: Daemon = make_daemon(names=("spare",), default_model="spare")
+    app = Recording(d.socket)
+    seen: list[str] = []
+
+    async def scenario(pilot: Pilot) -> None:
+        await pilot.press("2")
+        waiting = await until(
+            pilot, lambda: MODEL in text(app, "#models-catalog") and text(app, "#models-catalog")
+        )
+        assert "not pulled yet" in waiting and "f pulls one" in waiting
+        await pilot.press("f")
+        await pilot.pause(0.3)
+        await pilot.press("ctrl+u", *MODEL, "enter")
+
+        def progressing() -> bool:
+            shown = text(app, "#models-jobs")
+            if "MB of" in shown:
+                seen.append(shown)
+            return any(f"{MODEL} pulled" in n for n in app.notes)
+
+        await until(pilot, progressing, timeout=120)
+        await until(pilot, lambda: MODEL in [r[0] for r in rows(app, "#models-table")])
+        assert MODEL not in text(app, "#models-catalog")
+
+    drive(app, scenario)
+    assert seen and any("upload" in s or "receive" in s for s in seen), seen
+    assert any("%" in s and "MB/s" in s for s in seen), seen

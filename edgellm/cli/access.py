@@ -36,7 +36,7 @@ role_arg = click.argument(
     type=click.Choice(["admin", "operator", "auditor", "client", "data-reader", "data-writer"]),
 )
 model_option = click.option(
-    "--model", default=None, help="For client grants: the model (default: * for all)."
+    "--model", "-m", default=None, help="For client grants: the model (default: * for all)."
 )
 data_option = click.option(
     "--data",
@@ -232,7 +232,8 @@ def audit_tail(count: int, socket: str | None, as_json: bool) -> None:
 @click.option("--user")
 @click.option("--action", help="e.g. models.use, models.load, access.manage.")
 @click.option("--decision", type=click.Choice(["allow", "deny", "outcome"]))
-@click.option("--model")
+@click.option("--model", "-m")
+@click.option("-n", "count", type=click.IntRange(min=1), help="Only the newest N matching rows.")
 @socket_option
 @json_option
 @friendly
@@ -243,14 +244,24 @@ def audit_search(
     action: str | None,
     decision: str | None,
     model: str | None,
+    count: int | None,
     socket: str | None,
     as_json: bool,
 ) -> None:
-    """Rows matching every filter given."""
+    """Rows matching every filter given, oldest first."""
+    filters = {
+        "since": since,
+        "until": until,
+        "user": user,
+        "action": action,
+        "decision": decision,
+        "model": model,
+    }
     with client(socket) as c:
-        rows = c.audit(
-            since=since, until=until, user=user, action=action, decision=decision, model=model
-        )
+        if count is None:
+            rows = c.audit(**filters)
+        else:
+            rows = list(reversed(c.audit(**filters, limit=count, order="newest")))
     emit(rows, as_json, _print_audit_lines)
 
 

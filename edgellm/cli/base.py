@@ -219,3 +219,32 @@ state_dir_option = click.option(
     type=click.Path(),
     help="Used when no daemon runs [env EDGELLM_STATE_DIR].",
 )
+
+
+def watch_job(c: Client, kind: str, report: Any, call: Callable[[], Any]) -> Any:
+    """``call()`` (one request that does long work in the daemon), its progress
+    mirrored from the daemon's job list meanwhile (when the caller may read it)."""
+    import threading
+
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # raised again on this thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    with c.like(timeout=10) as watcher:
+        while worker.is_alive():
+            try:
+                for job in watcher.jobs():
+                    if job["kind"] == kind:
+                        report(job["phase"], job["completed"], job["total"])
+            except EdgeError:  # not ours to see: the work goes on unwatched
+                worker.join()
+            worker.join(0.25)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -39,7 +39,7 @@ from edgellm.cli.base import (
     type=click.Path(),
     help="edgellm.toml to read [env EDGELLM_CONFIG].",
 )
-@click.option("--model", "default_model", help="The default model (pulled if missing).")
+@click.option("--model", "-m", "default_model", help="The default model (pulled if missing).")
 @click.option(
     "--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 )
@@ -110,6 +110,9 @@ def _gen_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @main.command()
 @click.argument("prompt")
 @_gen_options
+@click.option(
+    "--verbose", "-v", is_flag=True, help="After the answer: tokens, first-token time, rate."
+)
 @json_option
 @friendly
 def ask(
@@ -120,9 +123,12 @@ def ask(
     max_tokens: int | None,
     temperature: float | None,
     seed: int | None,
+    verbose: bool,
     as_json: bool,
 ) -> None:
     """Ask one question; the answer streams as it is generated."""
+    from edgellm.cli.chat import stream_answer
+
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}
     ]
@@ -131,16 +137,17 @@ def ask(
         if as_json:
             click.echo(json.dumps(c.chat(messages, model=model, **params), indent=2))
             return
-        stream = c.chat(messages, model=model, stream=True, **params)
-        for piece in stream:
-            click.echo(piece, nl=False)
-        click.echo()
+        _, stats, stream = stream_answer(c, messages, model, params)
         if stream.finish_reason not in ("stop", None):
             click.echo(f"[finished: {stream.finish_reason}]", err=True)
+        if verbose:
+            for line in stats.lines():
+                click.echo(line, err=True)
 
 
 @main.command()
 @_gen_options
+@click.option("--verbose", "-v", is_flag=True, help="Figures after every answer (/set verbose).")
 @friendly
 def chat(
     socket: str | None,
@@ -149,36 +156,17 @@ def chat(
     max_tokens: int | None,
     temperature: float | None,
     seed: int | None,
+    verbose: bool,
 ) -> None:
-    """Chat interactively; Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    """Chat interactively (/help lists the commands); Ctrl-C stops an answer, Ctrl-D or
+    /exit leaves."""
+    from edgellm.cli.chat import Conversation, run_chat
+
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "seed": seed}
     with client(socket) as c:
         c.health()  # fail early, with the clear message, if no daemon is there
-        click.echo("edgellm chat — Ctrl-C stops an answer, Ctrl-D or /exit leaves.", err=True)
-        while True:
-            try:
-                line = input(">>> ")
-            except (EOFError, KeyboardInterrupt):
-                click.echo()
-                return
-            if line.strip() in ("/exit", "/quit"):
-                return
-            if not line.strip():
-                continue
-            history.append({"role": "user", "content": line})
-            stream = c.chat(history, model=model, stream=True, **params)
-            answer: list[str] = []
-            try:
-                for piece in stream:
-                    answer.append(piece)
-                    click.echo(piece, nl=False)
-            except KeyboardInterrupt:
-                stream.close()  # the daemon sees the disconnect and frees the slot
-                click.echo("\n[cancelled]", err=True)
-            else:
-                click.echo()
-            history.append({"role": "assistant", "content": "".join(answer)})
+        options = {k: v for k, v in params.items() if v is not None}
+        run_chat(Conversation(c, model, options, system=system, verbose=verbose))
 
 
 # --- state -----------------------------------------------------------------------------------
@@ -239,6 +227,17 @@ def status(socket: str | None, as_json: bool) -> None:
             click.echo(f"  {name}: {state}")
 
     emit(data, as_json, human)
+
+
+@main.command("socket")
+@socket_option
+@friendly
+def socket_path(socket: str | None) -> None:
+    """Print the socket path the other commands use (for curl --unix-socket, or a
+    client of your own): --socket, else EDGELLM_SOCKET, else the configured one."""
+    from edgellm.client import resolve_socket
+
+    click.echo(resolve_socket(socket))
 
 
 # --- models ------------------------------------------------------------------------------------

@@ -77,9 +77,51 @@ def models_list(
 @socket_option
 @friendly
 def models_show(name: str, socket: str | None) -> None:
-    """Everything known about one model."""
+    """Everything known about one model (a catalog model not pulled yet, too)."""
+    from edgellm.catalog import Catalog
+    from edgellm.errors import ModelNotFound
+
     with client(socket) as c:
-        click.echo(json.dumps(c.model(name), indent=2))
+        try:
+            shown = c.model(name)
+        except ModelNotFound:
+            try:
+                manifest = Catalog().get(name)
+            except ModelNotFound:
+                raise ModelNotFound(
+                    f"no model named {name!r} on the device or in the catalog "
+                    "(`edgellm models list` shows both)"
+                ) from None
+            shown = {**vars(manifest), "state": f"not pulled: `edgellm models pull {name}`"}
+    click.echo(json.dumps(shown, indent=2))
+
+
+def _up_to_date(name: str, manifest: Any, stored: dict[str, Any], verify: Any) -> str:
+    """What ``pull`` says of a model already stored: it is the catalog's and its bytes
+    authenticate (up to date), or why it is not."""
+    from edgellm.errors import Conflict, IntegrityError
+
+    same = (
+        stored.get("source") == manifest.stored_source()
+        if manifest.convert
+        else stored.get("sha256") == manifest.sha256
+    )
+    if not same:
+        raise Conflict(
+            f"{name} is stored but is not the catalog's {name} (stored sha256 "
+            f"{str(stored.get('sha256'))[:12]}…, source {stored.get('source') or '?'}); "
+            f"remove it first (`edgellm models rm {name}`) to pull the catalog's"
+        )
+    bad = verify(name)
+    if bad:
+        raise IntegrityError(
+            f"{name} is stored but fails verification ({bad[0]}); remove it "
+            f"(`edgellm models rm {name}`) and pull it again"
+        )
+    return (
+        f"{name} is up to date (sha256 {manifest.sha256[:12]}… as in the catalog; "
+        f"its {stored.get('size', 0) / 2**20:.0f} MB in the vault authenticate)"
+    )
 
 
 @models.command("pull")
@@ -92,39 +134,41 @@ def models_pull(
     name: str, socket: str | None, state_dir: str | None, key_file: str | None = None
 ) -> None:
     """Fetch a catalog model, check its sha256 and store it (building it first if its
-    manifest says how, e.g. an ONNX graph from safetensors, quantized to INT8)."""
-    from edgellm.catalog import Catalog, prepare
+    manifest says how, e.g. an ONNX graph from safetensors, quantized to INT8). A model
+    already stored is verified instead: pulling it again says it is up to date.
+    Progress shows as a bar on a terminal, as lines otherwise."""
+    from edgellm import progress
+    from edgellm.catalog import Catalog, prepare, send_pulled, store_pulled
+    from edgellm.errors import ModelNotFound
 
     settings = load_settings(overrides={"state_dir": state_dir})
     manifest = Catalog(settings.catalog_dir).get(name)
+    c = daemon_or_none(socket)
+    offline: Any = None if c is not None else offline_store(state_dir, key_file)
+    try:
+        stored = c.model(name) if c is not None else offline.get(name).as_dict()
+    except ModelNotFound:
+        stored = None
+    if stored is not None:
+
+        def verify(model: str) -> list[str]:
+            if c is not None:
+                return [b["problem"] for b in c.vault_verify(model)["bad"]]
+            return [problem for _, problem in offline.verify(model)]
+
+        click.echo(_up_to_date(name, manifest, stored, verify))
+        return
     click.echo(
-        f"fetching {name} from {manifest.describe_source()} ({manifest.size / 2**20:.0f} MB)…",
+        f"pulling {name} from {manifest.describe_source()} ({manifest.size / 2**20:.0f} MB)",
         err=True,
     )
-    if manifest.convert:
-        steps = [manifest.convert["recipe"], manifest.convert.get("quantize", "")]
-        click.echo(f"building it ({', '.join(filter(None, steps))})…", err=True)
-    path = prepare(manifest, settings.cache_dir)
-    # a built model's bytes are ours: the checksum checked is its source's, at fetch
-    sha256 = None if manifest.convert else manifest.sha256
-    source = manifest.describe_source() + (
-        f" (built: {manifest.convert['recipe']})" if manifest.convert else ""
-    )
-    c = daemon_or_none(socket)
-    if c is not None:
-        with c:
-            c.import_model(name, path, sha256=sha256, source=source)
-    else:
-        offline_store(state_dir, key_file).add_file(
-            path,
-            name,
-            expected_sha256=sha256,
-            info={
-                "source": source,
-                "license": manifest.license,
-                "quantization": manifest.quantization,
-            },
-        )
+    with progress.shown(f"{name}") as report:
+        path = prepare(manifest, settings.cache_dir, report)
+        if c is not None:
+            with c:
+                send_pulled(c, manifest, path, report)
+        else:
+            store_pulled(offline, manifest, path, report)
     click.echo(f"pulled {name} (sha256 {manifest.sha256[:12]}… verified)")
 
 
@@ -169,16 +213,19 @@ def models_add(
         summary = (
             f"{meta['architecture']}, {meta['quantization']}, context {meta['context_length']}"
         )
+    from edgellm import progress
+
     c = daemon_or_none(socket)
-    if c is not None:
-        with c:
-            c.import_model(name, path, source=f"file:{where.name}")
-    else:
-        store = offline_store(state_dir, key_file)
-        if data is not None:
-            store.add_stream(iter([data]), name, info={"source": f"file:{where.name}"})
+    with progress.shown(name) as report:
+        if c is not None:
+            with c:
+                c.import_model(name, path, source=f"file:{where.name}", report=report)
         else:
-            store.add_file(where, name, info={"source": f"file:{where.name}"})
+            store = offline_store(state_dir, key_file)
+            if data is not None:
+                store.add_stream(iter([data]), name, info={"source": f"file:{where.name}"})
+            else:
+                store.add_file(where, name, report, info={"source": f"file:{where.name}"})
     click.echo(f"added {name} ({summary})")
 
 
@@ -269,11 +316,11 @@ def requests_list(socket: str | None, as_json: bool) -> None:
                     r["state"],
                     r["completion_tokens"],
                     f"{r['age_seconds']}s",
-                    r.get("uid", ""),
+                    r.get("user") or r.get("uid", ""),
                 ]
                 for r in rs
             ],
-            ["ID", "MODEL", "STATE", "TOKENS", "AGE", "UID"],
+            ["ID", "MODEL", "STATE", "TOKENS", "AGE", "USER"],
         )
 
     emit(rows, as_json, human)

@@ -14,7 +14,7 @@ from edgellm.errors import InvalidRequest
 
 @main.command()
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--model", help="An ONNX embedding model (default: default_embedding_model).")
+@click.option("--model", "-m", help="An ONNX embedding model (default: default_embedding_model).")
 @socket_option
 @friendly
 def embed(texts: tuple[str, ...], model: str | None, socket: str | None) -> None:

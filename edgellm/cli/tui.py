@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from edgellm.cli.base import chosen_socket, friendly, main, socket_option
 
 
@@ -13,4 +15,4 @@ def tui(socket: str | None) -> None:
     access. Keys: 1-6 switch tabs, ? lists every key, q quits."""
     from edgellm.tui.app import run
 
-    run(chosen_socket(socket))
+    sys.exit(run(chosen_socket(socket)))

@@ -26,6 +26,7 @@ from edgellm.cli.base import (
     socket_option,
     state_dir_option,
     table,
+    watch_job,
 )
 
 
@@ -56,8 +57,9 @@ def vault_init(use_passphrase: bool, state_dir: str | None, key_file: str | None
 
     settings = _settings(state_dir, key_file)
     root = vault_dir(settings)
-    if VaultStore.exists(root):
-        raise EdgeError(f"a vault already exists in {root}")
+    if VaultStore.exists(root):  # init is for a vault that is missing: nothing to do
+        click.echo(f"a vault already exists in {root}; nothing to do (`edgellm vault status`)")
+        return
     if use_passphrase:
         passphrase = _new_passphrase()
         kdf = new_kdf_params()
@@ -199,23 +201,29 @@ def vault_rotate(
     """Rewrap every data key under a new master key, atomically (payloads untouched).
 
     By default a new random key replaces the key file; the old key stops working."""
+    from edgellm import progress
     from edgellm.vault.keys import from_passphrase, new_kdf_params
     from edgellm.vault.open import rotate_to_new_key_file
 
     passphrase = _new_passphrase() if use_passphrase else None
     c = daemon_or_none(socket)
-    if c is not None:
-        with c:
-            result = c.vault_rotate(passphrase=passphrase)
-        count, key_id = result["rotated"], result["key_id"]
-    else:
-        store = offline_store(state_dir, key_file)
-        if passphrase is not None:
-            kdf = new_kdf_params()
-            count = store.rotate_key(from_passphrase(passphrase, kdf), kdf)
+    with progress.shown("rotate") as report:
+        if c is not None:
+            with c:
+                result = watch_job(
+                    c, "vault.rotate", report, lambda: c.vault_rotate(passphrase=passphrase)
+                )
+            count, key_id = result["rotated"], result["key_id"]
         else:
-            count = rotate_to_new_key_file(store, _settings(state_dir, key_file).vault_key_file)
-        key_id = store.meta.key_id
+            store = offline_store(state_dir, key_file)
+            if passphrase is not None:
+                kdf = new_kdf_params()
+                report("derive the key from the passphrase")
+                count = store.rotate_key(from_passphrase(passphrase, kdf), kdf, report)
+            else:
+                key = _settings(state_dir, key_file).vault_key_file
+                count = rotate_to_new_key_file(store, key, report)
+            key_id = store.meta.key_id
     click.echo(
         f"rotated: {count} object(s) rewrapped under key {key_id}"
         + (
@@ -272,18 +280,23 @@ def data_put(
     key_file: str | None,
 ) -> None:
     """Encrypt the file at PATH into the vault as NAME (e.g. docs/manual.pdf)."""
+    from edgellm import progress
+
     c = daemon_or_none(socket)
-    if c is not None:
-        with c:
-            info = c.data_put(name, path, replace=not no_replace)
-    else:
-        with open(path, "rb") as f:
-            info = offline_store(state_dir, key_file).put_data(
-                iter(lambda: f.read(1 << 20), b""),
-                name,
-                replace=not no_replace,
-                source=f"file:{Path(path).name}",
-            )
+    with progress.shown(name) as report:
+        if c is not None:
+            with c:
+                info = c.data_put(name, path, replace=not no_replace, report=report)
+        else:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                chunks = iter(lambda: f.read(1 << 20), b"")
+                info = offline_store(state_dir, key_file).put_data(
+                    progress.counted(chunks, report, "store in the vault", size),
+                    name,
+                    replace=not no_replace,
+                    source=f"file:{Path(path).name}",
+                )
     click.echo(f"stored {info['name']} ({info['size']} bytes, sha256 {info['sha256'][:12]}…)")
 
 

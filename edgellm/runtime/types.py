@@ -174,7 +174,7 @@ class Request:
             "age_seconds": round(time.monotonic() - self.started, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
             "cancelled": self.cancel_event.is_set(),
-            **{k: v for k, v in self.principal.items() if k in ("uid", "gid", "pid")},
+            **{k: v for k, v in self.principal.items() if k in ("uid", "gid", "pid", "user")},
         }
 
 

@@ -164,7 +164,10 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         ollama_routes.PREFIX + "/"
     )
 
+    refused: list[EdgeError] = []
+
     def error_response(exc: EdgeError, request_id: str | None = None) -> web.Response:
+        refused.append(exc)
         return _error_response(exc, request_id, ollama)
 
     try:
@@ -211,6 +214,8 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
             )
         )
     metrics.requests.labels(route, str(response.status)).inc()
+    if refused and 400 <= response.status < 500:
+        log_refusal(request, response.status, refused[0])
     log.debug(
         "event=request method=%s path=%s status=%d seconds=%.3f uid=%s",
         request.method,
@@ -220,6 +225,21 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         request.get(PRINCIPAL, {}).get("uid"),
     )
     return response
+
+
+def log_refusal(request: web.Request, status: int, exc: EdgeError) -> None:
+    """One line per refused request, so an operator sees what clients send that the
+    daemon refuses: the route, the field and the reason (names and limits, never the
+    request's content), and who sent it."""
+    log.info(
+        "event=refused status=%d method=%s path=%s param=%s uid=%s reason=%r",
+        status,
+        request.method,
+        request.path[:200],
+        exc.param or "-",
+        request.get(PRINCIPAL, {}).get("uid"),
+        exc.message[:300],
+    )
 
 
 def build_app(state: State) -> web.Application:

@@ -28,6 +28,7 @@ from edgellm.errors import (
 )
 from edgellm.runtime.manager import Runtime
 from edgellm.runtime.source import ModelRecord
+from edgellm.server.jobs import Jobs
 from edgellm.server.limits import PrincipalLimits
 from edgellm.server.metrics import Metrics
 from edgellm.server.network import NetworkDoor
@@ -59,6 +60,7 @@ class State:
     door: NetworkDoor = field(init=False)  # who a network caller is (network.py)
     limits: PrincipalLimits = field(init=False)  # per-principal limits (limits.py)
     tls: ssl.SSLContext | None = None  # the network listeners' TLS, reloaded on SIGHUP
+    jobs: Jobs = field(default_factory=Jobs)  # long work in progress, for GET /api/jobs
 
     def __post_init__(self) -> None:
         self.door = NetworkDoor(self.settings.auth_failures_per_minute)
@@ -268,6 +270,14 @@ def check_keep_alive(request: web.Request, model: str, keep_alive: float | None)
             "keep_alive out",
             param="models.load",
         )
+
+
+def who_of(request: web.Request) -> str:
+    """The caller, as a person reads it: user name, token or certificate, else uid."""
+    who, creds = request.get(WHO), request.get(PRINCIPAL, {})
+    if who is not None and (who.user or who.token or who.cert):
+        return who.user or (f"token:{who.token}" if who.token else f"cert:{who.cert}")
+    return f"uid {creds.get('uid')}" if creds.get("uid") is not None else "unknown"
 
 
 def body_chunks(request: web.Request) -> Iterator[bytes]:

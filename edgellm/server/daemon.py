@@ -4,6 +4,7 @@ and drain cleanly on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -15,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from edgellm.catalog import Catalog, fetch
+from edgellm import progress
+from edgellm.catalog import Catalog, fetch, store_pulled
 from edgellm.config import Settings, default_socket_path
 from edgellm.errors import EdgeError, ModelNotFound
 from edgellm.runtime.manager import Runtime
@@ -70,17 +72,16 @@ def ensure_default_model(settings: Settings, store: ModelStore) -> None:
         manifest.describe_source(),
         manifest.size // 2**20,
     )
-    path = fetch(manifest, settings.cache_dir)
-    store.add_file(
-        path,
-        name,
-        expected_sha256=manifest.sha256,
-        info={
-            "source": manifest.describe_source(),
-            "license": manifest.license,
-            "quantization": manifest.quantization,
-        },
-    )
+    with first_pull_progress(name) as report:
+        store_pulled(store, manifest, fetch(manifest, settings.cache_dir, report), report)
+
+
+def first_pull_progress(name: str) -> Any:
+    """A bar when ``serve`` runs on a terminal (the first run's 98 MB wait), else log
+    lines (a service's journal)."""
+    if sys.stderr.isatty():
+        return progress.shown(f"pulling {name}")
+    return contextlib.nullcontext(progress.LineReport(f"pulling {name}", emit=log.info))
 
 
 # settings a SIGHUP cannot change: they name things the running daemon holds

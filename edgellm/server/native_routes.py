@@ -11,6 +11,7 @@ from aiohttp import web
 
 from edgellm import __version__
 from edgellm.errors import Conflict, EdgeError, InvalidRequest, NotFound
+from edgellm.progress import counted
 from edgellm.server.context import (
     METRICS,
     PRINCIPAL,
@@ -22,6 +23,7 @@ from edgellm.server.context import (
     model_view,
     read_json,
     visible_record,
+    who_of,
 )
 from edgellm.server.routes import RouteTable
 from edgellm.server.schemas import LoadRequest, parse
@@ -126,19 +128,27 @@ async def import_model(request: web.Request) -> web.Response:
     """PUT /api/models/{name}: the GGUF file itself is the body, streamed to the store."""
     st = _state(request)
     name = request.match_info["name"]
-    chunks = body_chunks(request)
     expected = request.headers.get("X-Content-Sha256")
-    record = await asyncio.get_running_loop().run_in_executor(
-        None,
-        lambda: st.store.add_stream(
-            chunks,
-            name,
-            expected_sha256=expected,
-            replace=request.query.get("replace") == "1",
-            info={"source": request.headers.get("X-Model-Source", "upload")},
-        ),
-    )
+    with st.jobs.run("import", name, who_of(request)) as job:
+        chunks = counted(body_chunks(request), job.report, "receive", request.content_length)
+        record = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: st.store.add_stream(
+                chunks,
+                name,
+                expected_sha256=expected,
+                replace=request.query.get("replace") == "1",
+                info={"source": request.headers.get("X-Model-Source", "upload")},
+            ),
+        )
     return web.json_response(model_view(st, record), status=201)
+
+
+@route.get("/api/jobs", permission="metrics.read")
+async def list_jobs(request: web.Request) -> web.Response:
+    """Long work in progress (imports, pulls, data uploads, key rotations), each with
+    its phase and how far it is."""
+    return web.json_response({"jobs": _state(request).jobs.list()})
 
 
 @route.delete("/api/models/{name}", permission="models.manage")

@@ -13,10 +13,10 @@ from typing import Any
 from aiohttp import web
 
 from edgellm import __version__
-from edgellm.catalog import Catalog, prepare
+from edgellm.catalog import Catalog, prepare, store_pulled
 from edgellm.errors import EdgeError, InvalidRequest, ModelNotFound
 from edgellm.runtime.source import ModelRecord
-from edgellm.server.context import STATE, State, capabilities, may_see, read_json
+from edgellm.server.context import STATE, State, capabilities, may_see, read_json, who_of
 from edgellm.server.ollama_routes import PREFIX, resolve_name, tagged
 from edgellm.server.ollama_schemas import ModelBody, PullBody
 from edgellm.server.routes import RouteTable
@@ -139,8 +139,8 @@ async def show(request: web.Request) -> web.Response:
 @route.post(PREFIX + "/api/pull", permission="models.manage")
 async def pull(request: web.Request) -> web.StreamResponse:
     """From edgellm's catalog (the names `edgellm models catalog` lists), into the vault.
-    Progress as Ollama streams it; the file comes whole (pip fetches it), so the
-    download reports once at its start and once at its end."""
+    Progress as Ollama streams it, twice a second, from the job's figures (pip's
+    download, the checksum, the vault's encryption)."""
     st = _state(request)
     body = parse(PullBody, await read_json(request))
     name = body.which().removesuffix(":latest")
@@ -156,37 +156,26 @@ async def pull(request: web.Request) -> web.StreamResponse:
         except ModelNotFound:
             pass
         digest = f"sha256:{manifest.sha256}"
-        await emit(
-            {
-                "status": f"pulling {digest[7:19]}",
-                "digest": digest,
-                "total": manifest.size,
-                "completed": 0,
-            }
-        )
-        path = await loop.run_in_executor(None, prepare, manifest, st.settings.cache_dir)
-        await emit(
-            {
-                "status": f"pulling {digest[7:19]}",
-                "digest": digest,
-                "total": manifest.size,
-                "completed": manifest.size,
-            }
-        )
-        await emit({"status": "verifying sha256 digest"})
-        await loop.run_in_executor(
-            None,
-            lambda: st.store.add_file(
-                path,
-                name,
-                expected_sha256=None if manifest.convert else manifest.sha256,
-                info={
-                    "source": manifest.describe_source(),
-                    "license": manifest.license,
-                    "quantization": manifest.quantization,
-                },
-            ),
-        )
+        with st.jobs.run("pull", name, who_of(request)) as job:
+
+            async def watched(call: Any) -> Any:
+                """``call`` in a thread; meanwhile its bytes as Ollama's progress."""
+                running = loop.run_in_executor(None, call)
+                while not running.done():
+                    await asyncio.wait([running], timeout=0.5)
+                    await emit(
+                        {
+                            "status": f"{job.phase} {digest[7:19]}",
+                            "digest": digest,
+                            "total": job.total or manifest.size,
+                            "completed": job.completed,
+                        }
+                    )
+                return running.result()
+
+            path = await watched(lambda: prepare(manifest, st.settings.cache_dir, job.report))
+            await emit({"status": "verifying sha256 digest"})
+            await watched(lambda: store_pulled(st.store, manifest, path, job.report))
         await emit({"status": "writing manifest"})
         await emit({"status": "success"})
 

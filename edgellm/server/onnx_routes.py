@@ -82,7 +82,14 @@ async def _run(request: web.Request, tensor: TensorRequest, body: _Run) -> Resul
 
 def embedding_record(st: State, name: str, dimensions: int | None) -> ModelRecord:
     """An embedding model's record, or a 400 naming why it cannot embed as asked."""
-    record = _onnx_record(st, name)
+    record = st.store.get(name)
+    if record.format != "onnx":
+        raise InvalidRequest(
+            f"{name} is a {record.format.upper()} model, which generates text; embeddings "
+            f"come from an ONNX embedding model (default_embedding_model is "
+            f"{st.settings.default_embedding_model!r})",
+            param="model",
+        )
     if "embedding" not in record.extra:
         raise InvalidRequest(
             f"{name} is not an embedding model (its bundle has no tokenizer "

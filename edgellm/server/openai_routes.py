@@ -52,6 +52,20 @@ def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> No
     )
 
 
+def timings(event: Finished) -> dict[str, float]:
+    """The daemon's own clock for one answer, under llama-server's names (clients that
+    show speeds read these), beside OpenAI's ``usage``."""
+    usage = event.usage
+    rate = usage.completion_tokens / event.decode_seconds if event.decode_seconds > 0 else 0.0
+    return {
+        "prompt_n": usage.prompt_tokens,
+        "prompt_ms": round(event.prompt_seconds * 1000, 3),
+        "predicted_n": usage.completion_tokens,
+        "predicted_ms": round(event.decode_seconds * 1000, 3),
+        "predicted_per_second": round(rate, 3),
+    }
+
+
 Calls = list[dict[int, dict[str, Any]]]  # per choice: tool calls by index, OpenAI's shape
 
 
@@ -259,7 +273,13 @@ async def _collect(
         else:
             choice.update(text=text, logprobs=logprobs)
         choices.append(choice)
-    payload = {**base, "object": kind, "choices": choices, "usage": finished.usage.as_dict()}
+    payload = {
+        **base,
+        "object": kind,
+        "choices": choices,
+        "usage": finished.usage.as_dict(),
+        "timings": timings(finished),
+    }
     return web.json_response(payload, headers={"X-Request-Id": gen.id})
 
 
@@ -345,7 +365,15 @@ async def _stream(
                 await response.write(chunk(i, None, event.reason(i)))
             if body.include_usage:
                 await response.write(
-                    _sse({**base, "object": obj, "choices": [], "usage": event.usage.as_dict()})
+                    _sse(
+                        {
+                            **base,
+                            "object": obj,
+                            "choices": [],
+                            "usage": event.usage.as_dict(),
+                            "timings": timings(event),
+                        }
+                    )
                 )
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()

@@ -43,7 +43,15 @@ from edgellm.runtime.types import (
     TextRequest,
     ToolCallDelta,
 )
-from edgellm.server.context import PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_keep_alive
+from edgellm.server.context import (
+    PRINCIPAL,
+    REQUEST_ID,
+    STATE,
+    WHO,
+    State,
+    check_keep_alive,
+    who_of,
+)
 
 log = logging.getLogger("edgellm.requests")
 TERMINAL = (Finished, Failed, Result)
@@ -144,7 +152,7 @@ async def serve(
     st.check_accepting()
     limit = st.settings.request_timeout
     job.timeout = min(job.timeout or limit, limit)
-    job.principal = request.get(PRINCIPAL, {})
+    job.principal = {**request.get(PRINCIPAL, {}), "user": who_of(request)}
     events = Events(job)
     job.sink = events.sink_for(asyncio.get_running_loop())
     text = prompt_text(job)

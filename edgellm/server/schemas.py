@@ -329,17 +329,25 @@ class LoadRequest(BaseModel):
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
-    """Validate ``data`` or raise InvalidRequest naming the first bad field."""
+    """Validate ``data`` or raise InvalidRequest naming the bad field (every unknown
+    field, when there are unknown fields: a client fixes them all in one go)."""
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+
+        def where(err: Any) -> str:
+            parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+            return ".".join(parts) or "body"
+
+        unknown = [where(e) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            names = ", ".join(repr(u) for u in dict.fromkeys(unknown))
+            plural = "s" if len(set(unknown)) > 1 else ""
+            raise InvalidRequest(f"unknown field{plural} {names}", param=unknown[0]) from None
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-        loc = loc or "body"
-        if err["type"] == "extra_forbidden":
-            raise InvalidRequest(f"unknown field {loc!r}", param=loc) from None
+        loc = where(err)
         if err["type"] == "missing":
             raise InvalidRequest(f"missing required field {loc!r}", param=loc) from None
         msg = err["msg"].removeprefix("Value error, ")

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from edgellm.config import parse_duration
 from edgellm.errors import InvalidRequest, NotFound, VaultKeyError
-from edgellm.server.context import STATE, WHO, State, body_chunks, read_json
+from edgellm.progress import Report, counted
+from edgellm.server.context import STATE, WHO, State, body_chunks, read_json, who_of
 from edgellm.server.routes import Audit, RouteTable
 from edgellm.vault.keys import KEY_LEN, MasterKey, from_passphrase
 from edgellm.vault.open import key_from_settings, rotate_to_new_key_file
@@ -117,19 +118,8 @@ async def vault_rotate(request: web.Request) -> web.Response:
     st = _state(request)
     body = await read_json(request) if request.can_read_body else {}
     vault = st.vault
-    if isinstance(body, dict) and "passphrase" in body:
-        from edgellm.vault.keys import new_kdf_params
-
-        passphrase = str(body["passphrase"])
-        if len(passphrase) < 8:
-            raise InvalidRequest(
-                "the new passphrase is shorter than 8 characters", param="passphrase"
-            )
-        kdf = new_kdf_params()
-        new = await _run(from_passphrase, passphrase, kdf)
-        count = await _run(vault.rotate_key, new, kdf)
-    else:
-        count = await _run(rotate_to_new_key_file, vault, st.settings.vault_key_file)
+    with st.jobs.run("vault.rotate", "vault", who_of(request)) as job:
+        count = await _rotate(st, body, job.report)
     return web.json_response(
         {
             "rotated": count,
@@ -139,9 +129,27 @@ async def vault_rotate(request: web.Request) -> web.Response:
     )
 
 
+async def _rotate(st: State, body: Any, report: Report) -> int:
+    vault = st.vault
+    if isinstance(body, dict) and "passphrase" in body:
+        from edgellm.vault.keys import new_kdf_params
+
+        passphrase = str(body["passphrase"])
+        if len(passphrase) < 8:
+            raise InvalidRequest(
+                "the new passphrase is shorter than 8 characters", param="passphrase"
+            )
+        kdf = new_kdf_params()
+        report("derive the key from the passphrase")
+        new = await _run(from_passphrase, passphrase, kdf)
+        return int(await _run(vault.rotate_key, new, kdf, report))
+    return int(await _run(rotate_to_new_key_file, vault, st.settings.vault_key_file, report))
+
+
 @route.get("/api/vault/verify", permission="vault.verify")
 async def vault_verify(request: web.Request) -> web.Response:
-    bad = await _run(_state(request).vault.verify)
+    """Every object, or with ``?model=NAME`` that model's."""
+    bad = await _run(_state(request).vault.verify, request.query.get("model"))
     return web.json_response({"ok": not bad, "bad": [{"name": n, "problem": p} for n, p in bad]})
 
 
@@ -184,17 +192,18 @@ async def get_data(request: web.Request) -> web.StreamResponse:
 
 @route.put("/api/data/{name:.+}", permission="data.write", scope="name")
 async def put_data(request: web.Request) -> web.Response:
-    vault, name = _state(request).vault, request.match_info["name"]
-    chunks = body_chunks(request)
-    info = await _run(
-        lambda: vault.put_data(
-            chunks,
-            name,
-            replace=request.query.get("replace", "1") != "0",
-            expected_sha256=request.headers.get("X-Content-Sha256"),
-            source=request.headers.get("X-Data-Source", "upload"),
+    st, name = _state(request), request.match_info["name"]
+    with st.jobs.run("data.put", name, who_of(request)) as job:
+        chunks = counted(body_chunks(request), job.report, "receive", request.content_length)
+        info = await _run(
+            lambda: st.vault.put_data(
+                chunks,
+                name,
+                replace=request.query.get("replace", "1") != "0",
+                expected_sha256=request.headers.get("X-Content-Sha256"),
+                source=request.headers.get("X-Data-Source", "upload"),
+            )
         )
-    )
     return web.json_response(info, status=201)
 
 

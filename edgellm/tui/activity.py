@@ -49,7 +49,7 @@ class Requests(Pane):
             [
                 {
                     "id": r["id"],
-                    "user": r.get("uid", "-"),
+                    "user": r.get("user") or r.get("uid", "-"),
                     "model": r["model"],
                     "state": r["state"],
                     "tokens": r["completion_tokens"],
@@ -122,13 +122,13 @@ class Audit(Pane):
     def fetch(self, client: Any) -> Any:
         return client.audit(limit=200, order="newest", **self.filters)
 
-    def show(self, data: Any) -> None:
+    def on_mount(self) -> None:
         table = self.query_one(Table)
-        table.sort_by = "seq"
-        rows = [
-            {**r, "user": r.get("user") or r.get("uid"), "seq": -int(r["seq"])} for r in data
-        ]  # negative: newest on top
-        table.show(rows, key="seq")
+        table.sort_by, table.descending = "seq", True  # newest on top
+
+    def show(self, data: Any) -> None:
+        rows = [{**r, "user": r.get("user") or r.get("uid"), "seq": int(r["seq"])} for r in data]
+        self.query_one(Table).show(rows, key="seq")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         try:
@@ -166,7 +166,7 @@ class Audit(Pane):
     def action_details(self) -> None:
         row = self.query_one(Table).selected_row("seq")
         if row:
-            self.app.push_screen(Help(Text(json.dumps({**row, "seq": -row["seq"]}, indent=2))))
+            self.app.push_screen(Help(Text(json.dumps(row, indent=2))))
 
     def on_data_table_row_selected(self, event: Any) -> None:
         self.action_details()

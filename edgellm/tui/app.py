@@ -9,6 +9,9 @@ the poll keeps retrying.
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static, TabbedContent, TabPane
+from textual.worker import WorkerFailed
 
 from edgellm.client import Client
 from edgellm.tui.access import Access
@@ -226,6 +230,36 @@ class EdgeApp(App[None]):
     def on_unmount(self) -> None:
         self.client.close()
 
+    def _fatal_error(self) -> None:
+        """An error of the TUI's own ends it with one line and exit status 1 (Textual
+        sets it); the traceback goes to a file for a bug report, not on the screen."""
+        exc = self._exception or sys.exc_info()[1]
+        if isinstance(exc, WorkerFailed):  # the error a worker of ours raised
+            exc = exc.error
+        where = crash_log()
+        try:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            with open(where, "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+                f.write("".join(traceback.format_exception(exc)) if exc else "no exception\n")
+            saved = f"; the traceback is in {where}"
+        except OSError as err:
+            saved = f" (its traceback could not be saved to {where}: {err.strerror})"
+        self.bell()
+        self._exit_renderables.append(
+            f"error: edgellm tui stopped on an internal error ({type(exc).__name__}: {exc}){saved}"
+        )
+        self._close_messages_no_wait()
 
-def run(socket: str | None = None) -> None:
-    EdgeApp(socket).run()
+
+def crash_log() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("edgellm")) / "tui-crash.log"
+
+
+def run(socket: str | None = None) -> int:
+    """The TUI until it quits; its exit status (1 after an internal error)."""
+    app = EdgeApp(socket)
+    app.run()
+    return app.return_code or 0

@@ -28,6 +28,7 @@ class Table(DataTable):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
         self.spec = columns
         self.sort_by = columns[0][0]
+        self.descending = False
         self.rows_data: list[dict[str, Any]] = []
 
     def on_mount(self) -> None:
@@ -39,7 +40,9 @@ class Table(DataTable):
         self.rows_data = rows
         selected = self.selected_key()
         self.clear()
-        ordered = sorted(rows, key=lambda r: _sortable(r.get(self.sort_by)))
+        ordered = sorted(
+            rows, key=lambda r: _sortable(r.get(self.sort_by)), reverse=self.descending
+        )
         for row in ordered:
             self.add_row(*[_cell(row.get(k)) for k, _ in self.spec], key=str(row[key]))
         if selected is not None:

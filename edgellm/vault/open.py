@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from edgellm.config import Settings
+from edgellm.progress import Report, ignore
 from edgellm.vault.files import fsync_dir
 from edgellm.vault.keys import (
     MasterKey,
@@ -107,7 +108,7 @@ def _finish_key_file_rotation(key_file: Path, meta: VaultMeta) -> None:
     fsync_dir(key_file.parent)
 
 
-def rotate_to_new_key_file(store: VaultStore, key_file: Path) -> int:
+def rotate_to_new_key_file(store: VaultStore, key_file: Path, report: Report = ignore) -> int:
     """Rotate to a new random key that replaces ``key_file``: the new key is durable
     in ``<key file>.new`` before the vault commits to it, and renamed over the old
     file after (a crash in between is finished by the next open)."""
@@ -115,7 +116,7 @@ def rotate_to_new_key_file(store: VaultStore, key_file: Path) -> int:
     pending.unlink(missing_ok=True)
     new = create_key_file(pending)
     try:
-        count = store.rotate_key(MasterKey(new.key, f"key file {key_file}"))
+        count = store.rotate_key(MasterKey(new.key, f"key file {key_file}"), report=report)
     except BaseException:
         if store.meta.key_id != new.key_id.hex():
             pending.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from edgellm.progress import Report, ignore
 from edgellm.vault import format as fmt
 from edgellm.vault.files import fsync_dir
 from edgellm.vault.keys import MasterKey, VaultMeta
@@ -37,18 +38,21 @@ def rotate(
     new_key: MasterKey,
     kdf: dict[str, object] | None,
     audit_key: bytes,
+    report: Report = ignore,
 ) -> int:
     """``files``: each object's file and identity (fmt.identity), which its new header
     stays bound to."""
     new_wrap = new_key.derive("object-wrap")
     headers = {}
-    for file, ident in files:
+    for done, (file, ident) in enumerate(files):
+        report("rewrap data keys", done, len(files))
         with open(root / "objects" / file, "rb") as f:
             raw = f.read(fmt.HEADER_LEN)
         headers[file] = fmt.rewrap(raw, old_wrap, new_wrap, new_key.key_id, ident).hex()
     meta = VaultMeta.for_key(new_key, kdf, audit_key=audit_key)
     _write_journal(root, {"key_id": meta.key_id, "headers": headers})
     meta.save(root / "vault.json")  # the commit point
+    report("rewrap data keys", len(files), len(files))
     _apply(root, headers)
     return len(headers)
 

@@ -48,6 +48,7 @@ from edgellm.errors import (
     ModelNotFound,
     VaultLocked,
 )
+from edgellm.progress import Report, counted, ignore
 from edgellm.runtime.gguf_meta import check_gguf_tensors, read_gguf_metadata
 from edgellm.runtime.source import ModelRecord, check_name
 from edgellm.vault import format as fmt
@@ -213,7 +214,9 @@ class VaultStore:
             raise VaultLocked()
         return self._wrap, self._key_id
 
-    def rotate_key(self, new_key: MasterKey, kdf: dict[str, object] | None = None) -> int:
+    def rotate_key(
+        self, new_key: MasterKey, kdf: dict[str, object] | None = None, report: Report = ignore
+    ) -> int:
         """Rewrap every object's data key under ``new_key`` (payloads untouched),
         atomically; returns the number of objects rewrapped."""
         with self._keylock:
@@ -225,7 +228,7 @@ class VaultStore:
                 ]
             assert self._master is not None  # unlocked just above
             audit_key = self.meta.audit_key_for(self._master)
-            count = rotation.rotate(self.root, files, old_wrap, new_key, kdf, audit_key)
+            count = rotation.rotate(self.root, files, old_wrap, new_key, kdf, audit_key, report)
             self.unlock(new_key)
             return count
 
@@ -373,9 +376,12 @@ class VaultStore:
         return bad
 
     # --- writing -----------------------------------------------------------------------
-    def add_file(self, path: Path, name: str, **kw: Any) -> ModelRecord:
+    def add_file(self, path: Path, name: str, report: Report = ignore, **kw: Any) -> ModelRecord:
+        """``add_stream`` from a file, its encryption into the vault reported."""
         with open(path, "rb") as f:
-            return self.add_stream(iter(lambda: f.read(1 << 20), b""), name, **kw)
+            chunks = iter(lambda: f.read(1 << 20), b"")
+            size = os.fstat(f.fileno()).st_size
+            return self.add_stream(counted(chunks, report, "store in the vault", size), name, **kw)
 
     def add_stream(
         self,
@@ -583,12 +589,15 @@ class VaultStore:
         self._delete("data", name)
         return info
 
-    def verify(self) -> builtins.list[tuple[str, str]]:
-        """Authenticate every segment of every object; (name, problem) for each bad one
-        (data objects are named ``data:NAME``)."""
+    def verify(self, model: str | None = None) -> builtins.list[tuple[str, str]]:
+        """Authenticate every segment of every object (or of one model); (name, problem)
+        for each bad one (data objects are named ``data:NAME``)."""
         bad = []
+        where, args = ("kind = 'model' and name = ?", [model]) if model else (None, [])
         with self._lock:
-            rows = list(self.db.table("objects").rows_where(order_by="kind, name"))
+            rows = list(self.db.table("objects").rows_where(where, args, order_by="kind, name"))
+        if model and not rows:
+            raise ModelNotFound(f"model {model!r} not found")
         for row in rows:
             label = row["name"] if row["kind"] == "model" else f"data:{row['name']}"
             try:
