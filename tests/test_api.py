@@ -206,6 +206,31 @@ def test_malformed_requests_get_a_clear_error(
     assert set(err) == {"message", "type", "code", "param"}
 
 
+def test_every_unknown_field_is_named_and_each_refusal_is_logged(daemon: Daemon) -> None:
+    secret = "my-bank-pin-is-4321"
+    body = {
+        "messages": [{"role": "user", "content": secret}],
+        "temprature": 0.2,  # the typos a client sends, all named in one go
+        "max_tokns": 9,
+    }
+    with daemon.http() as h:
+        r = h.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert message == "unknown fields 'temprature', 'max_tokns'"
+    logged = wait_for(
+        lambda: [
+            line
+            for line in daemon.log_text().splitlines()
+            if "event=refused" in line and "temprature" in line
+        ],
+        timeout=5,
+    )
+    assert "status=400 method=POST path=/v1/chat/completions param=temprature" in logged[-1]
+    assert secret not in daemon.log_text()  # names and reasons, never the content
+    assert daemon.alive()
+
+
 def test_other_bad_requests(daemon: Daemon) -> None:
     with daemon.http() as h:
         big = h.post("/v1/chat/completions", content=b"x" * (1024 * 1024 + 10))

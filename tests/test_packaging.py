@@ -41,7 +41,7 @@ def _client_only(code: str, *argv: str) -> subprocess.CompletedProcess[str]:
 def test_the_base_install_is_the_client_and_the_extras_the_appliance() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = {d.split(">")[0].split("[")[0] for d in project["dependencies"]}
-    assert base == {"httpx", "pydantic", "platformdirs", "click"}
+    assert base == {"httpx", "pydantic", "platformdirs", "click", "rich"}  # all pure Python
     server = {d.split(">")[0] for d in project["optional-dependencies"]["server"]}
     assert "llama-cpp-python" in server and "aiohttp" in server
     assert project["optional-dependencies"]["tui"] == ["textual>=8.0"]

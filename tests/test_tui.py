@@ -457,8 +457,8 @@ def test_an_onnx_model_loaded_shows_on_every_tab(make_daemon: Any, tmp_path: Pat
         assert by_name[embedder][3].endswith("rows/s") and by_name[MODEL][3].endswith("tok/s")
         for key in "234561":
             await pilot.press("escape", key)
-            await until(pilot, lambda: app.polls_shown > 0)
-            await pilot.pause(1.2)  # a poll of each tab, with both models loaded
+            polls = app.polls_shown
+            await until(pilot, lambda polls=polls: app.polls_shown > polls)  # each tab's own poll
         await pilot.press("2")
         models = await until(pilot, lambda: rows(app, "#models-table"))
         assert {r[0].rstrip(" *"): r[4] for r in models} == {MODEL: "loaded", embedder: "loaded"}

@@ -141,7 +141,7 @@ def test_kill_9_during_rotation_never_strands_the_vault(tmp_path: Path) -> None:
     outcomes, key = {"old": 0, "new": 0}, old
     rng = random.Random(4)
     span = 0.0
-    for trial in range(16):
+    for trial in range(10):
         new = MasterKey(os.urandom(32), f"new {trial}")
         proc = subprocess.Popen(
             [sys.executable, "-c", ROTATE, str(tmp_path / "v"), key.key.hex(), new.key.hex()],
@@ -187,7 +187,7 @@ def test_kill_9_during_imports_always_leaves_a_vault_that_opens(tmp_path: Path) 
     VaultStore.create(tmp_path / "v", key)
     rng = random.Random(9)
     seen = set()
-    for _ in range(25):
+    for _ in range(16):
         proc = subprocess.Popen(
             [sys.executable, "-c", IMPORT, str(tmp_path / "v"), key.key.hex()],
             stdout=subprocess.PIPE,
