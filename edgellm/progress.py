@@ -134,6 +134,9 @@ def shown(label: str, stream: TextIO | None = None) -> Iterator[Report]:
                 for other in tasks.values():  # a new phase ends the one before
                     finish(bar, other)
                 tasks[phase] = bar.add_task(f"{label}: {phase}", total=total, bytes=bool(total))
+            # a phase may learn its size after it starts (pip says it once connected)
+            if total:
+                bar.tasks[tasks[phase]].fields["bytes"] = True
             bar.update(tasks[phase], completed=completed, total=total)
 
         yield report

@@ -111,7 +111,7 @@ class Conversation:
         for name in COMMANDS:
             doc = (getattr(Conversation, f"cmd_{name}").__doc__ or "").splitlines()[0]
             click.echo(f"  {doc}", err=True)
-        click.echo(f"  options for /set: {', '.join(SETTABLE)}", err=True)
+        click.echo(f"  options for /set: {', '.join(SETTABLE)}, verbose", err=True)
         click.echo("  //text          send a line that starts with '/'", err=True)
 
     def cmd_set(self, arg: str) -> None:
