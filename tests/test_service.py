@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -40,12 +41,53 @@ def units(tmp_path: Path) -> Path:
 
 
 def _known_notices(output: str) -> list[str]:
-    # systemd < 254 does not know MemoryPressureWatch= yet, and says so
-    return [
-        line
-        for line in output.splitlines()
-        if line.strip() and "Unknown key 'MemoryPressureWatch'" not in line
-    ]
+    return [line for line in output.splitlines() if line.strip()]
+
+
+def _unit_values(name: str) -> dict[str, str]:
+    values = {}
+    for line in (REPO / "systemd" / name).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            values[key.strip()] = value.strip()
+    return values
+
+
+def test_reload_needs_nothing_a_minimal_debian_lacks() -> None:
+    """/bin/kill is procps', absent from a minimal Debian: the reload is the shell's
+    own kill, run here as systemd runs it ($MAINPID substituted)."""
+    reload = _unit_values("edgellm.service")["ExecReload"]
+    assert reload.startswith("/bin/sh -c ") and "/bin/kill" not in reload
+    kill = subprocess.run(["/bin/sh", "-c", "command -V kill"], capture_output=True, text=True)
+    assert "builtin" in kill.stdout  # needs no package of its own
+    target = subprocess.Popen(["sleep", "30"])
+    try:
+        script = shlex.split(reload)[2].replace("$MAINPID", str(target.pid))
+        subprocess.run(["/bin/sh", "-c", script], env={"PATH": "/nonexistent"}, check=True)
+        assert target.wait(10) == -signal.SIGHUP
+    finally:
+        target.kill()
+
+
+def test_the_units_directories_match_tmpfiles() -> None:
+    """systemd logs at every start when a directory it manages exists with another
+    mode than its *DirectoryMode= (default 0755); tmpfiles.d makes them first."""
+    unit = _unit_values("edgellm.service")
+    made = {}
+    for line in (REPO / "systemd" / "edgellm.tmpfiles").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == "d":
+            made[parts[1]] = parts[2]
+    roots = {"Configuration": "/etc", "State": "/var/lib"}
+    for kind, root in roots.items():
+        path = f"{root}/{unit[f'{kind}Directory']}"
+        assert unit.get(f"{kind}DirectoryMode", "0755") == made[path], (kind, path)
+
+
+def test_no_setting_debian_12s_systemd_does_not_know() -> None:
+    """MemoryPressureWatch= (systemd 254) is gone: edgellm's governor reads memory
+    pressure itself, and systemd 252 warned of the unknown key at every load."""
+    assert "MemoryPressureWatch" not in (REPO / "systemd" / "edgellm.service").read_text()
 
 
 def test_units_pass_systemd_analyze_verify(units: Path) -> None:
