@@ -221,9 +221,16 @@ class Client:
         if Path(path).is_dir():
             from edgellm.runtime.onnx import bundle
 
-            packed = bundle.pack(bundle.from_directory(Path(path)))
-            report("upload", len(packed), len(packed))
-            return self._json("PUT", f"/api/models/{name}", content=packed, headers=headers)
+            packed = memoryview(bundle.pack(bundle.from_directory(Path(path))))
+            # in pieces: handed one large bytes, httpcore copies the rest after each send
+            pieces = (bytes(packed[i : i + (1 << 20)]) for i in range(0, len(packed), 1 << 20))
+            headers["Content-Length"] = str(len(packed))
+            return self._json(
+                "PUT",
+                f"/api/models/{name}",
+                content=counted(pieces, report, "upload", len(packed)),
+                headers=headers,
+            )
         return self._upload(f"/api/models/{name}", path, report, headers=headers)
 
     def _upload(

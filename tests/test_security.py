@@ -26,7 +26,7 @@ from gguf_files import corruptions, with_template
 from edgellm.server.app import add_routes
 from edgellm.server.routes import Audit
 
-from conftest import MODEL, Daemon, as_user, public_socket, unix_users, wait_for
+from conftest import MODEL, Daemon, as_user, file_body, public_socket, unix_users, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating users needs root")
 
@@ -623,7 +623,7 @@ def test_corrupt_ggufs_are_refused_at_import(
         )
     d = make_daemon()
     with d.http() as h:
-        r = h.put("/api/models/bad", content=made["offset_past_end"].read_bytes())
+        r = h.put("/api/models/bad", **file_body(made["offset_past_end"]))
         assert r.status_code == 400 and "truncated or corrupt" in r.text, r.text
         assert h.get("/health").json()["status"] == "ready"
         assert [m["name"] for m in h.get("/api/models").json()["models"]] == [MODEL]
@@ -641,7 +641,7 @@ def test_a_model_llama_cpp_cannot_load_is_reported_failed_not_retried(
     odd.write_bytes(bytes(raw))
     d = make_daemon()
     with d.http() as h:
-        assert h.put("/api/models/odd", content=odd.read_bytes()).status_code == 201
+        assert h.put("/api/models/odd", **file_body(odd)).status_code == 201
         first = h.post("/v1/chat/completions", json={**CHAT, "model": "odd"})
         again = h.post("/v1/chat/completions", json={**CHAT, "model": "odd"})
         health = h.get("/health").json()
