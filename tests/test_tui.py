@@ -407,9 +407,20 @@ def test_edgellm_tui_in_a_real_terminal(make_daemon: Any, tmux: str, tmp_path: P
         wait_for(showing(row, "l Load"), timeout=15)
     except AssertionError:
         raise AssertionError(f"the Models tab never showed {row!r}:\n{screen()}") from None
-    for key in "345612":
-        subprocess.run(["tmux", "send-keys", "-t", tmux, "Escape", key], check=True)
-        time.sleep(1.2)
+    # each tab, by a line only it shows, with the ONNX model loaded
+    for key, only in zip(
+        "345612",
+        ["in flight", "newest first", "Enter sends", "g grants", "busy slots", "l Load"],
+        strict=True,
+    ):
+        if key == "6":  # the Playground's prompt has the keys: Esc leaves it first
+            subprocess.run(["tmux", "send-keys", "-t", tmux, "Escape"], check=True)
+            time.sleep(0.5)  # alone, not read as Alt+6
+        subprocess.run(["tmux", "send-keys", "-t", tmux, key], check=True)
+        try:
+            wait_for(showing(only), timeout=15)
+        except AssertionError:
+            raise AssertionError(f"tab {key} never showed {only!r}:\n{screen()}") from None
         assert "Traceback" not in screen()
     subprocess.run(["tmux", "send-keys", "-t", tmux, "q"], check=True)
     wait_for(
