@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ import click
 
 from edgellm.client import SAMPLING_OPTIONS, ChatStream, Client
 from edgellm.errors import EdgeError
-
-SETTABLE: dict[str, Callable[[str], Any]] = SAMPLING_OPTIONS  # what /set takes
 
 
 @dataclass
@@ -111,7 +108,7 @@ class Conversation:
         for name in COMMANDS:
             doc = (getattr(Conversation, f"cmd_{name}").__doc__ or "").splitlines()[0]
             click.echo(f"  {doc}", err=True)
-        click.echo(f"  options for /set: {', '.join(SETTABLE)}, verbose", err=True)
+        click.echo(f"  options for /set: {', '.join(SAMPLING_OPTIONS)}, verbose", err=True)
         click.echo("  //text          send a line that starts with '/'", err=True)
 
     def cmd_set(self, arg: str) -> None:
@@ -129,10 +126,9 @@ class Conversation:
             self.verbose = value.lower() not in ("off", "false", "0", "no")
             click.echo(f"verbose {'on' if self.verbose else 'off'}", err=True)
             return
-        if name not in SETTABLE:
-            raise click.UsageError(
-                f"no option {name!r} to set; the options are: {', '.join(SETTABLE)}, verbose"
-            )
+        if name not in SAMPLING_OPTIONS:
+            known = ", ".join(SAMPLING_OPTIONS)
+            raise click.UsageError(f"no option {name!r} to set; the options are: {known}, verbose")
         if not value:
             raise click.UsageError(f"/set {name} needs a value (or 'default')")
         if value == "default":
@@ -140,9 +136,9 @@ class Conversation:
             click.echo(f"{name}: the daemon's default", err=True)
             return
         try:
-            self.params[name] = SETTABLE[name](value)
+            self.params[name] = SAMPLING_OPTIONS[name](value)
         except ValueError:
-            kind = SETTABLE[name].__name__
+            kind = SAMPLING_OPTIONS[name].__name__
             raise click.UsageError(f"{name} takes a number ({kind}), not {value!r}") from None
         click.echo(f"{name} = {self.params[name]}", err=True)
 
