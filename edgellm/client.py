@@ -35,7 +35,14 @@ from edgellm.progress import Report, counted, ignore
 BASE_URL = "http://edgellm"
 
 
+# where `edgellm service install` serves (the socket unit's ListenStream=)
+SERVICE_SOCKET = Path("/run/edgellm/edgellm.sock")
+
+
 def resolve_socket(socket: str | os.PathLike[str] | None = None) -> Path:
+    """The socket given, else the settings' one; where that has no daemon but the
+    system service's socket exists, the service's (so a user in its group needs no
+    setting once it is installed)."""
     given = socket or os.environ.get("EDGELLM_SOCKET")
     if given:
         if "://" in str(given):  # a URL where a path belongs: say so, not "no daemon"
@@ -46,7 +53,8 @@ def resolve_socket(socket: str | os.PathLike[str] | None = None) -> Path:
         return Path(given)
     from edgellm.config import load_settings
 
-    return load_settings().socket
+    own = load_settings().socket
+    return SERVICE_SOCKET if not own.exists() and SERVICE_SOCKET.exists() else own
 
 
 def _unavailable(sock: Path, exc: Exception, url: str | None = None) -> EdgeError:

@@ -306,7 +306,8 @@ TCP_UNIT = f"{UNIT_DIR}/edgellm-tcp.socket"
 def uninstall_steps(root: Path, purge: bool) -> list[Step]:
     live = root == Path("/")
     steps: list[Step] = []
-    if live and systemd_running():
+    installed = (root / FILES["edgellm.service"]).exists()
+    if live and systemd_running() and installed:
         steps.append(
             Step(
                 "stop and disable edgellm.service and its sockets",
@@ -324,8 +325,9 @@ def uninstall_steps(root: Path, purge: bool) -> list[Step]:
     for target in targets:
         if (root / target).exists():
             steps.append(Step(f"remove /{target}", _remover(root / target)))
-    if live and systemd_running():
+    if live and systemd_running() and installed:
         steps.append(Step("systemctl daemon-reload", lambda: _run("systemctl", "daemon-reload")))
+    steps += _account_removals(root)
     if purge:
         for target in (STATE, "var/cache/edgellm", "etc/edgellm"):
             if (root / target).exists():
@@ -335,6 +337,30 @@ def uninstall_steps(root: Path, purge: bool) -> list[Step]:
     else:
         steps.append(Step(f"keep /{STATE} and /etc/edgellm (--purge removes them)", lambda: None))
     return steps
+
+
+def _account_removals(root: Path) -> list[Step]:
+    """The service's user and its clients' group go with the units (a reinstall makes
+    them again and hands the kept state to the new user)."""
+    where = [] if root == Path("/") else ["--root", str(root)]
+    steps = []
+    if _has(root / "etc/passwd", "edgellm"):
+        steps.append(Step("remove the user edgellm", lambda: _run("userdel", *where, "edgellm")))
+    for group in ("edgellm", "edgellm-clients"):
+
+        def remove(group: str = group) -> None:
+            if _has(root / "etc/group", group):  # userdel may have taken edgellm already
+                _run("groupdel", *where, group)
+
+        if _has(root / "etc/group", group):
+            steps.append(Step(f"remove the group {group}", remove))
+    return steps
+
+
+def _has(table: Path, name: str) -> bool:
+    return table.exists() and any(
+        line.split(":", 1)[0] == name for line in table.read_text().splitlines()
+    )
 
 
 def _remover(path: Path) -> Callable[[], None]:

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The system packages the test suite runs for real (the README's test command runs
 # this first): Prometheus scrapes a daemon over TCP; HAProxy balances a fleet; the
-# TUI runs in a real terminal under tmux.
+# TUI runs in a real terminal under tmux; the service boots under a real systemd in
+# systemd-nspawn, on a Debian made by debootstrap (tests/booted.py).
 # Installed with apt as root when missing; otherwise says what is missing.
 set -euo pipefail
 need=()
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v tmux >/dev/null || need+=(tmux)
+command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+command -v debootstrap >/dev/null || need+=(debootstrap)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
     echo "the tests need: ${need[*]} (install them as root: apt-get install ${need[*]})" >&2

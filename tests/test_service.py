@@ -389,6 +389,10 @@ def test_install_and_uninstall_into_a_root(tmp_path: Path) -> None:
     assert kept.returncode == 0 and not (root / "etc/systemd/system/edgellm.service").exists()
     assert not (root / "etc/systemd/system/edgellm-tcp.socket").exists()
     assert key.exists() and blobs.exists()
+    assert "edgellm:" not in (root / "etc/passwd").read_text()  # the user went with the units
+    assert not {"edgellm", "edgellm-clients"} & {
+        line.split(":")[0] for line in (root / "etc/group").read_text().splitlines()
+    }
     purged = cli("uninstall", "--root", str(root), "--purge")
     assert purged.returncode == 0 and not key.exists() and not blobs.exists()
     shutil.rmtree(root)

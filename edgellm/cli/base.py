@@ -19,7 +19,10 @@ from edgellm.errors import EdgeError
 socket_option = click.option(
     "--socket",
     envvar="EDGELLM_SOCKET",
-    type=click.Path(),
+    # no access check here: the service's socket is root:edgellm-clients 0660, and the
+    # daemon, handed it as fd 3, need not be able to open it; a client refused is told
+    # so by the connect, by name
+    type=click.Path(readable=False),
     help="The daemon's socket [env EDGELLM_SOCKET].",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

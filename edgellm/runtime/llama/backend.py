@@ -63,6 +63,14 @@ def _reason(default: str) -> str:
     return "; ".join(dict.fromkeys(lines)) or default
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(" amx_int8" in line for line in f if line.startswith("flags"))
+    except OSError:
+        return False
+
+
 class LlamaBackend:
     def __init__(self, path: str, settings: ModelSettings, n_ctx: int, n_seq: int) -> None:
         import llama_cpp
@@ -76,6 +84,12 @@ class LlamaBackend:
         mp.n_gpu_layers = settings.n_gpu_layers or 0
         mp.use_mmap = True if settings.use_mmap is None else settings.use_mmap
         mp.use_mlock = bool(settings.use_mlock)
+        # llama.cpp's AMX weights (an "extra buffer type", chosen on CPUs with AMX, such
+        # as Xeon Sapphire Rapids) crash in ggml_backend_amx_mul_mat once the context
+        # holds several KV streams (one per slot, as here): seen with llama-cpp-python
+        # 0.3.36 on a first prompt. Plain CPU buffers there; other CPUs keep theirs.
+        if _cpu_has_amx():
+            mp.use_extra_bufts = False
         if settings.main_gpu is not None:
             mp.main_gpu = settings.main_gpu
         if settings.tensor_split:
