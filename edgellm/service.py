@@ -226,14 +226,20 @@ def _key_steps(
     if live and shutil.which("systemd-creds"):
         return [
             Step(
-                f"seal {source} with systemd-creds (TPM2 where present) into /{KEY_CRED}",
-                lambda: _run(
-                    "systemd-creds",
-                    "encrypt",
-                    "--name=vault-key",
-                    "-",
-                    str(root / KEY_CRED),
-                    stdin=key,
+                f"seal {source} with systemd-creds (TPM2 where present) into /{KEY_CRED}"
+                " (0600, root only)",
+                each(
+                    lambda: _run(
+                        "systemd-creds",
+                        "encrypt",
+                        "--name=vault-key",
+                        "-",
+                        str(root / KEY_CRED),
+                        stdin=key,
+                    ),
+                    # sealed or not, the service's user (group edgellm on /etc/edgellm)
+                    # gets no file holding the key: PID 1 reads it for the service
+                    lambda: os.chmod(root / KEY_CRED, 0o600),
                 ),
             )
         ], lambda: key
