@@ -58,6 +58,7 @@ class ModelSettings(BaseModel):
     n_batch: int | None = Field(default=None, ge=1)
     prefill_chunk: int | None = Field(default=None, ge=16)
     prefix_cache: bool | None = None
+    batching: Literal["exact", "fused"] | None = None
     n_gpu_layers: int | None = None
     main_gpu: int | None = None
     tensor_split: list[float] | None = None
@@ -247,6 +248,10 @@ class Settings(BaseModel):
     n_batch: int = Field(default=512, ge=1)
     prefill_chunk: int = Field(default=256, ge=16)  # also the granularity of prefix reuse
     prefix_cache: bool = True
+    # how prompts meet the running streams: "exact", one prompt chunk per turn in a
+    # batch of its own (output alone = output batched, bit for bit); "fused", every
+    # waiting prompt's chunk in the decode step's own batch (README: continuous batching)
+    batching: Literal["exact", "fused"] = "exact"
     n_gpu_layers: int = 0
     use_mmap: bool = True
     use_mlock: bool = False

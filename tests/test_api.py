@@ -62,6 +62,23 @@ def test_sse_wire_format(daemon: Daemon) -> None:
     assert last["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_stream_accounts_for_its_first_token(daemon: Daemon) -> None:
+    """The last chunk's timings say when the request reached each step; the allow row
+    is durable before the first token is written (the model ran while it committed)."""
+    body = {"prompt": "Hello", "max_tokens": 4, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with daemon.http() as h, h.stream("POST", "/v1/completions", json=body) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    marks = chunks[-1]["timings"]["ttft_marks_ms"]
+    steps = ["received", "parsed", "submitted", "audited", "admitted", "tokenized"]
+    assert set(marks) == {*steps, "first_token", "first_write"}
+    assert list(marks.values()) == sorted(marks.values()) and marks["received"] == 0
+    assert marks["parsed"] <= marks["submitted"] <= marks["audited"] <= marks["first_write"]
+    assert marks["admitted"] <= marks["tokenized"] <= marks["first_token"] <= marks["first_write"]
+    logged = daemon.log_text()
+    assert "marks_ms=received:0.0," in logged and "first_write:" in logged
+
+
 def test_max_tokens_and_stop_are_honoured(daemon: Daemon) -> None:
     with daemon.http() as h:
         counted = h.post(

@@ -89,6 +89,51 @@ def test_greedy_output_is_the_same_alone_and_beside_others(make_daemon: Any) -> 
     )
 
 
+def test_busy_sequences_stay_packed_and_a_moved_one_is_unchanged(make_daemon: Any) -> None:
+    """llama.cpp batches only sequences with consecutive ids together, so a sequence
+    left beyond a hole is moved into it (its KV stream copied): every decode step stays
+    one graph evaluation, and the moved answer is the one it gives alone."""
+    d: Daemon = make_daemon(n_parallel=4)
+    greedy = {"temperature": 0, "max_tokens": 60, "ignore_eos": True}
+    alone = _parallel(d, [(PROMPTS[3], greedy)])[0]
+    out: dict[int, Any] = {}
+    first = _start_generating(d, PROMPTS[0], out, 0, max_tokens=60)  # slot 0
+    short = threading.Thread(  # slot 1, ends first: a hole between the other two
+        target=_ask, args=(d, PROMPTS[1], out, 1), kwargs={"max_tokens": 24, "ignore_eos": True}
+    )
+    short.start()
+    with d.client() as c:
+        wait_for(lambda: sum(m["slots_busy"] for m in c.ps()) == 2)
+    last = threading.Thread(target=_ask, args=(d, PROMPTS[3], out, 3), kwargs=greedy)  # slot 2
+    last.start()
+    for t in (first, short, last):
+        t.join(120)
+    assert out[3] == alone and out[1][2]["completion_tokens"] == 24
+    with d.client() as c:
+        ps = c.ps()[0]
+    assert ps["sequence_moves"] >= 1 and ps["mean_micro_batches_per_step"] == 1.0
+
+
+def test_fused_batching_prefills_prompts_that_arrive_together_together(
+    make_daemon: Any,
+) -> None:
+    """Fused: the waiting prompts' chunks ride in the decode step's batch. Alone, a
+    request is answered as in exact mode; beside others, every request is served in
+    full (its text may differ: README, "Continuous batching")."""
+    fused: Daemon = make_daemon(n_parallel=4, prefill_chunk=64, batching="fused")
+    exact: Daemon = make_daemon(n_parallel=4, prefill_chunk=64)
+    greedy = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+    assert _parallel(fused, [(PROMPTS[2], greedy)]) == _parallel(exact, [(PROMPTS[2], greedy)])
+    for d in (fused, exact):
+        out = _parallel(d, [(p, greedy) for p in PROMPTS])
+        assert [out[i][1:] for i in range(4)] == [("length", out[i][2]) for i in range(4)]
+        assert all(out[i][2]["completion_tokens"] == 24 for i in range(4))
+    with fused.client() as f, exact.client() as e:
+        fused_ps, exact_ps = f.ps()[0], e.ps()[0]
+    assert fused_ps["batching"] == "fused" and fused_ps["mean_prompts_per_prefill_step"] > 1.0
+    assert exact_ps["batching"] == "exact" and exact_ps["mean_prompts_per_prefill_step"] == 1.0
+
+
 def test_seeded_sampling_is_reproducible_alone_and_together(make_daemon: Any) -> None:
     d: Daemon = make_daemon(n_parallel=4)
     sampled = {"temperature": 0.9, "seed": 1234, "max_tokens": 32}

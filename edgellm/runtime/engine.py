@@ -39,6 +39,10 @@ class EngineStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     decode_step_sequences: int = 0  # sum over steps of sequences decoded together
+    decode_micro_batches: int = 0  # sum over steps of llama.cpp's graph evaluations
+    prefill_steps: int = 0  # steps that evaluated prompt chunks
+    prefill_chunks: int = 0  # prompt chunks over those steps
+    sequence_moves: int = 0  # running sequences moved to another KV stream (packing)
     batches: int = 0  # ONNX runs
     batch_items: int = 0  # rows (texts, tensors) over those runs
 

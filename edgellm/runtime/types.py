@@ -139,6 +139,10 @@ class Request:
     started: float = field(default_factory=time.monotonic)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # when it reached each step on its way to the first token (monotonic seconds):
+    # "received", "audited", "submitted", "admitted", "tokenized", "first_token",
+    # "first_write"; each written once by the part that does the step
+    marks: dict[str, float] = field(default_factory=dict)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     on_cancel: Callable[[], None] | None = None  # set by an engine that can stop a run
     _done: bool = False

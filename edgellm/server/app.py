@@ -31,7 +31,16 @@ from edgellm.server import (
     text_routes,
     vault_routes,
 )
-from edgellm.server.context import METRICS, PRINCIPAL, REQUEST_ID, STATE, WHO, State, check_text
+from edgellm.server.context import (
+    METRICS,
+    PRINCIPAL,
+    RECEIVED,
+    REQUEST_ID,
+    STATE,
+    WHO,
+    State,
+    check_text,
+)
 from edgellm.server.metrics import Metrics
 from edgellm.server.network import is_network
 from edgellm.server.peer import connection_peer
@@ -159,7 +168,7 @@ async def errors_and_identity(request: web.Request, handler: Handler) -> web.Str
         if request.match_info.route.resource
         else "unmatched"
     )
-    t0 = time.monotonic()
+    t0 = request[RECEIVED] = time.monotonic()
     ollama = request.path == ollama_routes.PREFIX or request.path.startswith(
         ollama_routes.PREFIX + "/"
     )

@@ -181,6 +181,7 @@ STATE = web.AppKey("state", State)
 METRICS = web.AppKey("metrics", Metrics)
 PRINCIPAL = web.RequestKey("principal", dict)  # the peer as the kernel says: uid, gid, pid, exe
 WHO = web.RequestKey("who", Principal)  # who that is to the access policy (user, token)
+RECEIVED = web.RequestKey("received", float)  # monotonic time its headers were read
 REQUEST_ID = web.RequestKey("request_id", str)  # the runtime request's id, once it has one
 
 

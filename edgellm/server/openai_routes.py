@@ -27,7 +27,7 @@ from edgellm.runtime.types import (
     ToolUse,
 )
 from edgellm.server.context import STATE, State, read_json, tool_format_for
-from edgellm.server.pipeline import Events, serve
+from edgellm.server.pipeline import Events, serve, ttft_marks
 from edgellm.server.routes import Audit, RouteTable
 from edgellm.server.schemas import ChatCompletionRequest, CompletionRequest, parse
 
@@ -35,10 +35,12 @@ log = logging.getLogger("edgellm.requests")
 route = RouteTable()
 
 
-def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> None:
+def _log_done(gen: GenerationRequest, event: Finished) -> None:
+    marks = ttft_marks(gen)
+    ttft = marks.get("first_write")
     log.info(
         "event=request_done id=%s model=%s uid=%s finish=%s prompt_tokens=%d "
-        "completion_tokens=%d prompt_s=%.3f decode_s=%.3f ttft_s=%s total_s=%.3f",
+        "completion_tokens=%d prompt_s=%.3f decode_s=%.3f ttft_s=%s total_s=%.3f marks_ms=%s",
         gen.id,
         gen.model,
         gen.principal.get("uid"),
@@ -47,17 +49,20 @@ def _log_done(gen: GenerationRequest, event: Finished, ttft: float | None) -> No
         event.usage.completion_tokens,
         event.prompt_seconds,
         event.decode_seconds,
-        "-" if ttft is None else f"{ttft:.3f}",
-        time.monotonic() - gen.started,
+        "-" if ttft is None else f"{ttft / 1000:.3f}",
+        time.monotonic() - gen.marks.get("received", gen.started),
+        ",".join(f"{k}:{v}" for k, v in marks.items()),
     )
 
 
-def timings(event: Finished) -> dict[str, float]:
+def timings(event: Finished, gen: GenerationRequest | None = None) -> dict[str, Any]:
     """The daemon's own clock for one answer, under llama-server's names (clients that
-    show speeds read these), beside OpenAI's ``usage``."""
+    show speeds read these), beside OpenAI's ``usage``; on a stream, also when the
+    request reached each step up to its first token's write (``ttft_marks_ms``)."""
     usage = event.usage
     rate = usage.completion_tokens / event.decode_seconds if event.decode_seconds > 0 else 0.0
-    return {
+    marks = ttft_marks(gen) if gen is not None and "first_write" in gen.marks else None
+    return ({"ttft_marks_ms": marks} if marks else {}) | {
         "prompt_n": usage.prompt_tokens,
         "prompt_ms": round(event.prompt_seconds * 1000, 3),
         "predicted_n": usage.completion_tokens,
@@ -256,7 +261,7 @@ async def _collect(
         elif isinstance(event, Finished):
             finished = event
     assert finished is not None  # the events end with one Finished, or a Failed raised
-    _log_done(gen, finished, None)
+    _log_done(gen, finished)
     texts = ["".join(p) for p in parts]
     await held_to_constraint(gen, texts, calls, finished)
     choices = []
@@ -338,16 +343,17 @@ async def _stream(
     if chat:
         for i in range(gen.n):
             await response.write(chunk(i, "", role=True))
-    ttft = time.monotonic() - gen.started
     sent: list[list[str]] = [[] for _ in range(gen.n)]
     calls: Calls = [{} for _ in range(gen.n)]
     async for event in events:
         if isinstance(event, Delta):
             sent[event.index].append(event.text)
             await response.write(chunk(event.index, event.text, tokens=event.logprobs))
+            gen.marks.setdefault("first_write", time.monotonic())
         elif isinstance(event, ToolCallDelta):
             add_call(calls[event.choice], event)
             await response.write(chunk(event.choice, None, call=event))
+            gen.marks.setdefault("first_write", time.monotonic())
         elif isinstance(event, Failed):
             err = event.error
             body_err = (
@@ -355,7 +361,7 @@ async def _stream(
             )
             await response.write(_sse(body_err))
         elif isinstance(event, Finished):
-            _log_done(gen, event, ttft)
+            _log_done(gen, event)
             try:
                 await held_to_constraint(gen, ["".join(p) for p in sent], calls, event)
             except EdgeError as exc:
@@ -371,7 +377,7 @@ async def _stream(
                             "object": obj,
                             "choices": [],
                             "usage": event.usage.as_dict(),
-                            "timings": timings(event),
+                            "timings": timings(event, gen),
                         }
                     )
                 )

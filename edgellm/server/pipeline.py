@@ -10,11 +10,18 @@ typed events; on leaving it cancels the job unless it ended, and writes the outc
 row. A dialect (OpenAI, ONNX, …) only turns its wire shapes into a job and events
 back into its wire shapes.
 
-The allow row is durable before anything is answered. ``overlap_audit``: for
-side-effect-free runs that answer in milliseconds (ONNX), it commits while the model
-runs instead of before the model starts, and the outcome row is written after the
-answer, in the next group commit (a vault lock and /api/audit wait for it), instead
-of before the handler returns.
+The allow row is durable before anything is answered: it commits while the model
+starts (every run is side-effect free until it is answered: the prompt's evaluation
+overlaps the row's fsync), and the route gets the events only once the row is durable,
+so the first token is held until then. ``overlap_audit``: for runs that answer in
+milliseconds (ONNX), the outcome row is written after the answer, in the next group
+commit (a vault lock and /api/audit wait for it), instead of before the handler
+returns.
+
+Each job's ``marks`` record when it reached each step on its way to its first token
+(received, parsed, submitted, audited; the engine adds admitted, tokenized,
+first_token; the route first_write): ``ttft_marks`` turns them into the breakdown the
+request log and the benchmark show.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from edgellm.runtime.types import (
 )
 from edgellm.server.context import (
     PRINCIPAL,
+    RECEIVED,
     REQUEST_ID,
     STATE,
     WHO,
@@ -153,6 +161,8 @@ async def serve(
     limit = st.settings.request_timeout
     job.timeout = min(job.timeout or limit, limit)
     job.principal = {**request.get(PRINCIPAL, {}), "user": who_of(request)}
+    job.marks.setdefault("received", request.get(RECEIVED, job.started))
+    job.marks.setdefault("parsed", job.started)
     events = Events(job)
     job.sink = events.sink_for(asyncio.get_running_loop())
     text = prompt_text(job)
@@ -167,8 +177,6 @@ async def serve(
         tools_offered=tools_offered(job),
     )
     allow = asyncio.ensure_future(st.write_audit(row))
-    if not overlap_audit:
-        await allow  # no row, no service
     st.opened()
     try:
         try:
@@ -176,8 +184,9 @@ async def serve(
         except EdgeError as exc:
             events.refused(exc)
             raise
-        if overlap_audit:
-            await asyncio.shield(allow)  # the model runs meanwhile; nothing is answered yet
+        job.marks["submitted"] = time.monotonic()
+        await asyncio.shield(allow)  # no row, no answer: the model runs meanwhile
+        job.marks["audited"] = time.monotonic()
         yield events
     finally:
         if not events.ended:  # the client went away, writing to it failed, or no row
@@ -212,3 +221,11 @@ async def _record_outcome(st: State, request: web.Request, outcome: dict[str, An
         await st.record(request, **outcome)
     except EdgeError:
         log.error("event=audit_failed decision=outcome id=%s", outcome["request_id"])
+
+
+def ttft_marks(job: Request) -> dict[str, float]:
+    """When the job reached each step, in milliseconds since the request arrived, in
+    the order they happened (the steps it did not reach are left out)."""
+    t0 = job.marks.get("received", job.started)
+    ordered = sorted(job.marks.items(), key=lambda kv: kv[1])
+    return {name: round((t - t0) * 1000, 2) for name, t in ordered}

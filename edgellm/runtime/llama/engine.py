@@ -7,17 +7,26 @@ Every turn of the loop:
    one matches, copied between sequences with ``llama_memory_seq_cp``); a request
    for ``n`` choices takes ``n`` slots at once, and its prompt, evaluated in the
    first, is copied to the others when it is done;
-2. decodes one token for every generating slot in a single ``llama_decode``, and
+2. packs the busy sequences into consecutive ids (``_pack``): llama.cpp evaluates a
+   step's sequences together only when their ids follow each other, so a sequence
+   left beyond a hole is moved into it (its KV stream copied);
+3. decodes one token for every generating slot in a single ``llama_decode``, and
    samples each with its own sampler chain;
-3. evaluates one prompt chunk of one prefilling slot, so a long prompt never
-   freezes the streams already running for more than one chunk.
+4. evaluates prompt chunks. ``batching = "exact"`` (the default): one chunk of one
+   prefilling slot, in a batch of its own, so a long prompt never freezes the
+   streams already running for more than one chunk. ``"fused"``: the next chunk of
+   every waiting prompt goes into step 3's batch, so prompts that arrive together
+   are prefilled together.
 
-Prompt chunks run as batches of their own sequence, aligned to absolute positions,
-decode steps carry one token per sequence, and each slot has its own KV stream
-(see backend.py): every row is computed exactly as if the request ran alone,
-so output does not depend on what else runs. Cancellation and deadlines are
-checked every turn: a cancelled or disconnected request frees its slot within one
-decode step.
+In exact mode prompt chunks run as batches of their own sequence, aligned to
+absolute positions, decode steps carry one token per sequence, and each slot has its
+own KV stream (see backend.py): every row is computed exactly as if the request ran
+alone, so output does not depend on what else runs. In fused mode llama.cpp cuts a
+batch into micro-batches of equal tokens per sequence, so a prompt chunk beside
+others is evaluated in other shapes than alone, and its answer may differ from the
+one it gets alone (README, "Continuous batching"). Cancellation and
+deadlines are checked every turn: a cancelled or disconnected request frees its
+slot within one decode step.
 
 If the thread dies, the runtime is told first (so nothing more is sent here), then
 every request it holds fails with the reason. An engine stuck inside llama.cpp
@@ -39,7 +48,7 @@ from edgellm.runtime import failpoints
 from edgellm.runtime.engine import EngineThread
 from edgellm.runtime.llama import tool_format
 from edgellm.runtime.llama.backend import LlamaBackend
-from edgellm.runtime.llama.slots import Run, Slot, reusable
+from edgellm.runtime.llama.slots import Run, Slot, micro_batches, reusable
 from edgellm.runtime.llama.text import StopMatcher
 from edgellm.runtime.source import ModelRecord
 from edgellm.runtime.types import (
@@ -73,6 +82,8 @@ class LlamaEngine(EngineThread):
         self.capacity = self.max_active = len(self.slots)  # requests it can run at once
         self.prefill_chunk = min(settings.prefill_chunk or 256, settings.n_batch or 512)
         self.prefix_cache = True if settings.prefix_cache is None else settings.prefix_cache
+        self.n_batch = max(settings.n_batch or 512, len(self.slots))
+        self.batching = settings.batching or "exact"
         self.tokens_per_second_cap = 0.0  # a duty cycle, so a hot device cools
         self._llm: LlamaBackend | None = None
         self._waiting: GenerationRequest | None = None  # next, until it has its n slots
@@ -134,12 +145,18 @@ class LlamaEngine(EngineThread):
 
     def details(self) -> dict[str, Any]:
         st = self.stats
+        steps = st.decode_steps or 1
         return {
             "format": "gguf",
             "n_gpu_layers": self.settings.n_gpu_layers or 0,
-            "mean_sequences_per_step": round(st.decode_step_sequences / st.decode_steps, 2)
-            if st.decode_steps
-            else 0.0,
+            "batching": self.batching,
+            "mean_sequences_per_step": round(st.decode_step_sequences / steps, 2),
+            # llama.cpp's graph evaluations per decode step: 1 while the busy sequences
+            # are packed (see micro_batches)
+            "mean_micro_batches_per_step": round(st.decode_micro_batches / steps, 2),
+            # prompts evaluated in one step: above 1 only when fused
+            "mean_prompts_per_prefill_step": round(st.prefill_chunks / (st.prefill_steps or 1), 2),
+            "sequence_moves": st.sequence_moves,
         }
 
     def cancel_all(self) -> None:
@@ -184,11 +201,15 @@ class LlamaEngine(EngineThread):
             self._serve_texts()
             self._admit()
             self._check_cancelled()
-            if any(s.state == "generate" for s in self.slots):
-                self._decode_step()
-            prefilling = [s for s in self.slots if s.state == "prefill"]
-            if prefilling:
-                self._prefill_step(min(prefilling, key=lambda s: s.admitted))
+            self._pack()
+            decoding, chunks, together = self._turn_work()
+            if together:
+                self._step(decoding, chunks)
+                continue
+            if decoding:
+                self._step(decoding, [])
+            if chunks and chunks[0][0].state == "prefill":  # not ended meanwhile
+                self._step([], chunks)
 
     # --- text requests ------------------------------------------------------------------
     def _serve_texts(self) -> None:
@@ -277,11 +298,13 @@ class LlamaEngine(EngineThread):
     def _place(self, request: GenerationRequest) -> None:
         llm = self._llm
         assert llm is not None
+        request.marks["admitted"] = time.monotonic()
         messages, use = request.messages, request.tools
         template_vars: dict[str, Any] = {}
         if use is not None and messages is not None:  # the tools, in the model's format
             messages, template_vars = tool_format.prompt(messages, use)
         tokens, template_stops = llm.prompt_tokens(request.prompt, messages, template_vars)
+        request.marks["tokenized"] = time.monotonic()
         n = len(tokens)
         n_ctx = min(self.n_ctx, request.n_ctx or self.n_ctx)  # a request may ask for less
         if n >= n_ctx:
@@ -292,17 +315,14 @@ class LlamaEngine(EngineThread):
                 + "; shorten it (or raise n_ctx)",
                 param="messages" if request.messages is not None else "prompt",
             )
-        free = sorted(  # the caches least worth keeping first: shortest, then oldest
-            (s for s in self.slots if not s.busy), key=lambda s: (len(s.cached), s.last_used)
-        )
         source, keep = None, 0
         if self.prefix_cache:
             for s in self.slots:
                 k = reusable(s.cached, tokens, self.prefill_chunk)
                 if k > keep:
                     source, keep = s, k
-        lead = source if source is not None and not source.busy else free[0]
-        chosen = [lead, *[s for s in free if s is not lead][: request.n - 1]]
+        chosen = self._choose_slots(request.n, source)
+        lead = chosen[0]
         p = request.sampling
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         constraint = request.constraint
@@ -344,6 +364,51 @@ class LlamaEngine(EngineThread):
         self.last_progress = time.monotonic()
         self.stats.reused_prompt_tokens += keep
 
+    def _choose_slots(self, n: int, source: Slot | None) -> list[Slot]:
+        """``n`` free slots for a request, the lead first: those that keep the busy
+        sequences fewest micro-batches (see ``micro_batches``); among them the prefix
+        cache's own slot (reused in place, not copied), then the slots whose caches are
+        least worth keeping: shortest, then oldest."""
+        taken = {s.index for s in self.slots if s.busy}
+        chosen: list[Slot] = []
+        for _ in range(n):
+
+            def cost(s: Slot) -> tuple[int, bool, int, float]:
+                in_place = s is source and not chosen
+                return (micro_batches(taken | {s.index}), not in_place, len(s.cached), s.last_used)
+
+            best = min((s for s in self.slots if not s.busy and s not in chosen), key=cost)
+            chosen.append(best)
+            taken.add(best.index)
+        return chosen
+
+    def _pack(self) -> None:
+        """Keep the busy sequences one run of consecutive ids: a sequence left beyond a
+        hole moves into it (its KV stream copied), so every decode step stays one
+        micro-batch. The hole's cache — most likely the finished request's, which its
+        next turn may reuse — goes to the free slot whose cache is least worth keeping."""
+        llm = self._llm
+        assert llm is not None
+        while True:
+            busy = [s for s in self.slots if s.busy]
+            if micro_batches(s.index for s in busy) <= 1:
+                return
+            moving = busy[-1]
+            hole = next(s for s in self.slots[busy[0].index :] if not s.busy)
+            spare = [s for s in self.slots if not s.busy and s is not hole]
+            if hole.cached and spare:
+                keeper = min(spare, key=lambda s: (len(s.cached), s.last_used))
+                if (len(keeper.cached), keeper.last_used) < (len(hole.cached), hole.last_used):
+                    llm.seq_copy_prefix(hole.index, keeper.index, len(hole.cached))
+                    keeper.cached, keeper.last_used = hole.cached, hole.last_used
+            a, b = moving.index, hole.index
+            llm.seq_copy_prefix(a, b, moving.pos)  # applied before the next decode
+            moving.index, hole.index = b, a
+            self.slots[b], self.slots[a] = moving, hole
+            hole.cached = list(moving.cached)  # the moved prompt's whole chunks stay behind
+            llm.seq_keep_prefix(a, len(hole.cached))
+            self.stats.sequence_moves += 1
+
     # --- stepping -----------------------------------------------------------------------
     def _check_cancelled(self) -> None:
         now = time.monotonic()
@@ -364,76 +429,115 @@ class LlamaEngine(EngineThread):
             elif r.deadline is not None and now > r.deadline:
                 self._end(slot, "deadline")
 
-    def _prefill_step(self, slot: Slot) -> None:
-        llm = self._llm
-        assert llm is not None
-        start = slot.prefilled
-        end = min(start + self.prefill_chunk, len(slot.prompt))
-        last = end == len(slot.prompt)
-        t0 = time.monotonic()
-        entries = [
-            (slot.prompt[i], i, slot.index, last and i == end - 1) for i in range(start, end)
-        ]
-        if llm.decode(entries) != 0:
-            self._fail(
-                slot,
-                InternalError(f"llama.cpp could not fit the prompt in {self.name}'s KV cache"),
-            )
-            return
-        elapsed = time.monotonic() - t0
-        assert slot.run is not None
-        slot.run.prompt_seconds += elapsed
-        self.stats.prompt_seconds += elapsed
-        self.stats.prompt_tokens += end - start
-        self.last_progress = time.monotonic()
-        slot.prefilled = slot.pos = end
-        if end - start == self.prefill_chunk and end % self.prefill_chunk == 0:
-            slot.cached = slot.prompt[:end]  # a whole aligned chunk: reusable bit for bit
-        if last:
-            # the further choices get a copy of the prompt's cells, and draw their first
-            # token from the same logits with their own samplers
-            run, index = slot.run, len(entries) - 1
-            choices = [slot, *(s for s in self.slots if s.run is run and s is not slot)]
-            for other in choices[1:]:
-                llm.seq_copy_prefix(slot.index, other.index, end)
-                other.prefilled = other.pos = end
-                other.cached = list(slot.cached)
-            run.first_token_at = time.monotonic()
-            for each in choices:
-                each.state = "generate"
-            for each in choices:
-                self._take(each, llm.sample(each.sampler, index), index)
+    def _turn_work(self) -> tuple[list[Slot], list[tuple[Slot, int]], bool]:
+        """This turn's work: the generating slots, the prompt chunks to evaluate as
+        (slot, end), and whether they go in one batch. Exact: the chunk of the
+        longest-waiting prompt, in a batch of its own after the decode step. Fused:
+        every waiting prompt's next chunk, in admission order, as many as fit beside
+        the decode tokens in ``n_batch``, all in one batch (if not even the first fits,
+        it goes on its own, as in exact)."""
+        decoding = [s for s in self.slots if s.state == "generate"]
+        waiting = sorted((s for s in self.slots if s.state == "prefill"), key=lambda s: s.admitted)
+        nexts = [(s, min(s.prefilled + self.prefill_chunk, len(s.prompt))) for s in waiting]
+        if self.batching != "fused":
+            return decoding, nexts[:1], False
+        chunks: list[tuple[Slot, int]] = []
+        room = self.n_batch - len(decoding)
+        for slot, end in nexts:
+            if end - slot.prefilled > room:  # whole chunks only: reuse stays exact
+                break
+            chunks.append((slot, end))
+            room -= end - slot.prefilled
+        if nexts and not chunks:
+            return decoding, nexts[:1], False
+        return decoding, chunks, True
 
-    def _decode_step(self) -> None:
+    def _step(self, decoding: list[Slot], chunks: list[tuple[Slot, int]]) -> None:
+        """One ``llama_decode``: a token for each slot in ``decoding`` and each prompt
+        chunk, ordered by sequence id (so llama.cpp groups them into as few micro-batches
+        as their ids allow); then each slot samples from its own logits."""
         llm = self._llm
         assert llm is not None
-        active = [s for s in self.slots if s.state == "generate"]
-        t0 = time.monotonic()
-        failpoints.hit("engine.decode")
-        code = llm.decode([(s.last_token, s.pos, s.index, True) for s in active])
-        if code != 0:
-            for s in active:
-                self._fail(
-                    s,
-                    InternalError(
-                        f"llama.cpp could not decode ({code}): {self.name}'s KV cache is full"
-                    ),
-                )
+        ends = {id(slot): end for slot, end in chunks}
+        entries: list[tuple[int, int, int, bool]] = []
+        logits_at: dict[int, int] = {}  # id(slot) -> its logits' index in the batch
+        for slot in sorted([*decoding, *(c[0] for c in chunks)], key=lambda s: s.index):
+            end = ends.get(id(slot))
+            if end is None:
+                logits_at[id(slot)] = len(entries)
+                entries.append((slot.last_token, slot.pos, slot.index, True))
+                continue
+            last = end == len(slot.prompt)
+            for i in range(slot.prefilled, end):
+                entries.append((slot.prompt[i], i, slot.index, last and i == end - 1))
+            if last:
+                logits_at[id(slot)] = len(entries) - 1
+        if not entries:
             return
-        for i, slot in enumerate(active):
+        t0 = time.monotonic()
+        if decoding:
+            failpoints.hit("engine.decode")
+        code = llm.decode(entries)
+        if code != 0:
+            what = "decode" if decoding else "evaluate the prompt"
+            error = InternalError(
+                f"llama.cpp could not {what} ({code}): {self.name}'s KV cache is full"
+            )
+            for slot in [*decoding, *(c[0] for c in chunks)]:
+                if slot.request is not None:
+                    self._fail(slot, error)
+            return
+        now = time.monotonic()
+        elapsed, st = now - t0, self.stats
+        prompt_share = elapsed * (len(entries) - len(decoding)) / len(entries)
+        if chunks:
+            st.prefill_steps += 1
+            st.prefill_chunks += len(chunks)
+        for slot, end in chunks:
+            self._prefilled(slot, end, logits_at.get(id(slot)), prompt_share)
+        for slot in decoding:
             if slot.request is None:  # ended with a sibling that failed
                 continue
             slot.pos += 1
-            self._take(slot, llm.sample(slot.sampler, i), i)
-        now = time.monotonic()
-        st = self.stats
-        st.decode_seconds += now - t0
-        st.decode_steps += 1
-        st.decode_step_sequences += len(active)
-        self._recent.append((now, len(active)))
+            index = logits_at[id(slot)]
+            self._take(slot, llm.sample(slot.sampler, index), index)
         self.last_progress = now
+        if not decoding:
+            return
+        st.decode_seconds += elapsed - prompt_share
+        st.decode_steps += 1
+        st.decode_step_sequences += len(decoding)
+        st.decode_micro_batches += micro_batches(s.index for s in decoding)
+        self._recent.append((now, len(decoding)))
         if self.tokens_per_second_cap:  # idle out the rest of this step's time share
-            self._stopping.wait(max(0.0, len(active) / self.tokens_per_second_cap - (now - t0)))
+            self._stopping.wait(max(0.0, len(decoding) / self.tokens_per_second_cap - elapsed))
+
+    def _prefilled(self, slot: Slot, end: int, index: int | None, seconds: float) -> None:
+        """A prompt chunk is in the cache; with the last one, the first token is drawn."""
+        llm, run = self._llm, slot.run
+        assert llm is not None and run is not None
+        start = slot.prefilled
+        run.prompt_seconds += seconds
+        self.stats.prompt_seconds += seconds
+        self.stats.prompt_tokens += end - start
+        slot.prefilled = slot.pos = end
+        if end - start == self.prefill_chunk and end % self.prefill_chunk == 0:
+            slot.cached = slot.prompt[:end]  # a whole aligned chunk: reusable bit for bit
+        if index is None:
+            return
+        # the further choices get a copy of the prompt's cells, and draw their first
+        # token from the same logits with their own samplers
+        choices = [slot, *(s for s in self.slots if s.run is run and s is not slot)]
+        for other in choices[1:]:
+            llm.seq_copy_prefix(slot.index, other.index, end)
+            other.prefilled = other.pos = end
+            other.cached = list(slot.cached)
+        run.first_token_at = time.monotonic()
+        run.request.marks["first_token"] = run.first_token_at
+        for each in choices:
+            each.state = "generate"
+        for each in choices:
+            self._take(each, llm.sample(each.sampler, index), index)
 
     def _take(self, slot: Slot, token: int, index: int) -> None:
         """A sampled token (from the logits at batch ``index``): emit its text, and end

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,3 +106,14 @@ def reusable(cached: list[int], prompt: list[int], chunk: int) -> int:
     the whole prompt (its last token must be evaluated to get logits)."""
     n = min(common_prefix(cached, prompt), len(prompt) - 1)
     return (n // chunk) * chunk
+
+
+def micro_batches(sequences: Iterable[int]) -> int:
+    """How many graph evaluations llama.cpp makes of one step over these sequences.
+
+    With a KV stream per sequence, llama.cpp groups sequences into one micro-batch
+    only when their ids follow each other (``split_equal(..., sequential=true)``):
+    a step over sequences 0, 2, 5 and 7 is four evaluations, each reading all the
+    weights, where one over 0 to 3 is one. The engine keeps busy sequences packed."""
+    ordered = sorted(set(sequences))
+    return sum(1 for i, s in enumerate(ordered) if i == 0 or s != ordered[i - 1] + 1)
