@@ -120,8 +120,8 @@ def test_fused_batching_prefills_prompts_that_arrive_together_together(
     """Fused: the waiting prompts' chunks ride in the decode step's batch. Alone, a
     request is answered as in exact mode; beside others, every request is served in
     full (its text may differ: README, "Continuous batching")."""
-    fused: Daemon = make_daemon(n_parallel=4, prefill_chunk=64, batching="fused")
-    exact: Daemon = make_daemon(n_parallel=4, prefill_chunk=64)
+    fused: Daemon = make_daemon(n_parallel=4, batching="fused")
+    exact: Daemon = make_daemon(n_parallel=4)
     greedy = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
     assert _parallel(fused, [(PROMPTS[2], greedy)]) == _parallel(exact, [(PROMPTS[2], greedy)])
     for d in (fused, exact):

@@ -12,11 +12,12 @@ Every turn of the loop:
    left beyond a hole is moved into it (its KV stream copied);
 3. decodes one token for every generating slot in a single ``llama_decode``, and
    samples each with its own sampler chain;
-4. evaluates prompt chunks. ``batching = "exact"`` (the default): one chunk of one
-   prefilling slot, in a batch of its own, so a long prompt never freezes the
-   streams already running for more than one chunk. ``"fused"``: the next chunk of
-   every waiting prompt goes into step 3's batch, so prompts that arrive together
-   are prefilled together.
+4. evaluates the waiting prompts' next chunks, in admission order, up to
+   ``prefill_chunk`` tokens in all (the first chunk always): a long prompt never
+   freezes the streams already running for more than one chunk, and short prompts
+   that arrive together are all prefilled in one turn. ``batching = "exact"`` (the
+   default): each chunk in a batch of its own, after step 3's. ``"fused"``: the
+   chunks go into step 3's batch.
 
 In exact mode prompt chunks run as batches of their own sequence, aligned to
 absolute positions, decode steps carry one token per sequence, and each slot has its
@@ -208,8 +209,9 @@ class LlamaEngine(EngineThread):
                 continue
             if decoding:
                 self._step(decoding, [])
-            if chunks and chunks[0][0].state == "prefill":  # not ended meanwhile
-                self._step([], chunks)
+            for chunk in chunks:
+                if chunk[0].state == "prefill":  # not ended meanwhile
+                    self._step([], [chunk])
 
     # --- text requests ------------------------------------------------------------------
     def _serve_texts(self) -> None:
@@ -431,26 +433,24 @@ class LlamaEngine(EngineThread):
 
     def _turn_work(self) -> tuple[list[Slot], list[tuple[Slot, int]], bool]:
         """This turn's work: the generating slots, the prompt chunks to evaluate as
-        (slot, end), and whether they go in one batch. Exact: the chunk of the
-        longest-waiting prompt, in a batch of its own after the decode step. Fused:
-        every waiting prompt's next chunk, in admission order, as many as fit beside
-        the decode tokens in ``n_batch``, all in one batch (if not even the first fits,
-        it goes on its own, as in exact)."""
+        (slot, end), and whether they all go in one batch (fused) or each in a batch
+        of its own after the decode step (exact). The waiting prompts' next chunks are
+        taken in admission order while they add up to ``prefill_chunk`` tokens (the
+        first always), so prompts that arrive together are prefilled in one turn, and
+        the running streams are held up for at most one chunk's worth per turn."""
         decoding = [s for s in self.slots if s.state == "generate"]
         waiting = sorted((s for s in self.slots if s.state == "prefill"), key=lambda s: s.admitted)
-        nexts = [(s, min(s.prefilled + self.prefill_chunk, len(s.prompt))) for s in waiting]
-        if self.batching != "fused":
-            return decoding, nexts[:1], False
         chunks: list[tuple[Slot, int]] = []
-        room = self.n_batch - len(decoding)
-        for slot, end in nexts:
-            if end - slot.prefilled > room:  # whole chunks only: reuse stays exact
+        budget = self.prefill_chunk
+        for slot in waiting:
+            end = min(slot.prefilled + self.prefill_chunk, len(slot.prompt))
+            if chunks and end - slot.prefilled > budget:
                 break
             chunks.append((slot, end))
-            room -= end - slot.prefilled
-        if nexts and not chunks:
-            return decoding, nexts[:1], False
-        return decoding, chunks, True
+            budget -= end - slot.prefilled
+        prompt = sum(end - slot.prefilled for slot, end in chunks)
+        together = self.batching == "fused" and len(decoding) + prompt <= self.n_batch
+        return decoding, chunks, together
 
     def _step(self, decoding: list[Slot], chunks: list[tuple[Slot, int]]) -> None:
         """One ``llama_decode``: a token for each slot in ``decoding`` and each prompt
