@@ -144,7 +144,9 @@ done
         """Wait for the boot to finish; 'running', or 'degraded' with the failed units."""
         deadline = time.monotonic() + timeout
         out = ""
-        while not out and time.monotonic() < deadline:  # empty: PID 1 not listening yet
+        # empty: PID 1 not listening yet; "offline": so early that PID 1 has not yet made
+        # /run/systemd/system, by which systemctl knows it runs under systemd (sd_booted)
+        while out in ("", "offline") and time.monotonic() < deadline:
             state = self.sh("systemctl is-system-running --wait", check=False, timeout=timeout)
             out = state.stdout.strip()
             time.sleep(0.2)
