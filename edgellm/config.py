@@ -248,9 +248,9 @@ class Settings(BaseModel):
     n_batch: int = Field(default=512, ge=1)
     prefill_chunk: int = Field(default=256, ge=16)  # also the granularity of prefix reuse
     prefix_cache: bool = True
-    # how prompts meet the running streams: "exact", one prompt chunk per turn in a
-    # batch of its own (output alone = output batched, bit for bit); "fused", every
-    # waiting prompt's chunk in the decode step's own batch (README: continuous batching)
+    # how a turn's prompt chunks meet the running streams: "exact", each chunk in a
+    # batch of its own (output alone = output batched, bit for bit); "fused", all of
+    # them in the decode step's own batch (README: continuous batching)
     batching: Literal["exact", "fused"] = "exact"
     n_gpu_layers: int = 0
     use_mmap: bool = True

@@ -140,8 +140,8 @@ class Request:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     # when it reached each step on its way to the first token (monotonic seconds):
-    # "received", "audited", "submitted", "admitted", "tokenized", "first_token",
-    # "first_write"; each written once by the part that does the step
+    # "received", "parsed", "submitted", "audited", "admitted", "tokenized",
+    # "first_token", "first_write"; each written once by the part that does the step
     marks: dict[str, float] = field(default_factory=dict)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     on_cancel: Callable[[], None] | None = None  # set by an engine that can stop a run
